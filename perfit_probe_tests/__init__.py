@@ -1,0 +1,1 @@
+"""Tests of perfit-probe (not shipped in the package)."""
