@@ -133,13 +133,13 @@ def resolve_device(device: str) -> torch.device:
 def model_identity(model: nn.Module, name: str) -> ModelIdentity:
     """Identity of a loaded model: config fields plus a fingerprint of config and weights."""
     config = model.config
-    digest = hashlib.sha256()
-    cfg = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "quantization_config", "_commit_hash")}
-    digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for _, param in list(model.named_parameters())[:4] + list(model.named_parameters())[-2:]:
-        flat = param.detach().reshape(-1)[:4096].float().cpu()
-        digest.update(flat.numpy().tobytes())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dims = (type(model).__name__, text.num_hidden_layers, text.hidden_size, text.vocab_size)
+    digest = hashlib.sha256(repr(dims).encode())
+    params = list(model.named_parameters())
+    for pname, param in params[:4] + params[-2:]:
+        digest.update(pname.encode())
+        digest.update(param.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
     return ModelIdentity(
         name=name,
         architecture=type(model).__name__,
@@ -205,6 +205,29 @@ def _looks_like_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.startswith((".", "/", "~"))
 
 
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """Directory of a hub model already in the local Hugging Face cache, if any (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(
     name: str = "smollm2",
     *,
@@ -240,7 +263,17 @@ def load_model(
             raise ModelLoadError(f"{name!r} is not a Hugging Face model directory (no config.json)")
         load_from, local = str(path), True
     elif _looks_like_hub_id(name):
-        load_from, local = name, False
+        snapshot = _hub_snapshot(name)
+        if snapshot is not None:
+            load_from, local = str(snapshot), True
+        elif offline or not _hub_reachable():
+            raise ModelLoadError(
+                f"hub model {name!r} is not in the local Hugging Face cache and the hub cannot "
+                f"be reached ({'offline mode' if offline else 'no network'}); pass a local model "
+                "directory instead"
+            )
+        else:
+            load_from, local = name, False
     else:
         raise ModelLoadError(f"model path {name!r} does not exist")
     try:

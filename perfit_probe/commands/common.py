@@ -25,6 +25,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:
-    """Load the model that ``add_model_arguments`` options describe."""
+    """Load the model that ``add_model_arguments`` options describe (no weight-loading bars)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     return load_model(args.model, dtype=args.dtype, device=args.device,
                       cache_dir=args.cache_dir, offline=args.offline)
