@@ -120,3 +120,9 @@ def test_embedded_model_backends_agree(embedded):
     assert set(frame["backend"]) == {"transformer_lens", "nnsight"}
     assert len(frame) == 2 * embedded.n_layers
     assert frame["max_abs_diff"].max() < 1e-5
+
+
+def test_transformer_lens_backend_leaves_the_hf_model_intact(tiny):
+    before = [type(m) for m in tiny.model.modules()]
+    get_backend("transformer_lens", tiny)
+    assert [type(m) for m in tiny.model.modules()] == before

@@ -1,8 +1,10 @@
 """transformer-lens 4.x backend: a ``TransformerBridge`` over the already-loaded HF model.
 
 The bridge is booted with ``hf_model=`` (no download, no weight processing), so its
-``blocks.{l}.hook_*`` values equal Hugging Face's. Note that booting switches the wrapped
-model to eager attention in place (``load_model`` already loads models that way).
+``blocks.{l}.hook_*`` values equal Hugging Face's. Booting replaces the wrapped model's
+sub-modules by bridge components *in place* (and switches it to eager attention), which
+breaks ``generate`` on the original; so by default the bridge wraps a deep copy
+(``copy_model=False`` saves the memory when the model is not used otherwise).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class TransformerLensBackend(ActivationBackend):
 
     name = "transformer_lens"
 
-    def __init__(self, loaded) -> None:
+    def __init__(self, loaded, copy_model: bool = True) -> None:
         super().__init__(loaded)
         from transformer_lens.model_bridge import TransformerBridge
 
@@ -34,7 +36,7 @@ class TransformerLensBackend(ActivationBackend):
         tokenizer.init_kwargs.setdefault("name_or_path", loaded.identity.name)
         self.bridge = TransformerBridge.boot_transformers(
             loaded.identity.name,
-            hf_model=loaded.model,
+            hf_model=copy.deepcopy(loaded.model) if copy_model else loaded.model,
             tokenizer=tokenizer,
             device=str(loaded.device),
             dtype=next(loaded.model.parameters()).dtype,
