@@ -73,6 +73,10 @@ class TaskSpec:
     """Short task instruction put before the input."""
     item_template: str = ""
     """``str.format`` template rendering one profile item from its fields."""
+    history_header: str = ""
+    """Line introducing the retrieved history block in the enhanced prompt."""
+    retrieval_fields: tuple[str, ...] = ()
+    """Profile fields the BM25 retriever matches the query against (empty: all fields)."""
 
 
 @dataclass
@@ -112,3 +116,6 @@ class Example:
     """Full prompt text (chat template applied when requested)."""
     target: str | None = None
     """Gold output text (without end-of-text token)."""
+    history_ids: tuple[str, ...] = ()
+    """Ids of the profile items retrieved into the prompt (``enhanced``; also ``control``,
+    whose random text replaces exactly these items)."""
