@@ -12,19 +12,30 @@ between- versus within-user variance and for identifying a user from held-out sh
 
 ``Deltas`` is the artifact the cache stage writes and the analysis stage reads; it saves to
 ``deltas.safetensors`` (tensors) plus ``deltas.json`` (ids, sites, metadata).
+``compute_deltas(cache)`` makes one from an ``ActivationCache`` (streaming over its shards);
+``delta_frame(deltas)`` is its tidy per-user-and-site summary (saved as ``deltas.csv``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
 from perfit_probe.errors import CacheError
 from perfit_probe.rundir import atomic_write_text
+from perfit_probe.sites import parse_site
+
+if TYPE_CHECKING:
+    from perfit_probe.cache_store import ActivationCache
+
+log = logging.getLogger(__name__)
 
 TENSOR_FILE = "deltas.safetensors"
 META_FILE = "deltas.json"
@@ -121,3 +132,103 @@ class Deltas:
             query_ids=meta.get("query_ids", []),
             meta=meta.get("meta", {}),
         )
+
+
+def compute_deltas(cache: ActivationCache, *, sites=None, meta: dict | None = None) -> Deltas:
+    """Delta vectors of every user in an activation cache (formulas in the module docstring).
+
+    Streams over the cache's shards (one in memory at a time), accumulating in float64.
+    Multi-token position specs are mean-pooled over their valid tokens first. Users without
+    both plain and enhanced rows are left out (with a warning); ``control`` is computed when
+    every kept user has control rows. Per-query deltas cover the queries cached with both
+    the plain and the enhanced variant, in the order of their plain prompts in the list that
+    was cached.
+    """
+    from perfit_probe.cache_store import pool_values
+
+    names = cache.resolve_sites(sites)
+    index = cache.index.sort_values("example")
+    users = list(dict.fromkeys(index["user_id"]))
+    user_pos = {u: i for i, u in enumerate(users)}
+    variants = ("plain", "enhanced", "control")
+    sums = torch.zeros(len(variants), len(users), len(names), cache.d_model, dtype=torch.float64)
+    counts = torch.zeros(len(variants), len(users), dtype=torch.long)
+    keyed = index.set_index(["user_id", "query_id"])
+    plain_keys = keyed[index["variant"].to_numpy() == "plain"].index
+    enh_keys = set(keyed[index["variant"].to_numpy() == "enhanced"].index)
+    pairs = [key for key in plain_keys if key in enh_keys]
+    query_pos = {key: i for i, key in enumerate(pairs)}
+    query_sum = torch.zeros(len(pairs), len(names), cache.d_model, dtype=torch.float64)
+    for rows, tensors in cache.iter_shards(names):
+        stacked = torch.stack([tensors[n] for n in names], dim=1).double()
+        values = pool_values(stacked, tensors.get("valid"))
+        for v, variant in enumerate(variants):
+            sel = (rows["variant"] == variant).to_numpy(copy=True)
+            if not sel.any():
+                continue
+            picked = values[torch.from_numpy(sel)]
+            who = torch.tensor([user_pos[u] for u in rows["user_id"][sel]], dtype=torch.long)
+            sums[v].index_add_(0, who, picked)
+            counts[v].index_add_(0, who, torch.ones_like(who))
+            if variant in ("plain", "enhanced"):
+                keys = list(zip(rows["user_id"][sel], rows["query_id"][sel]))
+                hit = [i for i, key in enumerate(keys) if key in query_pos]
+                if hit:
+                    sign = 1.0 if variant == "enhanced" else -1.0
+                    dest = torch.tensor([query_pos[keys[i]] for i in hit], dtype=torch.long)
+                    query_sum.index_add_(0, dest, sign * picked[hit])
+    keep = ((counts[0] > 0) & (counts[1] > 0)).nonzero().flatten()
+    if len(keep) == 0:
+        raise CacheError(f"no user of {cache.path} has both plain and enhanced prompts cached: "
+                         "cache the variants plain and enhanced")
+    kept_set = set(keep.tolist())
+    dropped = [users[i] for i in range(len(users)) if i not in kept_set]
+    if dropped:
+        log.warning("%d users lack plain or enhanced prompts and get no delta: %s", len(dropped), dropped[:5])
+    means = sums[:, keep] / counts[:, keep].clamp(min=1)[..., None, None].double()
+    control = None
+    if bool((counts[2, keep] > 0).all()):
+        control = (means[2] - means[0]).float()
+    elif bool((counts[2] > 0).any()):
+        log.warning("control prompts are missing for some users: no control deltas")
+    kept_users = [users[i] for i in keep.tolist()]
+    kept = set(kept_users)
+    qrows = [i for i, key in enumerate(pairs) if key[0] in kept]
+    info = {"positions": cache.positions, "storage_dtype": cache.config["storage_dtype"],
+            "model": cache.model, "cache": str(cache.path),
+            "n_plain": counts[0, keep].tolist(), "n_enhanced": counts[1, keep].tolist(),
+            "n_control": counts[2, keep].tolist()}
+    info.update(meta or {})
+    return Deltas(
+        user_ids=kept_users,
+        sites=names,
+        enhanced=(means[1] - means[0]).float(),
+        control=control,
+        mean_plain=means[0].float(),
+        query_delta=query_sum[qrows].float(),
+        query_user_ids=[pairs[i][0] for i in qrows],
+        query_ids=[pairs[i][1] for i in qrows],
+        meta=info,
+    )
+
+
+def delta_frame(deltas: Deltas) -> pd.DataFrame:
+    """Tidy frame, one row per user and site: ``user_id, site, layer, n_queries, delta_norm,
+    control_norm, plain_norm`` (L2 norms; ``control_norm`` is NaN without control deltas)."""
+    n_queries = pd.Series(deltas.query_user_ids, dtype=object).value_counts()
+    delta_norm = deltas.enhanced.norm(dim=-1)
+    control_norm = deltas.control.norm(dim=-1) if deltas.control is not None else None
+    plain_norm = deltas.mean_plain.norm(dim=-1) if deltas.mean_plain is not None else None
+    rows = []
+    for u, user in enumerate(deltas.user_ids):
+        for s, site in enumerate(deltas.sites):
+            rows.append({
+                "user_id": user,
+                "site": site,
+                "layer": parse_site(site).layer,
+                "n_queries": int(n_queries.get(user, 0)),
+                "delta_norm": float(delta_norm[u, s]),
+                "control_norm": float(control_norm[u, s]) if control_norm is not None else float("nan"),
+                "plain_norm": float(plain_norm[u, s]) if plain_norm is not None else float("nan"),
+            })
+    return pd.DataFrame(rows)

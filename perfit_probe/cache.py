@@ -1,0 +1,487 @@
+"""Cache hidden states of many prompts to disk, resumably, in one or several processes.
+
+``cache_activations`` runs a model backend over a list of ``Example`` prompts and stores the
+hidden states at the requested sites and positions in the sharded format of
+``perfit_probe.cache_store`` (read it back with ``ActivationCache``). ``run_cache`` is the whole
+``perfit-probe cache`` stage: load a task, build its prompts, cache them, compute the delta
+vectors and record everything in a run directory.
+
+How it is fast and bounded:
+
+- prompts are sorted by token length (longest first, ties by input order) and batched
+  with dynamic padding, so little padding is computed; left and right padding give the same
+  values (positions are read through the attention mask, position ids ignore padding);
+- every forward pass runs under ``torch.inference_mode`` and, with the default ``hooks``
+  backend, stops after the deepest requested block: later blocks and the LM head are never
+  computed;
+- only the selected positions are kept (last token by default), and only one shard of rows
+  is held in memory before it is written.
+
+Position specs: ``last`` and ``mean`` store one vector per row (``[rows, d_model]``);
+``f{p}+l{s}`` specs store ``k = p + s`` token slots per row (``[rows, k, d_model]``, the
+tokens ``sites.gather_positions`` selects, in prompt order, zero-filled, with a ``valid`` mask
+for short prompts). ``all`` is refused (rows would have unbounded size): use ``mean``.
+
+Several processes (``torchrun``): the caller passes ``rank`` and ``world_size`` and has
+initialised ``torch.distributed`` (gloo on CPU, nccl on GPUs). Shards are dealt round-robin
+(shard ``i`` to rank ``i % world_size``), each rank writes its own shard files, and rank 0
+writes the manifest once all ranks are done. The result is the same cache, file for file,
+as a one-process run, and a run may be resumed with a different number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from perfit_probe import cache_store as store
+from perfit_probe.backends import ActivationBackend, get_backend
+from perfit_probe.cache_store import ActivationCache
+from perfit_probe.data.records import VARIANTS, Example
+from perfit_probe.errors import CacheError, ConfigError, DataError
+from perfit_probe.sites import Site, batch_positions, gather_positions, parse_positions, parse_sites
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------
+# Planning
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """SHA-256 prefix over the ``(user_id, query_id, variant, prompt)`` of every example, in order."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.user_id, ex.query_id, ex.variant, ex.prompt]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def token_lengths(tokenizer, prompts: Sequence[str], chunk: int = 1024) -> list[int]:
+    """Number of tokens of each prompt, as the batches will tokenize it."""
+    out: list[int] = []
+    for start in range(0, len(prompts), chunk):
+        enc = tokenizer(list(prompts[start:start + chunk]), padding=False, return_attention_mask=False)
+        out.extend(len(ids) for ids in enc["input_ids"])
+    return out
+
+
+def plan_rows(examples: Sequence[Example], lengths: Sequence[int], shard_rows: int) -> pd.DataFrame:
+    """The row index: examples sorted longest first (ties in input order), cut into shards."""
+    order = sorted(range(len(examples)), key=lambda i: (-lengths[i], i))
+    rows = range(len(order))
+    return pd.DataFrame({
+        "row": list(rows),
+        "shard": [r // shard_rows for r in rows],
+        "offset": [r % shard_rows for r in rows],
+        "example": order,
+        "user_id": [str(examples[i].user_id) for i in order],
+        "query_id": [str(examples[i].query_id) for i in order],
+        "variant": [examples[i].variant for i in order],
+        "n_tokens": [int(lengths[i]) for i in order],
+    }, columns=list(store.INDEX_COLUMNS))
+
+
+def _check_examples(examples: Sequence[Example]) -> None:
+    if not examples:
+        raise DataError("no examples to cache: the task gave no (user, query, variant) prompt")
+    seen: set[tuple[str, str, str]] = set()
+    for ex in examples:
+        key = (str(ex.user_id), str(ex.query_id), ex.variant)
+        if key in seen:
+            raise DataError(f"duplicate example user={key[0]!r} query={key[1]!r} variant={key[2]!r}: "
+                            "each (user, query, variant) may be cached once")
+        if not ex.prompt:
+            raise DataError(f"empty prompt for user={key[0]!r} query={key[1]!r} variant={key[2]!r}")
+        seen.add(key)
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in one process)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def _sum_across_ranks(values: list[int], world_size: int) -> list[int]:
+    if world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.long)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ----------------------------------------------------------------------------------------
+# Caching
+
+
+def _read_batch(
+    backend: ActivationBackend, tokenizer, prompts: list[str], sites: list[Site], spec,
+    n_slots: int, padding_side: str, device: torch.device, dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Hidden states of one padded batch at ``spec``'s positions, on CPU in ``dtype``."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = old_side
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    with torch.inference_mode():
+        hidden = backend.run(ids, mask, sites)
+        out = {}
+        for site in sites:
+            picked = gather_positions(hidden[site], spec, mask)
+            if n_slots > 1 and picked.shape[1] < n_slots:  # every prompt of the batch is short
+                pad = picked.new_zeros(picked.shape[0], n_slots - picked.shape[1], picked.shape[2])
+                picked = torch.cat([picked, pad], dim=1)
+            out[site.name] = picked.to("cpu", dtype)
+        valid = None
+        if n_slots > 1:
+            _, valid = batch_positions(spec, mask)
+            valid = torch.cat([valid.cpu(), valid.new_zeros(len(prompts), n_slots - valid.shape[1]).cpu()], 1)
+    return out, valid
+
+
+def cache_activations(
+    loaded,
+    examples: Sequence[Example],
+    out_dir: Path | str,
+    *,
+    sites: Sequence[str | int | Site] | str,
+    positions: str = "last",
+    storage_dtype: str = "float32",
+    batch_size: int = 16,
+    padding_side: str = "left",
+    shard_rows: int = 1024,
+    resume: bool = False,
+    backend: str | ActivationBackend = "hooks",
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ActivationCache:
+    """Cache the hidden states of ``examples`` at ``sites`` and ``positions`` into ``out_dir``.
+
+    ``backend`` is a backend name (``hooks``, ``transformer_lens``, ``nnsight``) or a built
+    backend. With ``resume``, shards already stored (and intact) are kept and only the others
+    computed; the sites, positions, storage dtype, shard size, model and prompts must then
+    equal those of the stored cache (``CacheError`` otherwise). Under ``torchrun``, pass this
+    process's ``rank`` and the ``world_size`` (``torch.distributed`` initialised); every rank
+    returns the finished cache. See the module docstring for the format and the speed notes.
+    """
+    out_dir = Path(out_dir)
+    _check_examples(examples)
+    site_list = parse_sites(sites if isinstance(sites, str) else list(sites), loaded.n_layers)
+    spec = parse_positions(positions)
+    if spec.mode == "all":
+        raise ConfigError("positions 'all' cannot be cached (unbounded row size): use 'mean', 'last' or 'f<p>+l<s>'")
+    n_slots = 1 if spec.mode == "mean" or (spec.first, spec.last) == (0, 1) else spec.first + spec.last
+    dtype = store.storage_dtype(storage_dtype)
+    if padding_side not in ("left", "right"):
+        raise ConfigError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    if batch_size < 1 or shard_rows < 1:
+        raise ConfigError(f"batch_size ({batch_size}) and shard_rows ({shard_rows}) must be at least 1")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
+    if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ConfigError("world_size > 1 needs torch.distributed initialised (launch with torchrun)")
+
+    tokenizer = loaded.tokenizer
+    lengths = token_lengths(tokenizer, [ex.prompt for ex in examples])
+    index = plan_rows(examples, lengths, shard_rows)
+    n_shards = int(index["shard"].max()) + 1
+    config = {
+        "sites": [s.name for s in site_list],
+        "positions": "last" if spec.text == "l1" else spec.text,
+        "n_slots": n_slots,
+        "storage_dtype": str(dtype).removeprefix("torch."),
+        "shard_rows": shard_rows,
+        "n_rows": len(index),
+        "n_shards": n_shards,
+        "examples_fingerprint": examples_fingerprint(examples),
+        "model": loaded.identity.to_dict(),
+        "model_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+    }
+    manifest = _check_existing(out_dir, config, resume)  # every rank checks before anyone writes
+    _barrier(world_size)
+    if rank == 0:
+        manifest = manifest or {"format_version": store.FORMAT_VERSION, "runs": []}
+        manifest.update(config=config, status="in_progress", shards=[])
+        (out_dir / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        store.write_index(out_dir, index)
+        store.write_manifest(out_dir, manifest)
+    _barrier(world_size)
+
+    start = time.perf_counter()
+    bounds = index.groupby("shard")["row"].agg(["min", "count"])
+    mine = [s for s in range(n_shards) if s % world_size == rank]
+    todo = []
+    for shard in mine:
+        stored = resume and store.shard_is_stored(out_dir, shard, int(bounds.loc[shard, "count"]), int(bounds.loc[shard, "min"]))
+        if not stored:
+            todo.append(shard)
+    skipped = len(mine) - len(todo)
+    if skipped:
+        log.info("rank %d: %d of %d shards already stored, computing %d", rank, skipped, len(mine), len(todo))
+    runner = get_backend(backend, loaded) if isinstance(backend, str) else backend
+    prompts = [ex.prompt for ex in examples]
+    by_shard = {s: part for s, part in index.groupby("shard")}
+    n_todo = int(sum(len(by_shard[s]) for s in todo))
+    bar = tqdm(total=n_todo, unit="row", desc=f"cache{f' rank {rank}' if world_size > 1 else ''}",
+               disable=not progress, dynamic_ncols=True)
+    with bar:
+        for shard in todo:
+            store.remove_stale_temporaries(out_dir, shard)
+            part = by_shard[shard]
+            chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in site_list}
+            valids: list[torch.Tensor] = []
+            for b in range(0, len(part), batch_size):
+                batch = [prompts[i] for i in part["example"].iloc[b:b + batch_size]]
+                values, valid = _read_batch(runner, tokenizer, batch, site_list, spec, n_slots,
+                                            padding_side, loaded.device, dtype)
+                for name, value in values.items():
+                    chunks[name].append(value)
+                if valid is not None:
+                    valids.append(valid)
+                bar.update(len(batch))
+            tensors = {name: torch.cat(parts) for name, parts in chunks.items()}
+            tensors["row"] = torch.as_tensor(part["row"].to_numpy(copy=True), dtype=torch.long)
+            if valids:
+                tensors["valid"] = torch.cat(valids).to(torch.uint8)
+            store.write_shard(out_dir, shard, tensors)
+    wall = time.perf_counter() - start
+    computed, skipped_all, rows_done = _sum_across_ranks([len(todo), skipped, n_todo], world_size)
+    _barrier(world_size)
+    if rank == 0:
+        _finalize(out_dir, manifest, index, bounds, {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world_size,
+            "computed_shards": computed, "skipped_shards": skipped_all, "computed_rows": rows_done,
+            "wall_s": round(wall, 3), "rows_per_s": round(rows_done / wall, 2) if wall > 0 else None,
+            "backend": getattr(runner, "name", type(runner).__name__), "batch_size": batch_size,
+            "padding_side": padding_side,
+        })
+    _barrier(world_size)
+    return ActivationCache.open(out_dir)
+
+
+def _check_existing(out_dir: Path, config: dict, resume: bool) -> dict | None:
+    """The stored manifest when resuming onto a matching cache; ``CacheError`` on any conflict."""
+    manifest = store.read_manifest(out_dir)
+    if manifest is None:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise CacheError(f"{out_dir} is not empty and holds no cache manifest: remove it or choose another directory")
+        return None
+    if not resume:
+        raise CacheError(f"an activation cache already exists in {out_dir}: pass --resume to continue it, "
+                         "or choose another output directory")
+    old = manifest.get("config", {})
+    differ = [key for key in config if key != "model" and old.get(key) != config[key]]
+    if old.get("model", {}).get("fingerprint") != config["model"]["fingerprint"]:
+        differ.insert(0, "model")
+    if differ:
+        raise CacheError(f"cannot resume the cache in {out_dir}: it was made with a different "
+                         f"{', '.join(differ)}; use the same settings or another output directory")
+    return manifest
+
+
+def _finalize(out_dir: Path, manifest: dict, index: pd.DataFrame, bounds: pd.DataFrame, run: dict) -> None:
+    """Collect every shard's receipt into the manifest and mark the cache complete."""
+    receipts = []
+    for shard in range(len(bounds)):
+        receipt = store.read_receipt(out_dir, shard)
+        path = store.shard_path(out_dir, shard)
+        if (receipt is None or not path.is_file() or path.stat().st_size != receipt["bytes"]
+                or receipt["rows"] != int(bounds.loc[shard, "count"])):
+            raise CacheError(f"shard {path} was not written by any rank: rerun with --resume")
+        receipts.append(receipt)
+    manifest["shards"] = receipts
+    manifest["status"] = "complete"
+    manifest.setdefault("runs", []).append(run)
+    store.write_manifest(out_dir, manifest)
+    log.info("cached %d rows in %d shards to %s (%s rows computed, %.1f rows/s)", len(index), len(receipts),
+             out_dir, run["computed_rows"], run["rows_per_s"] or 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts from a file
+
+
+def load_examples_jsonl(path: Path | str) -> list[Example]:
+    """Examples from a JSON-lines file: ``{"user_id", "query_id", "variant", "prompt"[, "target"]}``."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"examples file {path} does not exist") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out.append(Example(user_id=str(rec["user_id"]), query_id=str(rec["query_id"]),
+                               variant=str(rec["variant"]), prompt=str(rec["prompt"]),
+                               target=None if rec.get("target") is None else str(rec["target"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{path} line {n}: expected JSON with user_id, query_id, variant, prompt "
+                            f"({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def default_sites(n_layers: int) -> list[int]:
+    """A spread of layers: every ``max(1, n_layers // 10)``-th block from 0, plus the last."""
+    step = max(1, n_layers // 10)
+    return sorted(set(range(0, n_layers, step)) | {n_layers - 1})
+
+
+# ----------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class CacheConfig:
+    """Everything ``perfit-probe cache`` needs; recorded in ``run.json``."""
+
+    task: str = "movielens"
+    """Task name for ``perfit_probe.data.load_task`` (``movielens``, ``synthetic``, ``LaMP-3``, ...)."""
+    task_path: Path | None = None
+    """Questions file or directory of the task (LaMP tasks); ``None`` for embedded data."""
+    task_outputs: Path | None = None
+    """Gold outputs file of a LaMP task, when separate from the questions."""
+    examples: Path | None = None
+    """JSON-lines file of ready prompts (``user_id, query_id, variant, prompt``); replaces the task."""
+    n_users: int | None = 20
+    """Number of users to load (``None``: all)."""
+    max_queries: int | None = 8
+    """At most this many queries per user (seeded choice); ``None``: all."""
+    variants: tuple[str, ...] = VARIANTS
+    """Prompt variants to cache: ``plain``, ``enhanced``, ``control``."""
+    k: int = 4
+    """History items retrieved into an enhanced prompt."""
+    retriever: str = "bm25"
+    """History retriever of ``build_examples``."""
+    chat: bool | None = None
+    """Apply the tokenizer's chat template (``None``: when the tokenizer has one)."""
+    sites: list[str] | None = None
+    """Sites or layer indices to cache; ``None``: ``default_sites`` (a spread of layers)."""
+    positions: str = "last"
+    """Position spec: ``last``, ``mean`` or ``f<p>+l<s>``."""
+    storage_dtype: str = "float32"
+    """Dtype of stored activations: ``float32``, ``bfloat16`` or ``float16``."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    shard_rows: int = 1024
+    """Rows per shard file (the unit of resuming and of memory use)."""
+    padding_side: str = "left"
+    """Padding side of batches (values do not depend on it)."""
+    backend: str = "hooks"
+    """Activation backend: ``hooks`` (fast, early stop), ``transformer_lens`` or ``nnsight``."""
+    seed: int = 0
+    """Seed of user/query selection and of prompt construction."""
+    resume: bool = False
+    """Continue a stopped run in the same directory instead of refusing to overwrite it."""
+    model: str = "smollm2"
+    """Model to load when none is passed to ``run_cache``."""
+    model_dtype: str = "float32"
+    """Dtype the model computes in."""
+    device: str = "cpu"
+    """Device of the model."""
+
+
+def build_task_examples(config: CacheConfig, tokenizer) -> tuple[list[Example], dict]:
+    """Load the task, choose users and queries, build the prompts; also return a short report."""
+    from perfit_probe.data import load_task
+    from perfit_probe.data.prompts import build_examples
+    from perfit_probe.data.records import User
+    from perfit_probe.data.splits import stable_rank
+
+    task = load_task(config.task, path=config.task_path, outputs=config.task_outputs,
+                     n_users=config.n_users, seed=config.seed)
+    users = []
+    for user in task.users:
+        queries = user.queries
+        if config.max_queries is not None and len(queries) > config.max_queries:
+            queries = sorted(queries, key=lambda q: stable_rank(f"{user.id}/{q.id}", config.seed))[:config.max_queries]
+        users.append(User(id=user.id, profile=user.profile, queries=list(queries)))
+    examples = build_examples(users, task.spec, tokenizer, variants=tuple(config.variants), k=config.k,
+                              retriever=config.retriever, chat=config.chat, seed=config.seed)
+    report = {"task": task.spec.name, "n_users": len(users), "n_queries": sum(len(u.queries) for u in users)}
+    return examples, report
+
+
+def run_cache(
+    config: CacheConfig,
+    out: Path | str,
+    *,
+    loaded=None,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """The ``perfit-probe cache`` stage: prompts -> ``out/cache`` -> ``out/deltas``; returns the ``RunDir``.
+
+    ``loaded`` is a ``LoadedModel`` (loaded from ``config.model`` when ``None``). Rank 0 writes
+    ``run.json``, the delta vectors and ``metrics.json``; other ranks only cache their shards
+    (and get ``None`` back).
+    """
+    from perfit_probe.deltas import compute_deltas, delta_frame
+    from perfit_probe.models import load_model
+    from perfit_probe.rundir import RunDir, atomic_write_text
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not config.resume:
+        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out or pass --resume")
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.model_dtype, device=config.device)
+    if config.examples is not None:
+        examples, report = load_examples_jsonl(config.examples), {"task": f"examples:{config.examples}"}
+    else:
+        examples, report = build_task_examples(config, loaded.tokenizer)
+    sites = parse_sites(config.sites if config.sites else default_sites(loaded.n_layers), loaded.n_layers)
+    _barrier(world_size)
+    run = RunDir.create(out, "cache", config, config.seed, loaded.identity, exist_ok=True) if rank == 0 else None
+    start = time.perf_counter()
+    cache = cache_activations(
+        loaded, examples, out / "cache", sites=sites, positions=config.positions,
+        storage_dtype=config.storage_dtype, batch_size=config.batch_size, padding_side=config.padding_side,
+        shard_rows=config.shard_rows, resume=config.resume, backend=config.backend, progress=progress,
+        rank=rank, world_size=world_size,
+    )
+    if rank != 0:
+        return None
+    wall = time.perf_counter() - start
+    deltas = compute_deltas(cache, meta={"task": report.get("task"), "seed": config.seed})
+    deltas.save(out / "deltas")
+    frame = delta_frame(deltas)
+    atomic_write_text(out / "deltas" / "deltas.csv", frame.to_csv(index=False))
+    last = cache.manifest["runs"][-1]
+    run.add_metrics("cache", {
+        **report,
+        "n_examples": len(examples),
+        "n_rows": len(cache),
+        "sites": cache.sites,
+        "positions": cache.positions,
+        "storage_dtype": cache.config["storage_dtype"],
+        "n_shards": cache.n_shards,
+        "computed_rows": last["computed_rows"],
+        "skipped_shards": last["skipped_shards"],
+        "rows_per_s": last["rows_per_s"],
+        "wall_s": round(wall, 3),
+        "world_size": world_size,
+        "deltas_users": len(deltas.user_ids),
+        "mean_delta_norm": {s: float(v) for s, v in frame.groupby("site", sort=False)["delta_norm"].mean().items()},
+        "mean_control_norm": ({s: float(v) for s, v in frame.groupby("site", sort=False)["control_norm"].mean().items()}
+                              if deltas.control is not None else None),
+    })
+    return run
