@@ -1,0 +1,56 @@
+"""``perfit-probe evaluate RUN_DIR``: LaMP metrics of PerFit against the baselines."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from perfit_probe.commands.common import add_model_arguments, model_from_args
+from perfit_probe.evaluation.evaluate import DECODINGS, METHODS, EvalConfig, run_evaluate
+from perfit_probe.evaluation.lora import LoraBaselineConfig
+from perfit_probe.rundir import seed_everything
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run directory fitted by `perfit-probe fit`")
+    add_model_arguments(parser)
+    parser.add_argument("--methods", type=_csv, default=METHODS,
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--decoding", choices=DECODINGS, default="auto",
+                        help="auto: constrained to the label set for classification/rating, greedy for generation")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--k", type=int, default=4, help="history items in the rag prompt (default: the fit's)")
+    parser.add_argument("--rating-parse", choices=("first_number", "lamp"), default="first_number",
+                        help="how a generated rating is read (lamp: float() of the whole answer)")
+    parser.add_argument("--stemmer", action="store_true", help="ROUGE with the Porter stemmer (LaMP: none)")
+    lora = parser.add_argument_group("LoRA-per-user baseline (OPPU defaults)")
+    lora.add_argument("--lora-rank", type=int, default=8)
+    lora.add_argument("--lora-lr", type=float, default=1e-4)
+    lora.add_argument("--lora-epochs", type=int, default=2)
+    lora.add_argument("--lora-targets", type=_csv, default=(), help="module names (default: q_proj,v_proj)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The ``EvalConfig`` that parsed arguments describe."""
+    lora = LoraBaselineConfig(rank=args.lora_rank, alpha=float(args.lora_rank), lr=args.lora_lr,
+                              epochs=args.lora_epochs, targets=args.lora_targets)
+    return EvalConfig(methods=args.methods, decoding=args.decoding, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, k=args.k, rating_parse=args.rating_parse,
+                      use_stemmer=args.stemmer, lora=lora, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    seed_everything(args.seed)
+    config = config_from_args(args)
+    loaded = model_from_args(args)
+    result = run_evaluate(args.run_dir, loaded, config, progress=not args.no_progress)
+    print((args.run_dir / "eval" / "results.md").read_text())
+    print(f"wrote {args.run_dir / 'eval'} ({len(result.table)} methods)")
+    return 0

@@ -1,0 +1,52 @@
+"""``perfit-probe steer RUN_DIR``: user swap, subspace ablation, dose response, control."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from perfit_probe.commands.common import add_model_arguments, model_from_args
+from perfit_probe.evaluation.steer import EXPERIMENTS, SteerConfig, run_steer
+from perfit_probe.rundir import seed_everything
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run directory fitted by `perfit-probe fit`")
+    add_model_arguments(parser)
+    parser.add_argument("--experiments", type=_csv, default=EXPERIMENTS,
+                        help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all)")
+    parser.add_argument("--alphas", type=lambda t: tuple(float(x) for x in _csv(t)),
+                        default=SteerConfig().alphas, help="scales of the personal edit (dose response)")
+    parser.add_argument("--max-pairs", type=int, default=60, help="user pairs in the swap at most")
+    parser.add_argument("--ablate-energy", type=float, default=0.9,
+                        help="share of the personal edits' energy the ablated subspace holds")
+    parser.add_argument("--ablate-max-k", type=int, default=16)
+    parser.add_argument("--ablate-mode", choices=("hidden", "edit"), default="hidden")
+    parser.add_argument("--decoding", choices=("auto", "constrained", "greedy"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-figures", action="store_true", help="write the CSVs only")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args: argparse.Namespace) -> SteerConfig:
+    """The ``SteerConfig`` that parsed arguments describe."""
+    return SteerConfig(experiments=args.experiments, alphas=args.alphas, max_pairs=args.max_pairs,
+                       ablate_energy=args.ablate_energy, ablate_max_k=args.ablate_max_k,
+                       ablate_mode=args.ablate_mode, decoding=args.decoding, batch_size=args.batch_size,
+                       seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    seed_everything(args.seed)
+    config = config_from_args(args)
+    loaded = model_from_args(args)
+    result = run_steer(args.run_dir, loaded, config, figures=not args.no_figures)
+    shown = result.rows[result.rows.experiment != "reference"]
+    for row in shown.itertuples():
+        print(f"  {row.experiment:>9} {row.setting:>24} {row.metric:>24} = {row.value:.4g}")
+    print(f"wrote {args.run_dir / 'steer' / 'steer.csv'}")
+    return 0

@@ -1,0 +1,462 @@
+"""Evaluating a fitted run against baselines on the held-out queries of its test users.
+
+Methods compared (one row each in ``RUN/eval/results.csv`` and ``results.md``):
+
+- ``base``: the frozen base model on the plain prompt (no personalization);
+- ``rag``: the base model on the enhanced prompt (``k`` retrieved history items);
+- ``stage1``: the collective (stage-1) intervention on the plain prompt;
+- ``perfit``: collective + the user's personal intervention (stage 1 + 2) on the plain prompt;
+- ``lora``: OPPU's baseline, a rank-8 q/v LoRA per user trained on the same history examples
+  as PerFit's stage 2 (see ``perfit_probe.evaluation.lora``).
+
+Each row carries the LaMP metrics of the task kind, the trainable parameters per user, the
+shared trainable parameters, and the training time per user where known.
+
+Decoding (``decoding``): ``constrained`` predicts ``argmax_label log p(label | prompt)`` over
+the task's label set (``score_labels``); ``greedy`` generates ``max_new_tokens`` tokens
+greedily and the metrics parse the text. ``auto`` (default) is constrained for
+classification and rating tasks, since a 135M model rarely formats a free answer reliably,
+and greedy for generation tasks. For rating tasks the constrained path also reports
+``expected``, the rating expected under the label distribution ``softmax(log p(label))``
+(an extra column; the LaMP metrics are on the discrete prediction).
+
+All users' held-out prompts go through the model in mixed batches, each row with its own
+user's intervention (``perfit_probe.interventions.generate``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from perfit_probe.data.prompts import build_examples, use_chat
+from perfit_probe.data.records import Example, TaskData, TaskSpec
+from perfit_probe.data.splits import Split, heldout_user, history_user
+from perfit_probe.errors import ConfigError
+from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
+from perfit_probe.evaluation.metrics import METRICS, score_task, write_predictions
+from perfit_probe.interventions import PerFit, generate, score_labels
+from perfit_probe.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+METHODS = ("base", "rag", "stage1", "perfit", "lora")
+DECODINGS = ("auto", "constrained", "greedy")
+_METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
+    "base": ("plain", "none"),
+    "rag": ("enhanced", "none"),
+    "stage1": ("plain", "collective"),
+    "perfit": ("plain", "perfit"),
+    "lora": ("plain", "none"),
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of ``perfit-probe evaluate``."""
+
+    methods: tuple[str, ...] = METHODS
+    """Methods to evaluate, a subset of ``METHODS``."""
+    decoding: str = "auto"
+    """``auto``, ``constrained`` or ``greedy`` (see the module docstring)."""
+    max_new_tokens: int = 16
+    """Tokens generated per prompt by greedy decoding."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    k: int = 4
+    """History items retrieved into the ``rag`` prompt (use the fit's value)."""
+    retriever: str = "bm25"
+    """Retriever of the ``rag`` prompt."""
+    chat: bool | None = None
+    """Wrap prompts in the chat template (None: when the tokenizer has one)."""
+    rating_parse: str = "first_number"
+    """How a generated rating is read: ``first_number`` or ``lamp`` (``float`` of the text)."""
+    use_stemmer: bool = False
+    """ROUGE with the Porter stemmer (LaMP's evaluation uses none)."""
+    max_prompt_tokens: int | None = None
+    """Longer prompts keep their last tokens."""
+    lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
+    """Hyperparameters of the per-user LoRA baseline."""
+    seed: int = 0
+    """Seed of prompt construction and LoRA training."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ConfigError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        if self.decoding not in DECODINGS:
+            raise ConfigError(f"unknown decoding {self.decoding!r}: choose from {DECODINGS}")
+
+
+@dataclass
+class Predictions:
+    """Predictions for a list of prompts."""
+
+    outputs: list[str]
+    """Predicted output text (a label under constrained decoding)."""
+    label_logprobs: torch.Tensor | None = None
+    """``[n, n_labels]`` log p(label | prompt), constrained decoding only."""
+    expected: np.ndarray | None = None
+    """Expected rating under ``softmax(label_logprobs)``, rating tasks only."""
+
+
+@dataclass
+class EvalResult:
+    """What ``evaluate_methods`` returns."""
+
+    table: pd.DataFrame
+    """One row per method: costs and metrics."""
+    predictions: pd.DataFrame
+    """One row per method x held-out query: user, query, gold, output (, expected)."""
+    lora_adapters: dict[str, UserLora] = field(default_factory=dict)
+    """The trained LoRA adapter of each test user (when ``lora`` ran)."""
+
+
+def resolve_decoding(decoding: str, kind: str) -> str:
+    """``auto`` -> constrained for classification/rating, greedy for generation."""
+    if decoding not in DECODINGS:
+        raise ConfigError(f"unknown decoding {decoding!r}: choose from {DECODINGS}")
+    if decoding == "auto":
+        return "greedy" if kind == "generation" else "constrained"
+    if decoding == "constrained" and kind == "generation":
+        raise ConfigError("constrained decoding needs a label set: use --decoding greedy for generation tasks")
+    return decoding
+
+
+def continuation(text: str, tokenizer, chat: bool | None) -> str:
+    """A target or label as it follows the prompt: with a leading space unless chat-templated.
+
+    (The prompt builder ends plain prompts with ``"Answer:"`` and chat prompts with the
+    assistant header; see ``perfit_probe.data.prompts``.)
+    """
+    return text if use_chat(tokenizer, chat) else " " + text.lstrip()
+
+
+def label_values(spec: TaskSpec) -> np.ndarray | None:
+    """Numeric values of a rating task's labels (None for other kinds)."""
+    if spec.kind != "rating" or not spec.labels:
+        return None
+    try:
+        return np.array([float(label) for label in spec.labels])
+    except ValueError:
+        raise ConfigError(f"rating labels of {spec.name} are not numbers: {spec.labels}") from None
+
+
+def predict(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    spec: TaskSpec,
+    *,
+    decoding: str = "auto",
+    chat: bool | None = None,
+    perfit: PerFit | None = None,
+    user_ids: Sequence[str] | None = None,
+    stage: str = "none",
+    scale: float | Sequence[float] = 1.0,
+    ablate_basis: torch.Tensor | None = None,
+    ablate_mode: str = "hidden",
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    max_prompt_tokens: int | None = None,
+) -> Predictions:
+    """Predict outputs for ``prompts``, each row with its user's intervention at ``stage``."""
+    mode = resolve_decoding(decoding, spec.kind)
+    common = dict(perfit=perfit, user_ids=user_ids, stage=stage, scale=scale, batch_size=batch_size,
+                  ablate_basis=ablate_basis, ablate_mode=ablate_mode, max_prompt_tokens=max_prompt_tokens)
+    if mode == "greedy":
+        return Predictions(generate(loaded, prompts, max_new_tokens=max_new_tokens, **common))
+    if not spec.labels:
+        raise ConfigError(f"task {spec.name} has no label set for constrained decoding")
+    labels = [continuation(label, loaded.tokenizer, chat) for label in spec.labels]
+    logp = score_labels(loaded, prompts, labels, **common)
+    outputs = [spec.labels[i] for i in logp.argmax(1).tolist()]
+    values = label_values(spec)
+    expected = None if values is None else logp.softmax(1).double().numpy() @ values
+    return Predictions(outputs, logp, expected)
+
+
+def _metrics_row(spec: TaskSpec, golds: list[str], preds: Predictions, config: EvalConfig) -> dict:
+    row = score_task(spec.kind, golds, preds.outputs, spec.labels,
+                     rating_parse=config.rating_parse, use_stemmer=config.use_stemmer)
+    if preds.expected is not None:
+        gold_v = np.array([float(g) for g in golds])
+        row["expected_mae"] = float(np.abs(preds.expected - gold_v).mean())
+    return row
+
+
+def heldout_examples(task: TaskData, split: Split, tokenizer, *, variants: Sequence[str], k: int,
+                     retriever: str, chat: bool | None, seed: int) -> list[Example]:
+    """Prompts of every test user's held-out queries (history: the user's profile minus held-out items)."""
+    users = [heldout_user(task.user(u), split) for u in split.test_users]
+    return build_examples(users, task.spec, tokenizer, variants=variants, k=k, retriever=retriever,
+                          chat=chat, seed=seed)
+
+
+def history_examples(task: TaskData, split: Split, tokenizer, *, variant: str = "plain", k: int = 4,
+                     retriever: str = "bm25", chat: bool | None = None, seed: int = 0) -> dict[str, list[Example]]:
+    """Each test user's training (history) examples, as stage 2 trains on them."""
+    out = {}
+    for uid in split.test_users:
+        user = history_user(task.user(uid), split)
+        out[uid] = build_examples([user], task.spec, tokenizer, variants=(variant,), k=k,
+                                  retriever=retriever, chat=chat, seed=seed)
+    return out
+
+
+def evaluate_methods(
+    loaded: LoadedModel,
+    task: TaskData,
+    split: Split,
+    perfit: PerFit | None,
+    config: EvalConfig = EvalConfig(),
+    *,
+    perfit_costs: dict | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate ``config.methods`` on the held-out queries of ``split``'s test users.
+
+    ``perfit_costs`` may give ``stage1_train_s`` and ``stage2_train_s_per_user`` (from the fit)
+    for the cost columns. Methods needing a fit are skipped (with a warning) when ``perfit``
+    is None or has no personal bank.
+    """
+    spec = task.spec
+    mode = resolve_decoding(config.decoding, spec.kind)
+    costs = perfit_costs or {}
+    variants = ("plain", "enhanced") if "rag" in config.methods else ("plain",)
+    examples = heldout_examples(task, split, loaded.tokenizer, variants=variants, k=config.k,
+                                retriever=config.retriever, chat=config.chat, seed=config.seed)
+    if not examples:
+        raise ConfigError("no held-out queries to evaluate: check the split's test users")
+    by_variant = {v: [e for e in examples if e.variant == v] for v in variants}
+    golds = [e.target for e in by_variant["plain"]]
+    if any(g is None for g in golds):
+        raise ConfigError("held-out queries without gold outputs cannot be scored")
+    opts = dict(decoding=mode, chat=config.chat, batch_size=config.batch_size,
+                max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens)
+    rows, pred_frames, adapters = [], [], {}
+    collective_params = perfit.collective.spec.params_per_slot() if perfit is not None else 0
+    for method in config.methods:
+        variant, stage = _METHOD_SETUP[method]
+        if stage != "none" and perfit is None:
+            log.warning("skipping %s: the run has no fitted interventions", method)
+            continue
+        if stage == "perfit" and perfit.personal is None:
+            log.warning("skipping perfit: the fit has no personal (stage 2) bank")
+            continue
+        chosen = by_variant[variant]
+        info = {"method": method, "params_per_user": 0, "shared_params": 0, "train_s_per_user": 0.0}
+        if method == "lora":
+            preds, adapters, info = _lora_predictions(loaded, task, split, chosen, config, opts, progress)
+        else:
+            preds = predict(loaded, [e.prompt for e in chosen], spec, perfit=perfit,
+                            user_ids=[e.user_id for e in chosen], stage=stage, **opts)
+            if method in ("stage1", "perfit"):
+                info["shared_params"] = collective_params
+                info["train_s_shared"] = costs.get("stage1_train_s", float("nan"))
+            if method == "perfit":
+                info["params_per_user"] = perfit.personal.spec.params_per_slot()
+                info["train_s_per_user"] = costs.get("stage2_train_s_per_user", float("nan"))
+        row = {**info, "decoding": mode, "n_users": len(split.test_users), "n_queries": len(chosen),
+               **_metrics_row(spec, golds, preds, config)}
+        rows.append(row)
+        frame = pd.DataFrame({"method": method, "user_id": [e.user_id for e in chosen],
+                              "query_id": [e.query_id for e in chosen], "gold": golds,
+                              "output": preds.outputs})
+        if preds.expected is not None:
+            frame["expected"] = preds.expected
+        pred_frames.append(frame)
+        log.info("%s: %s", method, {m: round(row[m], 4) for m in METRICS[spec.kind]})
+    table = pd.DataFrame.from_records(rows)
+    return EvalResult(table, pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame(),
+                      adapters)
+
+
+def _lora_predictions(loaded, task, split, chosen, config, opts, progress):
+    """Train one LoRA per test user on its history, predict its held-out queries with it."""
+    from tqdm.auto import tqdm
+
+    history = history_examples(task, split, loaded.tokenizer, chat=config.chat, seed=config.seed)
+    baseline = LoraBaseline(loaded, config.lora)
+    outputs: dict[tuple[str, str], tuple[str, float | None]] = {}
+    adapters = {}
+    for i, uid in enumerate(tqdm(split.test_users, desc="LoRA per user", disable=not progress)):
+        train = history[uid]
+        adapter = baseline.fit_user(uid, [e.prompt for e in train],
+                                    [continuation(e.target, loaded.tokenizer, config.chat) for e in train],
+                                    seed=config.seed + i)
+        adapters[uid] = adapter
+        mine = [e for e in chosen if e.user_id == uid]
+        with baseline.applied(adapter) as adapted:
+            preds = predict(adapted, [e.prompt for e in mine], task.spec, stage="none", **opts)
+        for j, e in enumerate(mine):
+            outputs[(uid, e.query_id)] = (preds.outputs[j], None if preds.expected is None else preds.expected[j])
+    ordered = [outputs[(e.user_id, e.query_id)] for e in chosen]
+    has_expected = ordered[0][1] is not None
+    preds = Predictions([o for o, _ in ordered], None,
+                        np.array([x for _, x in ordered]) if has_expected else None)
+    info = {"method": "lora",
+            "params_per_user": int(np.mean([a.n_trainable for a in adapters.values()])),
+            "shared_params": 0,
+            "train_s_per_user": float(np.mean([a.train_s for a in adapters.values()]))}
+    return preds, adapters, info
+
+
+# ---------------------------------------------------------------------- writing
+def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
+    """A GitHub-markdown table of ``frame`` (floats rounded), without extra dependencies."""
+    def cell(value) -> str:
+        if isinstance(value, (float, np.floating)):
+            return "n/a" if np.isnan(value) else f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
+        return str(value)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def write_results(result: EvalResult, directory: Path, spec: TaskSpec) -> None:
+    """Write ``results.csv``, ``results.md``, ``predictions.csv`` and LaMP-format ``predictions/{method}.json``."""
+    from perfit_probe.rundir import atomic_write_text
+
+    directory = Path(directory)
+    (directory / "predictions").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "results.csv", result.table.to_csv(index=False))
+    atomic_write_text(directory / "predictions.csv", result.predictions.to_csv(index=False))
+    metrics = [m for m in METRICS[spec.kind] if m in result.table.columns]
+    cols = ["method", *metrics, "params_per_user", "shared_params", "train_s_per_user", "n_queries", "decoding"]
+    cols = [c for c in cols if c in result.table.columns]
+    text = (f"# Evaluation on {spec.name} ({spec.kind})\n\nHeld-out queries of the test users; "
+            f"metrics as LaMP defines them ({', '.join(metrics)}).\n\n" + markdown_table(result.table[cols]))
+    atomic_write_text(directory / "results.md", text)
+    if not result.predictions.empty:
+        gold = result.predictions[result.predictions["method"] == result.predictions["method"].iloc[0]]
+        write_predictions(directory / "predictions" / "golds.json", spec.name, _lamp_ids(gold),
+                          list(gold["gold"]))
+        for method, frame in result.predictions.groupby("method", sort=False):
+            write_predictions(directory / "predictions" / f"{method}.json", spec.name,
+                              _lamp_ids(frame), list(frame["output"]), meta={"method": method})
+
+
+def _lamp_ids(frame: pd.DataFrame) -> list[str]:
+    """Query ids (LaMP's are unique); ``user/query`` when a task reuses query ids across users."""
+    ids = [str(q) for q in frame["query_id"]]
+    if len(set(ids)) == len(ids):
+        return ids
+    return [f"{u}/{q}" for u, q in zip(frame["user_id"], frame["query_id"])]
+
+
+# ---------------------------------------------------------------------- run directories
+@dataclass
+class FittedRun:
+    """What evaluation and steering read from a fitted run directory."""
+
+    task: TaskData
+    """The task, reloaded with the fit's load options (``RUN/perfit/task.json``)."""
+    split: Split
+    """Train/test users and held-out queries (``RUN/perfit/split.json``)."""
+    perfit: PerFit
+    """The fitted banks (``RUN/perfit/stage1``, ``RUN/perfit/bank``)."""
+    prompt_options: dict
+    """``k``, ``retriever``, ``chat`` of the fit's prompts."""
+    costs: dict
+    """``stage1_train_s`` and ``stage2_train_s_per_user`` when the fit recorded them."""
+
+
+_LOAD_KEYS = {"name": ("name", "task"), "path": ("path", "task_path"), "outputs": ("outputs", "task_outputs"),
+              "n_users": ("n_users",), "seed": ("seed",), "max_queries": ("max_queries",)}
+
+
+def _first(mapping: dict, keys: Sequence[str]):
+    for key in keys:
+        if key in mapping and not isinstance(mapping[key], dict):
+            return mapping[key]
+    return None
+
+
+def task_load_options(data: dict) -> tuple[dict, dict]:
+    """``load_task`` keyword arguments and prompt options from a fit's ``task.json``.
+
+    Accepts a flat mapping (``task``/``name``, ``task_path``/``path``, ``n_users``, ``k``, ...)
+    or one nested under ``load``/``task`` and ``prompts``.
+    """
+    load = data.get("load") if isinstance(data.get("load"), dict) else \
+        data.get("task") if isinstance(data.get("task"), dict) else data
+    prompts = data.get("prompts") if isinstance(data.get("prompts"), dict) else data
+    kwargs = {key: _first(load, names) for key, names in _LOAD_KEYS.items()}
+    if not kwargs["name"]:
+        raise ConfigError("task.json of the fit names no task: re-run `perfit-probe fit`")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    options = {k: prompts[k] for k in ("k", "retriever", "chat") if k in prompts}
+    return kwargs, options
+
+
+def _fit_costs(run_dir: Path, n_users: int) -> dict:
+    """Training times the fit recorded in ``metrics.json`` (keys looked up leniently)."""
+    from perfit_probe.rundir import RunDir
+
+    metrics = RunDir(run_dir).metrics()
+    fit = metrics.get("fit", {}) if isinstance(metrics.get("fit"), dict) else {}
+    timings = metrics.get("timings", {})
+    out = {}
+    for key, names in (("stage1_train_s", ("stage1_train_s", "stage1_s", "collective_s")),
+                       ("stage2_train_s", ("stage2_train_s", "stage2_s", "personal_s"))):
+        value = _first(fit, names)
+        if value is None:
+            value = _first(timings, names)
+        if value is not None:
+            out[key] = float(value)
+    per_user = _first(fit, ("stage2_train_s_per_user",))
+    if per_user is not None:
+        out["stage2_train_s_per_user"] = float(per_user)
+    elif "stage2_train_s" in out and n_users:
+        out["stage2_train_s_per_user"] = out["stage2_train_s"] / n_users
+    return out
+
+
+def load_fitted_run(run_dir: Path, loaded: LoadedModel) -> FittedRun:
+    """Reload the task, split and fitted interventions of ``run_dir`` (checked against the model)."""
+    from perfit_probe.data import load_task
+    from perfit_probe.interventions.artifact import load_perfit, perfit_dir
+    from perfit_probe.rundir import read_json
+
+    directory = perfit_dir(Path(run_dir))
+    kwargs, options = task_load_options(read_json(directory / "task.json"))
+    name = kwargs.pop("name")
+    task = load_task(name, **kwargs)
+    split = Split.load(directory / "split.json")
+    perfit = load_perfit(directory, loaded)
+    return FittedRun(task, split, perfit, options, _fit_costs(Path(run_dir), len(split.test_users)))
+
+
+def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalConfig(), *,
+                 progress: bool = False) -> EvalResult:
+    """``perfit-probe evaluate``: evaluate a fitted run and write ``RUN/eval/``.
+
+    The ``rag`` prompts use the fit's ``k``/``retriever``/``chat`` unless ``config`` sets
+    other values than the defaults.
+    """
+    from dataclasses import replace
+
+    from perfit_probe.rundir import RunDir
+
+    run = RunDir.open(run_dir)
+    fitted = load_fitted_run(run.path, loaded)
+    defaults = EvalConfig()
+    overrides = {k: v for k, v in fitted.prompt_options.items() if getattr(config, k) == getattr(defaults, k)}
+    config = replace(config, **overrides)
+    run.add_stage("evaluate", config)
+    with run.timed("evaluate"):
+        result = evaluate_methods(loaded, fitted.task, fitted.split, fitted.perfit, config,
+                                  perfit_costs=fitted.costs, progress=progress)
+    write_results(result, run.sub("eval"), fitted.task.spec)
+    metrics = [m for m in METRICS[fitted.task.spec.kind] if m in result.table.columns]
+    run.add_metrics("evaluate", {row["method"]: {m: row[m] for m in metrics}
+                                 for row in result.table.to_dict("records")})
+    return result

@@ -1,0 +1,244 @@
+"""The OPPU baseline: one LoRA adapter per user, trained one user after another.
+
+OPPU ("One PEFT Per User", the baseline PerFit compares with) trains, for each test user, a
+LoRA of rank 8 on the attention query and value projections of a frozen base model, on that
+user's own history examples, with the same objective as PerFit (next-token cross-entropy on
+the target, prompt tokens masked). The OPPU code uses ``r=8, lora_alpha=8,
+lora_dropout=0.05``, AdamW (lr 1e-4, weight decay 1e-2), gradient-norm clip 0.3, 2 epochs, a
+linear schedule with 10% warm-up; these are the defaults of :class:`LoraBaselineConfig`.
+OPPU's optional shared *task* LoRA (trained on the other users first and merged into the
+base) is not implemented: every adapter here sits directly on the base model.
+
+``LoraBaseline`` is the fitter: ``fit_user`` injects a fresh adapter with ``peft``, trains it,
+copies out the adapter weights into a small ``UserLora`` artifact and removes the adapter
+again (``unload``), so the base model is left exactly as it was. ``applied(adapter)`` is a
+context manager that puts a user's adapter back for prediction and always removes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from perfit_probe.errors import ConfigError
+from perfit_probe.interventions.batching import Encoded, collate, encode, token_logprobs
+from perfit_probe.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FUSED_QKV = ("c_attn", "query_key_value", "Wqkv", "qkv_proj")
+"""Fused query/key/value projections, used when a model has no separate q/v projections."""
+
+
+@dataclass(frozen=True)
+class LoraBaselineConfig:
+    """Hyperparameters of the per-user LoRA baseline (OPPU defaults)."""
+
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 8.0
+    """LoRA scaling numerator (``lora_alpha``); the update is ``alpha / r * B A``."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    targets: tuple[str, ...] = ()
+    """Module names to adapt; empty: ``q_proj`` and ``v_proj``, or the fused qkv projection
+    (GPT-2's ``c_attn``) when the model has no separate ones."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    max_grad_norm: float = 0.3
+    """Gradient-norm clip."""
+    epochs: int = 2
+    """Passes over the user's history examples."""
+    batch_size: int = 4
+    """Examples per optimisation step."""
+    warmup_ratio: float = 0.1
+    """Share of steps of linear warm-up before the linear decay to 0."""
+    max_length: int = 512
+    """Longest training sequence in tokens; longer prompts lose their first tokens."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("LoRA rank, epochs and batch size must be at least 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class UserLora:
+    """A trained user adapter: its weights and what training it cost."""
+
+    user_id: str
+    """The user it was trained for."""
+    state: dict[str, torch.Tensor]
+    """Adapter weights (``peft`` state dict: ``lora_A``/``lora_B`` of every target module)."""
+    n_trainable: int
+    """Number of trainable parameters of the adapter."""
+    train_s: float
+    """Wall time of training, seconds (injection and removal included)."""
+    n_examples: int
+    """Training examples the user had."""
+    losses: tuple[float, ...] = field(default_factory=tuple)
+    """Mean training loss of each epoch."""
+
+
+def resolve_targets(model: nn.Module, targets: Sequence[str] = ()) -> list[str]:
+    """Module names to adapt: the given ones, else q/v projections, else a fused qkv."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if targets:
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise ConfigError(f"LoRA targets {missing} are not modules of {type(model).__name__}: "
+                              "name linear layers it has, e.g. q_proj,v_proj")
+        return list(targets)
+    if {"q_proj", "v_proj"} <= names:
+        return ["q_proj", "v_proj"]
+    for fused in FUSED_QKV:
+        if fused in names:
+            return [fused]
+    raise ConfigError(f"cannot find query/value projections in {type(model).__name__}: "
+                      "pass the LoRA target module names explicitly")
+
+
+def encode_supervised(
+    tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length: int
+) -> list[Encoded]:
+    """Token ids of ``prompt + target + eos`` per example, as PerFit's trainer encodes them.
+
+    (``perfit_probe.interventions.batching.encode``: prompt and target tokenized separately;
+    too-long prompts keep their last tokens so that the whole sequence fits ``max_length``.)
+    """
+    out = []
+    for prompt, target in zip(prompts, targets, strict=True):
+        n_target = len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1
+        if n_target <= 1:
+            raise ConfigError(f"empty training target for prompt {prompt[:40]!r}...")
+        out.append(encode(tokenizer, prompt, target, eos=True,
+                          max_prompt_tokens=max(1, max_length - n_target)))
+    return out
+
+
+def _lr_lambda(n_steps: int, warmup_ratio: float):
+    warm = int(math.ceil(n_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (n_steps - step) / max(1, n_steps - warm))
+
+    return factor
+
+
+class LoraBaseline:
+    """Trains and applies one LoRA adapter per user on a frozen base model."""
+
+    def __init__(self, loaded: LoadedModel, config: LoraBaselineConfig = LoraBaselineConfig()) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.targets_ = resolve_targets(loaded.model, config.targets)
+
+    def _peft_config(self):
+        from peft import LoraConfig
+
+        c = self.config
+        return LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout, bias="none",
+                          target_modules=list(self.targets_), task_type="CAUSAL_LM")
+
+    @contextmanager
+    def _injected(self) -> Iterator[nn.Module]:
+        """A peft model around the base model; the adapter is removed on exit."""
+        from peft import get_peft_model
+
+        base = self.loaded.model
+        was_training = base.training
+        with warnings.catch_warnings():  # transformers deprecation; peft's Conv1D fan_in_fan_out note
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            peft_model = get_peft_model(base, self._peft_config())
+        try:
+            yield peft_model
+        finally:
+            peft_model.unload()
+            base.train(was_training)
+            base.requires_grad_(False)
+
+    def fit_user(self, user_id: str, prompts: Sequence[str], targets: Sequence[str], *,
+                 seed: int = 0) -> UserLora:
+        """Train a fresh adapter on one user's ``(prompt, target)`` history examples."""
+        from peft import get_peft_model_state_dict
+
+        if not prompts:
+            raise ConfigError(f"user {user_id!r} has no history examples to train a LoRA on")
+        c = self.config
+        tok = self.loaded.tokenizer
+        rows = encode_supervised(tok, prompts, targets, c.max_length)
+        gen = torch.Generator().manual_seed(seed)
+        n_batches = math.ceil(len(rows) / c.batch_size)
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # adapter init (lora_A) and LoRA dropout masks
+            with self._injected() as model:
+                params = [p for p in model.parameters() if p.requires_grad]
+                n_trainable = sum(p.numel() for p in params)
+                opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(n_batches * c.epochs, c.warmup_ratio))
+                model.eval()  # base-model dropout stays off; only LoRA dropout trains
+                for name, module in model.named_modules():
+                    if "lora_dropout" in name:
+                        module.train()
+                losses = []
+                for _epoch in range(c.epochs):
+                    order = torch.randperm(len(rows), generator=gen).tolist()
+                    total, count = 0.0, 0
+                    for b in range(n_batches):
+                        batch = collate([rows[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]],
+                                        tok.pad_token_id, padding_side="right", device=self.loaded.device)
+                        logits = model(**batch.inputs(), use_cache=False).logits
+                        logp, mask = token_logprobs(logits, batch.labels)
+                        loss = -logp.sum() / mask.sum()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                        opt.step()
+                        sched.step()
+                        total += float(loss.detach())
+                        count += 1
+                    losses.append(total / count)
+                state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        train_s = time.perf_counter() - start
+        log.debug("LoRA for user %s: %d examples, loss %s, %.1f s", user_id, len(rows), losses, train_s)
+        return UserLora(user_id, state, n_trainable, train_s, len(rows), tuple(losses))
+
+    @contextmanager
+    def applied(self, adapter: UserLora) -> Iterator[LoadedModel]:
+        """The base model with ``adapter`` in place (eval mode, no dropout); removed on exit."""
+        from peft import set_peft_model_state_dict
+
+        with self._injected() as model:
+            result = set_peft_model_state_dict(model, adapter.state)
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise ConfigError(f"adapter of user {adapter.user_id!r} does not fit this model "
+                                  f"(unexpected weights {unexpected[:2]})")
+            model.eval().requires_grad_(False)
+            yield replace(self.loaded, model=model)
+
+    def fit(self, users: dict[str, tuple[Sequence[str], Sequence[str]]], *, seed: int = 0,
+            progress: bool = False) -> dict[str, UserLora]:
+        """Train every user's adapter, one user after another (as OPPU does)."""
+        from tqdm.auto import tqdm
+
+        out = {}
+        for i, (user_id, (prompts, targets)) in enumerate(
+                tqdm(users.items(), desc="LoRA per user", disable=not progress)):
+            out[user_id] = self.fit_user(user_id, prompts, targets, seed=seed + i)
+        return out

@@ -1,0 +1,443 @@
+"""Causal checks of a fitted PerFit model: user swap, subspace ablation, dose response, control.
+
+All four run on the held-out queries of the test users (plain prompts) and report tidy rows
+``(experiment, setting, metric, value)``. ``metric`` is the task's LaMP headline metric
+(accuracy, MAE or ROUGE-1) or ``mean_pred`` (rating tasks: the mean expected rating under the
+label distribution, a behaviour summary more sensitive than the discrete prediction).
+
+(a) **swap**: user A's personal intervention applied to user B's queries (stage ``perfit``
+    with A's id on B's prompts). A's *behaviour* is the distribution of A's history outputs
+    (gold outputs of A's training queries): for ratings their mean ``mu_A``, for labels their
+    histogram ``q_A`` (add-one smoothed). B's predicted behaviour under intervention X is the
+    mean expected rating ``p_XB`` (ratings) or the mean label distribution ``P_XB`` (labels).
+    The distance to the donor's behaviour is ``|p - mu_A|`` or the total variation
+    ``TV(P, q_A) = 0.5 sum |P - q_A|``. A pair moves *toward the donor* when
+    ``dist(swap) < dist(own)``. Reported: the share of pairs moving toward the donor, the mean
+    reduction of the distance, and (ratings) the correlation of the shift ``p_AB - p_BB`` with
+    the gap ``mu_A - mu_B``. Since a small model compresses its ratings toward the middle,
+    the share is also reported against the donor's *predicted* behaviour (``p_AA``, ``P_AA``:
+    the model with A's intervention on A's own queries), ``toward_donor_pred_share``. Swaps
+    need a label set (classification or rating tasks).
+(b) **ablation**: the *personal subspace* is spanned by the top principal directions (no
+    centring) of the users' mean personal edits ``mean_q e_p,u(h_q)`` at each intervention site
+    (``e_p = phi_p(h) - h`` on the un-intervened hidden states ``h`` at the intervention
+    positions; one row per user and site). ``k`` is the smallest number of directions holding
+    ``ablate_energy`` of their squared norm (at most ``ablate_max_k``). The subspace is
+    projected out at the intervention sites and positions (``ablate_mode``: ``hidden`` removes
+    it from the edited hidden state, ``edit`` from the edit only). A random ``k``-dimensional
+    subspace is the control. ``gain_removed = (m_perfit - m_ablated) / (m_perfit - m_stage1)``.
+(c) **dose**: the personal edit scaled by ``alpha`` (``h + e_c + alpha e_p`` for ``sum``
+    stacking); Spearman correlation of the metric with alpha over ``[0, 1]`` and the whole
+    range.
+(d) **control**: a *random bank* with, per user and site, a random orthonormal ``R``
+    (``A``), and ``W - R`` and ``b`` random with the Frobenius norms of that user's
+    ``W_u - R_u`` and ``b_u`` (same rank and edit size, no learned content); and the personal
+    bank with user ids *shuffled* (a derangement: everyone gets another user's
+    intervention). Compared with stage 1 and PerFit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from perfit_probe.backends.hooks import HookBackend
+from perfit_probe.data.records import TaskData
+from perfit_probe.data.splits import Split, history_user
+from perfit_probe.errors import ConfigError
+from perfit_probe.evaluation.evaluate import Predictions, heldout_examples, predict, resolve_decoding
+from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, primary_metric, score_task
+from perfit_probe.interventions import PerFit
+from perfit_probe.interventions.batching import collate, encode
+from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
+from perfit_probe.models import LoadedModel
+from perfit_probe.sites import batch_positions, parse_positions, parse_site
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("swap", "ablation", "dose", "control")
+COLUMNS = ["experiment", "setting", "metric", "value"]
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """Settings of ``perfit-probe steer``."""
+
+    experiments: tuple[str, ...] = EXPERIMENTS
+    """Which checks to run."""
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    """Scales of the personal edit for the dose response."""
+    max_pairs: int = 60
+    """At most this many (donor, recipient) pairs in the swap (a seeded sample of all pairs)."""
+    ablate_energy: float = 0.9
+    """Share of the personal edits' squared norm the ablated subspace holds."""
+    ablate_max_k: int = 16
+    """Largest ablated subspace."""
+    ablate_mode: str = "hidden"
+    """``hidden`` (project out of the edited hidden state) or ``edit`` (out of the edit only)."""
+    decoding: str = "auto"
+    """Decoding of the metric rows (see ``perfit_probe.evaluation.evaluate``)."""
+    chat: bool | None = None
+    """Wrap prompts in the chat template (None: when the tokenizer has one)."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    max_new_tokens: int = 16
+    """Tokens generated by greedy decoding."""
+    max_prompt_tokens: int | None = None
+    """Longer prompts keep their last tokens."""
+    seed: int = 0
+    """Seed of pair sampling, the random subspace and the random bank."""
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.experiments if e not in EXPERIMENTS]
+        if unknown or not self.experiments:
+            raise ConfigError(f"unknown experiment(s) {unknown}: choose from {', '.join(EXPERIMENTS)}")
+        if not 0 < self.ablate_energy <= 1:
+            raise ConfigError(f"ablate_energy={self.ablate_energy} must be in (0, 1]")
+
+
+@dataclass
+class SteerResult:
+    """Tidy rows of every check, plus the per-pair swap table."""
+
+    rows: pd.DataFrame
+    """Columns ``experiment, setting, metric, value``."""
+    pairs: pd.DataFrame
+    """One row per (donor, recipient): behaviour and distances (empty without a swap)."""
+    basis: torch.Tensor | None = None
+    """The ablated personal subspace ``[k, d]`` (orthonormal rows), when ablation ran."""
+
+
+class _Runner:
+    """Held-out prompts of the test users and a metric function over interventions."""
+
+    def __init__(self, loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit, config: SteerConfig):
+        if perfit.personal is None:
+            raise ConfigError("steering needs personal (stage 2) interventions: run `perfit-probe fit` with stage 2")
+        missing = [u for u in split.test_users if u not in perfit.personal.keys]
+        if missing:
+            raise ConfigError(f"test users {missing[:3]} have no personal intervention in this fit")
+        self.loaded, self.task, self.split, self.perfit, self.config = loaded, task, split, perfit, config
+        self.spec = task.spec
+        self.mode = resolve_decoding(config.decoding, task.spec.kind)
+        self.metric = primary_metric(task.spec.kind)
+        examples = heldout_examples(task, split, loaded.tokenizer, variants=("plain",), k=0,
+                                    retriever="bm25", chat=config.chat, seed=config.seed)
+        self.prompts = [e.prompt for e in examples]
+        self.owners = [e.user_id for e in examples]
+        self.golds = [e.target for e in examples]
+        self.users = list(split.test_users)
+
+    def predict(self, prompts=None, user_ids=None, *, perfit=None, stage="perfit", scale=1.0,
+                ablate_basis=None, mode=None) -> Predictions:
+        c = self.config
+        return predict(self.loaded, self.prompts if prompts is None else prompts, self.spec,
+                       decoding=mode or self.mode, chat=c.chat, perfit=perfit or self.perfit,
+                       user_ids=self.owners if user_ids is None else user_ids, stage=stage, scale=scale,
+                       ablate_basis=ablate_basis, ablate_mode=c.ablate_mode, batch_size=c.batch_size,
+                       max_new_tokens=c.max_new_tokens, max_prompt_tokens=c.max_prompt_tokens)
+
+    def rows(self, experiment: str, setting: str, preds: Predictions) -> list[dict]:
+        scores = score_task(self.spec.kind, self.golds, preds.outputs, self.spec.labels)
+        out = [{"experiment": experiment, "setting": setting, "metric": self.metric, "value": scores[self.metric]}]
+        if preds.expected is not None:
+            out.append({"experiment": experiment, "setting": setting, "metric": "mean_pred",
+                        "value": float(np.mean(preds.expected))})
+        return out
+
+
+def _value(rows: list[dict], setting: str, metric: str) -> float:
+    return next(r["value"] for r in rows if r["setting"] == setting and r["metric"] == metric)
+
+
+# ---------------------------------------------------------------------- (a) swap
+def history_behaviour(task: TaskData, split: Split, user_id: str) -> np.ndarray:
+    """A user's behaviour from the gold outputs of their history queries.
+
+    Ratings: ``[mean rating]``; labels: the add-one-smoothed label histogram.
+    """
+    spec = task.spec
+    outputs = [q.output for q in history_user(task.user(user_id), split).queries if q.output is not None]
+    if spec.kind == "rating":
+        if not outputs:
+            raise ConfigError(f"user {user_id!r} has no rated history queries")
+        return np.array([float(np.mean([float(o) for o in outputs]))])
+    counts = np.ones(len(spec.labels))
+    for o in outputs:
+        if o.strip() in spec.labels:
+            counts[spec.labels.index(o.strip())] += 1
+    return counts / counts.sum()
+
+
+def _distance(kind: str, predicted: np.ndarray, behaviour: np.ndarray) -> float:
+    if kind == "rating":
+        return float(abs(predicted[0] - behaviour[0]))
+    return float(0.5 * np.abs(predicted - behaviour).sum())
+
+
+def _behaviour_of(kind: str, preds: Predictions, rows: list[int]) -> np.ndarray:
+    if kind == "rating":
+        return np.array([float(np.mean(preds.expected[rows]))])
+    return preds.label_logprobs[rows].softmax(1).mean(0).numpy()
+
+
+def user_swap(runner: _Runner) -> tuple[list[dict], pd.DataFrame]:
+    """Experiment (a); see the module docstring."""
+    spec = runner.spec
+    if spec.kind == "generation" or not spec.labels:
+        log.warning("user swap needs a label set; skipped for %s", spec.name)
+        return [], pd.DataFrame()
+    users = runner.users
+    rng = np.random.default_rng(runner.config.seed)
+    pairs = [(a, b) for a in users for b in users if a != b]
+    if len(pairs) > runner.config.max_pairs:
+        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), runner.config.max_pairs, replace=False))]
+    rows_of = {u: [i for i, o in enumerate(runner.owners) if o == u] for u in users}
+    own = runner.predict(mode="constrained")
+    prompts, donors, spans = [], [], []
+    for a, b in pairs:
+        idx = rows_of[b]
+        spans.append(list(range(len(prompts), len(prompts) + len(idx))))
+        prompts += [runner.prompts[i] for i in idx]
+        donors += [a] * len(idx)
+    swapped = runner.predict(prompts, donors, mode="constrained")
+    behaviour = {u: history_behaviour(runner.task, runner.split, u) for u in users}
+    records = []
+    for (a, b), span in zip(pairs, spans):
+        own_b = _behaviour_of(spec.kind, own, rows_of[b])
+        swap_b = _behaviour_of(spec.kind, swapped, span)
+        donor_pred = _behaviour_of(spec.kind, own, rows_of[a])
+        rec = {"donor": a, "recipient": b,
+               "own_distance": _distance(spec.kind, own_b, behaviour[a]),
+               "swap_distance": _distance(spec.kind, swap_b, behaviour[a]),
+               "own_distance_pred": _distance(spec.kind, own_b, donor_pred),
+               "swap_distance_pred": _distance(spec.kind, swap_b, donor_pred)}
+        if spec.kind == "rating":
+            rec.update(donor_mean=behaviour[a][0], recipient_mean=behaviour[b][0],
+                       own_pred=own_b[0], swap_pred=swap_b[0])
+        records.append(rec)
+    pairs_frame = pd.DataFrame.from_records(records)
+    toward = (pairs_frame.swap_distance < pairs_frame.own_distance).mean()
+    out = [{"experiment": "swap", "setting": "pairs", "metric": "n_pairs", "value": float(len(pairs))},
+           {"experiment": "swap", "setting": "pairs", "metric": "toward_donor_share", "value": float(toward)},
+           {"experiment": "swap", "setting": "pairs", "metric": "distance_reduction",
+            "value": float((pairs_frame.own_distance - pairs_frame.swap_distance).mean())},
+           {"experiment": "swap", "setting": "pairs", "metric": "toward_donor_pred_share",
+            "value": float((pairs_frame.swap_distance_pred < pairs_frame.own_distance_pred).mean())},
+           {"experiment": "swap", "setting": "own", "metric": "distance_to_donor",
+            "value": float(pairs_frame.own_distance.mean())},
+           {"experiment": "swap", "setting": "swapped", "metric": "distance_to_donor",
+            "value": float(pairs_frame.swap_distance.mean())}]
+    if spec.kind == "rating" and len(pairs_frame) > 2:
+        gap = pairs_frame.donor_mean - pairs_frame.recipient_mean
+        shift = pairs_frame.swap_pred - pairs_frame.own_pred
+        corr = float(np.corrcoef(gap, shift)[0, 1]) if gap.std() > 0 and shift.std() > 0 else float("nan")
+        out.append({"experiment": "swap", "setting": "pairs", "metric": "shift_gap_correlation", "value": corr})
+    return out, pairs_frame
+
+
+# ---------------------------------------------------------------------- (b) ablation
+@torch.no_grad()
+def personal_edit_means(loaded: LoadedModel, perfit: PerFit, prompts: Sequence[str], user_ids: Sequence[str],
+                        *, batch_size: int = 16, max_prompt_tokens: int | None = None) -> torch.Tensor:
+    """``[n_users, n_sites, d]``: each user's mean personal edit on their own prompts.
+
+    The edit ``e_p,u(h)`` is evaluated on the un-intervened hidden states at the intervention
+    sites and positions (users ordered as ``perfit.personal.keys`` restricted to ``user_ids``).
+    """
+    bank = perfit.personal
+    spec = parse_positions(bank.spec.positions)
+    sites = [parse_site(s) for s in bank.spec.sites]
+    users = [u for u in bank.keys if u in set(user_ids)]
+    sums = torch.zeros(len(users), len(sites), bank.spec.d_model)
+    counts = torch.zeros(len(users))
+    backend = HookBackend(loaded)
+    tok = loaded.tokenizer
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(prompts))))
+        batch = collate([encode(tok, prompts[i], max_prompt_tokens=max_prompt_tokens) for i in chunk],
+                        int(tok.pad_token_id), padding_side="left", device=loaded.device)
+        hidden = backend.run(batch.input_ids, batch.attention_mask, sites)
+        index, valid = batch_positions(spec, batch.prompt_mask)
+        slots = bank.slot_indices([user_ids[i] for i in chunk])
+        rows = torch.tensor([users.index(user_ids[i]) for i in chunk])
+        for s, site in enumerate(sites):
+            h = hidden[site].gather(1, index.unsqueeze(-1).expand(-1, -1, hidden[site].shape[-1])).float()
+            edit = bank.edit(s, h, slots) * valid.unsqueeze(-1)
+            per_row = edit.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+            sums[:, s].index_add_(0, rows, per_row.cpu())
+        counts.index_add_(0, rows, torch.ones(len(chunk)))
+    return sums / counts.clamp(min=1).view(-1, 1, 1)
+
+
+def personal_subspace(edits: torch.Tensor, energy: float = 0.9, max_k: int = 16) -> tuple[torch.Tensor, np.ndarray]:
+    """Top right singular vectors of the stacked edits ``[rows, d]`` holding ``energy`` of the squared norm.
+
+    Returns the basis ``[k, d]`` (orthonormal rows) and the cumulative energy curve.
+    """
+    flat = edits.reshape(-1, edits.shape[-1]).double()
+    _, svals, vh = torch.linalg.svd(flat, full_matrices=False)
+    total = float((svals ** 2).sum())
+    if total == 0:
+        raise ConfigError("the personal edits are all zero: nothing to ablate (was stage 2 trained?)")
+    cum = ((svals ** 2).cumsum(0) / total).numpy()
+    k = min(int(np.searchsorted(cum, energy - 1e-12) + 1), max_k, len(svals))
+    return vh[:k].float(), cum
+
+
+def random_subspace(k: int, d: int, seed: int) -> torch.Tensor:
+    """A uniformly random ``k``-dimensional subspace of R^d (orthonormal rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    return orthonormal_rows(torch.randn(k, d, generator=gen))
+
+
+def subspace_ablation(runner: _Runner, stage1_rows: list[dict], perfit_rows: list[dict]) -> tuple[list[dict], torch.Tensor]:
+    """Experiment (b); see the module docstring."""
+    c = runner.config
+    edits = personal_edit_means(runner.loaded, runner.perfit, runner.prompts, runner.owners,
+                                batch_size=c.batch_size, max_prompt_tokens=c.max_prompt_tokens)
+    basis, cum = personal_subspace(edits, c.ablate_energy, c.ablate_max_k)
+    k = basis.shape[0]
+    rand = random_subspace(k, basis.shape[1], c.seed)
+    rows = [dict(r, experiment="ablation") for r in stage1_rows + perfit_rows]
+    rows += runner.rows("ablation", "perfit_ablate_personal", runner.predict(ablate_basis=basis))
+    rows += runner.rows("ablation", "perfit_ablate_random", runner.predict(ablate_basis=rand))
+    m = runner.metric
+    gain = _value(rows, "perfit", m) - _value(rows, "stage1", m)
+    for setting in ("perfit_ablate_personal", "perfit_ablate_random"):
+        lost = _value(rows, "perfit", m) - _value(rows, setting, m)
+        rows.append({"experiment": "ablation", "setting": setting, "metric": "gain_removed",
+                     "value": float(lost / gain) if gain != 0 else float("nan")})
+    rows.append({"experiment": "ablation", "setting": "subspace", "metric": "k", "value": float(k)})
+    rows.append({"experiment": "ablation", "setting": "subspace", "metric": "energy",
+                 "value": float(cum[k - 1])})
+    return rows, basis
+
+
+# ---------------------------------------------------------------------- (c) dose, (d) control
+def dose_response(runner: _Runner) -> list[dict]:
+    """Experiment (c); see the module docstring."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for alpha in runner.config.alphas:
+        rows += runner.rows("dose", f"{alpha:g}", runner.predict(scale=float(alpha)))
+    for metric in {r["metric"] for r in rows}:
+        values = [(float(r["setting"]), r["value"]) for r in rows if r["metric"] == metric]
+        for name, chosen in (("spearman_0_1", [v for v in values if v[0] <= 1]), ("spearman_all", values)):
+            alphas, vals = zip(*chosen) if chosen else ((), ())
+            rho = spearmanr(alphas, vals).statistic if len(set(vals)) > 1 and len(alphas) > 2 else float("nan")
+            rows.append({"experiment": "dose", "setting": name, "metric": metric, "value": float(rho)})
+    return rows
+
+
+def random_bank(bank: InterventionBank, seed: int) -> InterventionBank:
+    """A bank of random interventions with each slot's rank and edit size (see the module docstring)."""
+    out = InterventionBank(bank.spec, list(bank.keys))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s, (mine, theirs) in enumerate(zip(out.site_params, bank.site_params)):
+            rot = bank.rotation(s).detach().cpu()
+            for i in range(bank.n_slots):
+                a_rand = torch.randn(rot.shape[1:], generator=gen)
+                if bank.spec.kind == "noreft":
+                    a_rand = a_rand * rot[i].norm() / a_rand.norm()
+                else:
+                    a_rand = orthonormal_rows(a_rand)
+                mine.A[i] = a_rand
+                if bank.spec.kind != "lobireft":
+                    diff = theirs.W[i].detach().cpu() - rot[i]
+                    noise = torch.randn(diff.shape, generator=gen)
+                    mine.W[i] = a_rand + noise * diff.norm() / noise.norm()
+                b = theirs.b[i].detach().cpu()
+                noise = torch.randn(b.shape, generator=gen)
+                mine.b[i] = noise * b.norm() / noise.norm()
+    out.requires_grad_(False)
+    return out.to(bank.device)
+
+
+def derangement(users: Sequence[str], seed: int) -> dict[str, str]:
+    """Each user mapped to another user (a seeded random permutation without fixed points)."""
+    users = list(users)
+    if len(users) < 2:
+        raise ConfigError("shuffling interventions needs at least 2 test users")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(len(users))
+        if all(perm[i] != i for i in range(len(users))):
+            return {u: users[j] for u, j in zip(users, perm)}
+
+
+def control(runner: _Runner, stage1_rows: list[dict], perfit_rows: list[dict]) -> list[dict]:
+    """Experiment (d); see the module docstring."""
+    perfit = runner.perfit
+    rows = [dict(r, experiment="control") for r in stage1_rows + perfit_rows]
+    fake = PerFit(perfit.collective, random_bank(perfit.personal, runner.config.seed), perfit.stacking, perfit.model)
+    rows += runner.rows("control", "random_bank", runner.predict(perfit=fake))
+    mapping = derangement(runner.users, runner.config.seed)
+    rows += runner.rows("control", "shuffled_users", runner.predict(user_ids=[mapping[u] for u in runner.owners]))
+    return rows
+
+
+# ---------------------------------------------------------------------- entry point
+def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit,
+                 config: SteerConfig = SteerConfig()) -> SteerResult:
+    """Run the configured checks; see the module docstring for what each number means."""
+    runner = _Runner(loaded, task, split, perfit, config)
+    rows: list[dict] = []
+    pairs = pd.DataFrame()
+    basis = None
+    stage1 = runner.rows("reference", "stage1", runner.predict(stage="collective"))
+    full = runner.rows("reference", "perfit", runner.predict())
+    base = runner.rows("reference", "base", runner.predict(stage="none"))
+    rows += base + stage1 + full
+    if "swap" in config.experiments:
+        swap_rows, pairs = user_swap(runner)
+        rows += swap_rows
+    if "ablation" in config.experiments:
+        ablation_rows, basis = subspace_ablation(runner, stage1, full)
+        rows += ablation_rows
+    if "dose" in config.experiments:
+        rows += dose_response(runner)
+    if "control" in config.experiments:
+        rows += control(runner, stage1, full)
+    frame = pd.DataFrame.from_records(rows, columns=COLUMNS)
+    log.info("steer: %d rows (%s higher is better: %s)", len(frame), runner.metric,
+             HIGHER_IS_BETTER[runner.metric])
+    return SteerResult(frame, pairs, basis)
+
+
+def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(), *,
+              figures: bool = True) -> SteerResult:
+    """``perfit-probe steer``: run the checks on a fitted run; write ``RUN/steer/`` and ``RUN/figures/``."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from perfit_probe.evaluation.evaluate import load_fitted_run
+    from perfit_probe.rundir import RunDir, atomic_write_text
+
+    run = RunDir.open(run_dir)
+    fitted = load_fitted_run(run.path, loaded)
+    if "chat" in fitted.prompt_options and config.chat is None:
+        config = replace(config, chat=fitted.prompt_options["chat"])
+    run.add_stage("steer", config)
+    with run.timed("steer"):
+        result = steer_checks(loaded, fitted.task, fitted.split, fitted.perfit, config)
+    out = run.sub("steer")
+    atomic_write_text(out / "steer.csv", result.rows.to_csv(index=False))
+    atomic_write_text(out / "swap_pairs.csv", result.pairs.to_csv(index=False))
+    if result.basis is not None:
+        save_file({"basis": result.basis.contiguous()}, str(out / "personal_subspace.safetensors"))
+    summary = {f"{r.experiment}/{r.setting}/{r.metric}": r.value for r in result.rows.itertuples()}
+    run.add_metrics("steer", summary)
+    if figures:
+        from perfit_probe.plotting.steer_figures import save_steer_figures
+
+        save_steer_figures(out, run.sub("figures"))
+    return result

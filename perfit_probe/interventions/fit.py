@@ -1,0 +1,324 @@
+"""``run_fit``: the whole PerFit fit of one task on one model, written into a run directory.
+
+Writes, under ``RUN/perfit/``: ``stage1/`` (collective bank), ``bank/`` (personal bank),
+``split.json`` (train/test users, held-out queries), ``task.json`` (how to reload the task
+and rebuild the prompts), ``curves.csv`` (loss per step, user and stage), ``params.json``
+(parameter counts: collective, per user, and LoRA rank 8 on q/v for the same model); wall
+times and loss summaries go into ``RUN/metrics.json`` under ``fit``.
+
+Data: stage 1 trains on every query of the *train users*; stage 2 on each *test user*'s
+history queries (``splits.history_user``); held-out queries are left for evaluation. Prompts
+are ``build_examples(..., variants=(prompt_variant,))``; targets are the gold outputs
+followed by the end-of-text token.
+
+Several processes (``torchrun``): pass ``rank``/``world_size`` with ``torch.distributed``
+initialised. Rank 0 trains stage 1 and saves it; the others wait and load it; stage-2 users
+are sharded across ranks (user i to rank i mod world_size); rank 0 merges the shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from perfit_probe.errors import ConfigError, DataError
+from perfit_probe.interventions.apply import STACKINGS, check_sites
+from perfit_probe.interventions.artifact import load_bank, save_bank
+from perfit_probe.interventions.batching import Encoded, encode
+from perfit_probe.interventions.modules import INITS, KINDS, BankSpec, InterventionBank
+from perfit_probe.interventions.train import TrainConfig, curve_summary, train_collective, train_personal
+from perfit_probe.models import LoadedModel
+from perfit_probe.rundir import RunDir, atomic_write_text, write_json
+from perfit_probe.sites import SITE_KINDS, Site, decoder_layers, parse_positions
+
+log = logging.getLogger(__name__)
+
+PERSONAL_INITS = ("zero", "random", "stage1")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything ``perfit-probe fit`` needs besides the model and the output directory."""
+
+    task: str = "movielens"
+    """Task name for ``perfit_probe.data.load_task``."""
+    task_path: Path | None = None
+    """Data file or directory of the task (LaMP tasks need one)."""
+    task_outputs: Path | None = None
+    """Gold outputs file of a LaMP task (optional)."""
+    n_users: int | None = 20
+    """Users to load (seeded choice); None = all."""
+    max_queries: int | None = None
+    """Cap on queries per user (None = the task loader's default)."""
+    n_test_users: int | None = None
+    """Users who get a personal intervention; None = ``test_fraction`` of the users."""
+    test_fraction: float = 0.5
+    """Share of users who are test users when ``n_test_users`` is None."""
+    n_heldout: int = 4
+    """Queries held out per test user for evaluation."""
+    layers: tuple[int, ...] = (8, 12)
+    """Layers edited (negative counts from the end)."""
+    site_kind: str = "resid_post"
+    """Site kind edited at each layer (``resid_post`` as in the paper)."""
+    positions: str = "f1+l2"
+    """Prompt positions edited (LoReFT grammar)."""
+    intervention: str = "loreft"
+    """``loreft``, ``noreft`` or ``lobireft``."""
+    collective_rank: int = 8
+    """Rank of the stage-1 intervention (paper: often 32 for Llama-2-7B)."""
+    personal_rank: int = 4
+    """Rank of each user's intervention (paper: 4-32)."""
+    epochs1: int = 2
+    """Stage-1 epochs (paper: 3)."""
+    epochs2: int = 2
+    """Stage-2 epochs over each user's history (paper: 2)."""
+    lr1: float = 2e-3
+    """Stage-1 learning rate (paper: 1e-4 on a 7B model; larger here so a small demo learns)."""
+    lr2: float = 2e-3
+    """Stage-2 learning rate."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay (paper: 1e-2)."""
+    max_grad_norm: float = 0.3
+    """Gradient-norm clip (paper: 0.3), per user in stage 2."""
+    batch_size: int = 8
+    """Rows per step in stage 1, rows per user per step in stage 2."""
+    rows_per_forward: int = 32
+    """Memory cap: rows per forward/backward pass."""
+    stacking: str = "sum"
+    """How personal and collective edits stack: ``sum`` or ``compose`` (not published)."""
+    collective_init: str = "zero"
+    """Stage-1 start: ``zero`` (edit exactly 0) or ``random`` (pyreft's)."""
+    personal_init: str = "zero"
+    """Stage-2 start: ``zero``, ``random`` or ``stage1`` (copy of the collective; needs equal ranks)."""
+    prompt_variant: str = "plain"
+    """Prompt variant trained on (``plain``: the intervention must carry the personal signal)."""
+    k: int = 4
+    """Retrieved history items in ``enhanced`` prompts."""
+    retriever: str = "bm25"
+    """Retriever of history items."""
+    chat: bool | None = None
+    """Apply the tokenizer's chat template (None: when it has one)."""
+    max_prompt_tokens: int | None = 256
+    """Longer prompts keep their last tokens."""
+    seed: int = 0
+    """Seed of the split, the initialisations and the data order."""
+    model: str = "smollm2"
+    """Model to load when ``run_fit`` is not given one (see ``perfit_probe.models.load_model``)."""
+    dtype: str = "float32"
+    """Model dtype when ``run_fit`` loads the model."""
+    device: str = "cpu"
+    """Device when ``run_fit`` loads the model (cpu, cuda, cuda:N, auto)."""
+
+    def validate(self) -> None:
+        """Cheap checks of the options, before any data or model is loaded."""
+        if self.intervention not in KINDS:
+            raise ConfigError(f"unknown intervention {self.intervention!r}: choose from {KINDS}")
+        if self.stacking not in STACKINGS:
+            raise ConfigError(f"unknown stacking {self.stacking!r}: choose from {STACKINGS}")
+        if self.collective_init not in INITS:
+            raise ConfigError(f"unknown collective init {self.collective_init!r}: choose from {INITS}")
+        if self.personal_init not in PERSONAL_INITS:
+            raise ConfigError(f"unknown personal init {self.personal_init!r}: choose from {PERSONAL_INITS}")
+        if self.personal_init == "stage1" and self.personal_rank != self.collective_rank:
+            raise ConfigError("--personal-init stage1 copies the collective intervention: give both ranks the same value")
+        if self.site_kind not in SITE_KINDS:
+            raise ConfigError(f"unknown site kind {self.site_kind!r}: choose from {SITE_KINDS}")
+        if not self.layers:
+            raise ConfigError("give at least one layer (--layers 8,12)")
+        if min(self.collective_rank, self.personal_rank) < 1:
+            raise ConfigError("ranks must be >= 1")
+        if self.epochs1 < 0 or self.epochs2 < 0 or self.batch_size < 1 or self.rows_per_forward < 1:
+            raise ConfigError("epochs must be >= 0, batch size and rows per forward >= 1")
+        if not (self.lr1 > 0 and self.lr2 > 0):
+            raise ConfigError("learning rates must be positive")
+        parse_positions(self.positions)
+
+    def train_config(self, stage: int) -> TrainConfig:
+        """Optimisation settings of stage 1 or 2."""
+        return TrainConfig(epochs=self.epochs1 if stage == 1 else self.epochs2,
+                           lr=self.lr1 if stage == 1 else self.lr2, weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm, batch_size=self.batch_size,
+                           rows_per_forward=self.rows_per_forward, seed=self.seed)
+
+    def task_json(self) -> dict:
+        """What ``RUN/perfit/task.json`` records: how to reload the task and rebuild prompts."""
+        return {"load": {"name": self.task, "path": self.task_path, "outputs": self.task_outputs,
+                         "n_users": self.n_users, "seed": self.seed, "max_queries": self.max_queries},
+                "prompts": {"variant": self.prompt_variant, "k": self.k, "retriever": self.retriever,
+                            "chat": self.chat, "max_prompt_tokens": self.max_prompt_tokens}}
+
+
+def lora_parameter_count(model: nn.Module, rank: int = 8) -> int:
+    """Trainable parameters of LoRA of ``rank`` on q_proj and v_proj (GPT-2: the fused ``c_attn``).
+
+    For each adapted matrix of shape ``d_out x d_in``: ``rank * (d_in + d_out)``.
+    """
+    total = 0
+    for layer in decoder_layers(model):
+        for name, module in layer.named_modules():
+            last = name.rsplit(".", 1)[-1]
+            if last in ("q_proj", "v_proj") and isinstance(module, nn.Linear):
+                total += rank * (module.in_features + module.out_features)
+            elif last == "c_attn" and hasattr(module, "weight"):  # GPT-2 Conv1D, weight [d_in, 3 d]
+                d_in, d_out = module.weight.shape
+                total += rank * (d_in + d_out)
+    return total
+
+
+def parameter_counts(spec1: BankSpec, spec2: BankSpec, model: nn.Module) -> dict:
+    """Collective, per-user and LoRA (rank 8, q/v) parameter counts, and their ratios."""
+    lora = lora_parameter_count(model, 8)
+    collective, per_user = spec1.params_per_slot(), spec2.params_per_slot()
+    return {"collective": collective, "per_user": per_user, "lora_r8_qv_per_user": lora,
+            "per_user_over_lora": per_user / lora if lora else float("nan"),
+            "collective_over_lora": collective / lora if lora else float("nan")}
+
+
+def _encode_examples(loaded: LoadedModel, users, spec, config: FitConfig) -> dict[str, list[Encoded]]:
+    from perfit_probe.data.prompts import build_examples
+
+    examples = build_examples(users, spec, loaded.tokenizer, variants=(config.prompt_variant,), k=config.k,
+                              retriever=config.retriever, chat=config.chat, seed=config.seed)
+    out: dict[str, list[Encoded]] = {u.id: [] for u in users}
+    for ex in examples:
+        if ex.target is None or ex.target == "":
+            raise DataError(f"query {ex.query_id} of user {ex.user_id} has no gold output to train on")
+        out[ex.user_id].append(encode(loaded.tokenizer, ex.prompt, ex.target, eos=True,
+                                      max_prompt_tokens=config.max_prompt_tokens))
+    return out
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, rank: int = 0,
+            world_size: int = 1, progress: bool = False, overwrite: bool = False) -> RunDir:
+    """Fit both stages and write them into the run directory ``out``; returns it.
+
+    ``loaded``: the model (default: ``load_model(config.model, ...)``). Every option is checked
+    (layers in range, ranks <= d_model, ...) before any training.
+    """
+    from perfit_probe.data import load_task
+    from perfit_probe.data.splits import history_user, make_split
+    from perfit_probe.models import load_model
+
+    config.validate()
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ConfigError("world_size > 1 needs torch.distributed initialised (run under torchrun)")
+    out = Path(out)
+    if rank == 0 and (out / "perfit" / "stage1").exists() and not overwrite:
+        raise ConfigError(f"{out}/perfit already holds a fit: choose another --out or pass --force")
+    sites = check_sites([Site(layer, config.site_kind).name if layer >= 0 else
+                         Site(layer + loaded.n_layers, config.site_kind).name for layer in config.layers],
+                        loaded.n_layers)
+    site_names = tuple(s.name for s in sites)
+    spec1 = BankSpec(config.intervention, site_names, config.positions, config.collective_rank, loaded.d_model)
+    spec2 = BankSpec(config.intervention, site_names, config.positions, config.personal_rank, loaded.d_model)
+
+    task = load_task(config.task, path=config.task_path, outputs=config.task_outputs, n_users=config.n_users,
+                     seed=config.seed, max_queries=config.max_queries)
+    split = make_split(task, n_test_users=config.n_test_users, test_fraction=config.test_fraction,
+                       n_heldout=config.n_heldout, seed=config.seed)
+    by_id = {u.id: u for u in task.users}
+    train_users = [by_id[u] for u in split.train_users]
+    my_test = [u for i, u in enumerate(split.test_users) if i % world_size == rank]
+    history = [history_user(by_id[u], split) for u in my_test]
+
+    if rank == 0:
+        if (out / "run.json").exists():
+            run = RunDir.open(out)
+            run.add_stage("fit", config)
+        else:
+            run = RunDir.create(out, "fit", config, config.seed, loaded.identity)
+        pdir = run.sub("perfit")
+        if overwrite:
+            for name in ("stage1", "bank", "shards"):
+                shutil.rmtree(pdir / name, ignore_errors=True)
+        split.save(pdir / "split.json")
+        write_json(pdir / "task.json", config.task_json())
+    else:
+        run = RunDir(out)
+        pdir = out / "perfit"
+    shard_dir = pdir / "shards" / f"rank{rank}"
+
+    # ---------------------------------------------------------------- stage 1
+    t0 = time.perf_counter()
+    curve1 = pd.DataFrame()
+    if rank == 0:
+        examples1 = [e for exs in _encode_examples(loaded, train_users, task.spec, config).values() for e in exs]
+        collective = InterventionBank.initialised(spec1, ["collective"], config.collective_init,
+                                                  seed=config.seed).to(loaded.device)
+        log.info("stage 1: %d train users, %d examples, %d parameters", len(train_users), len(examples1),
+                 spec1.params_per_slot())
+        curve1 = train_collective(loaded, collective, examples1, config.train_config(1), progress=progress)
+        save_bank(collective, pdir / "stage1", loaded.identity, {"stage": "collective"})
+    stage1_s = time.perf_counter() - t0
+    _barrier(world_size)
+    if rank != 0:
+        collective, _ = load_bank(pdir / "stage1", loaded.identity, loaded.device)
+
+    # ---------------------------------------------------------------- stage 2
+    t0 = time.perf_counter()
+    examples2 = _encode_examples(loaded, history, task.spec, config)
+    keys = [u.id for u in history]
+    curve2 = pd.DataFrame()
+    personal = None
+    if keys:
+        if config.personal_init == "stage1":
+            personal = InterventionBank.copied_from(collective, keys)
+        else:
+            personal = InterventionBank.initialised(spec2, keys, config.personal_init, seed=config.seed + 1)
+        personal.to(loaded.device)
+        log.info("stage 2 (rank %d): %d users, %d parameters each", rank, len(keys), spec2.params_per_slot())
+        curve2 = train_personal(loaded, collective, personal, examples2, config.train_config(2),
+                                stacking=config.stacking, progress=progress)
+    if world_size > 1:
+        if personal is not None:
+            save_bank(personal, shard_dir, loaded.identity, {"stage": "personal", "stacking": config.stacking})
+            atomic_write_text(shard_dir / "curve.csv", curve2.to_csv(index=False))
+        _barrier(world_size)
+        if rank != 0:
+            return run
+        shards, curves = [], []
+        for r in range(world_size):
+            directory = pdir / "shards" / f"rank{r}"
+            if (directory / "intervention.json").exists():
+                shards.append(load_bank(directory, loaded.identity)[0])
+                curves.append(pd.read_csv(directory / "curve.csv", dtype={"user_id": str}))
+        merged = InterventionBank.concat(shards)
+        personal = merged.subset(list(split.test_users)).to(loaded.device)
+        curve2 = pd.concat(curves, ignore_index=True)
+        shutil.rmtree(pdir / "shards", ignore_errors=True)
+    stage2_s = time.perf_counter() - t0
+    if personal is not None:
+        save_bank(personal, pdir / "bank", loaded.identity, {"stage": "personal", "stacking": config.stacking})
+
+    curves = pd.concat([curve1, curve2], ignore_index=True)
+    atomic_write_text(pdir / "curves.csv", curves.to_csv(index=False))
+    params = parameter_counts(spec1, spec2, loaded.model)
+    write_json(pdir / "params.json", {**params, "spec_collective": spec1.to_dict(), "spec_personal": spec2.to_dict(),
+                                      "stacking": config.stacking, "personal_init": config.personal_init,
+                                      "config": asdict(config)})
+    n_test = len(split.test_users)
+    metrics = {
+        "stage1_train_s": stage1_s, "stage2_train_s": stage2_s,
+        "stage2_train_s_per_user": stage2_s / n_test if n_test else float("nan"),
+        "n_train_users": len(split.train_users), "n_test_users": n_test, "world_size": world_size,
+        "params": params,
+        "stage1": curve_summary(curve1) if not curve1.empty else {"steps": 0},
+        "stage2": curve_summary(curve2) if not curve2.empty else {"steps": 0},
+    }
+    run.add_metrics("fit", metrics)
+    log.info("fit written to %s (stage 1 %.1f s, stage 2 %.1f s)", pdir, stage1_s, stage2_s)
+    return run

@@ -1,0 +1,252 @@
+"""Low-rank representation interventions (LoReFT and variants), stored as banks.
+
+An *intervention* edits a hidden state ``h`` (a ``d``-vector) at a chosen site and prompt
+position. The kinds offered:
+
+- ``loreft`` (ReFT paper, arXiv 2404.03592)::
+
+      phi(h) = h + R^T (W h + b - R h),   R in R^{r x d} with orthonormal rows, W in R^{r x d}, b in R^r
+
+  i.e. inside the subspace spanned by R's rows, ``R h`` is replaced by ``W h + b``;
+  ``2 d r + r`` parameters.
+- ``noreft``: the same formula with R unconstrained (pyreft's ``NoreftIntervention``).
+- ``lobireft``: a plain additive vector in a learned subspace, ``phi(h) = h + R^T b``
+  (pyreft's ``LobireftIntervention``); ``d r + r`` parameters.
+
+A *bank* holds the parameters of many interventions of one kind and shape, one *slot* per
+user (the collective intervention is a bank of one slot), for every site: tensors with a
+leading slot axis, ``A [n, r, d]``, ``W [n, r, d]``, ``b [n, r]``. A batch carries a slot
+index per row and each row is edited with its own slot's parameters, so that one forward
+pass trains or applies many users' interventions at once.
+
+Orthonormal rows in a bank: ``torch.nn.utils.parametrizations.orthogonal`` (the reference
+implementation's choice) parametrizes one matrix, so banks use their own parametrization,
+applied slot by slot in one batched call: ``R = rows of the Q factor of A^T`` (QR with the
+signs fixed so that the triangular factor has a positive diagonal, i.e. Gram-Schmidt on the
+rows of the free parameter ``A``). R is orthonormal after every optimiser step by
+construction, and equals A whenever A already has orthonormal rows, which makes initialising
+one bank from another exact.
+
+Initialisations (per slot, seeded by the slot's key so a user gets the same start in a
+batched bank as alone): ``zero`` (random orthonormal R, W = R, b = 0: the edit is exactly
+zero), ``random`` (random orthonormal R, W and b uniform in +-1/sqrt(d) as ``nn.Linear``
+does: pyreft's start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from perfit_probe.errors import ConfigError
+
+KINDS = ("loreft", "noreft", "lobireft")
+INITS = ("zero", "random")
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """Shape and kind of the interventions a bank holds."""
+
+    kind: str
+    """One of ``KINDS``."""
+    sites: tuple[str, ...]
+    """Canonical site names (``blocks.{l}.hook_{kind}``), one intervention per site."""
+    positions: str
+    """Position spec text (``f1+l2``, ``l1``, ...), see ``perfit_probe.sites``."""
+    rank: int
+    """Rank r of each intervention."""
+    d_model: int
+    """Width d of the edited hidden state."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown intervention kind {self.kind!r}: choose from {KINDS}")
+        if not 1 <= self.rank <= self.d_model:
+            raise ConfigError(
+                f"intervention rank {self.rank} must be between 1 and d_model={self.d_model}"
+            )
+        if not self.sites:
+            raise ConfigError("an intervention needs at least one site")
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        out = asdict(self)
+        out["sites"] = list(self.sites)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BankSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(data["kind"], tuple(data["sites"]), data["positions"], int(data["rank"]),
+                   int(data["d_model"]))
+
+    def params_per_slot(self) -> int:
+        """Trainable parameters of one slot (all sites): ``2dr + r`` per site, ``dr + r`` for lobireft."""
+        d, r = self.d_model, self.rank
+        per_site = d * r + r if self.kind == "lobireft" else 2 * d * r + r
+        return per_site * len(self.sites)
+
+
+def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a [..., r, d]`` made orthonormal (Gram-Schmidt via QR, unique signs)."""
+    q, tri = torch.linalg.qr(a.transpose(-1, -2))  # q [..., d, r]
+    diag = torch.diagonal(tri, dim1=-2, dim2=-1)
+    sign = torch.where(diag < 0, -1.0, 1.0).to(q.dtype)
+    return (q * sign.unsqueeze(-2)).transpose(-1, -2)
+
+
+def slot_generator(seed: int, key: str) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, key)``: a slot's initialisation never depends on its index."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
+class InterventionBank(nn.Module):
+    """Parameters of ``n_slots`` interventions of one ``BankSpec``, one slot per key (user).
+
+    Learned state lives in per-site modules holding ``A [n, r, d]`` (free parameter of R),
+    ``W [n, r, d]`` and ``b [n, r]`` (``lobireft`` has no W).
+    """
+
+    def __init__(self, spec: BankSpec, keys: list[str]) -> None:
+        super().__init__()
+        if len(set(keys)) != len(keys) or not keys:
+            raise ConfigError("a bank needs at least one slot and unique slot keys")
+        self.spec = spec
+        self.keys = list(keys)
+        n, r, d = len(keys), spec.rank, spec.d_model
+        self.site_params = nn.ModuleList()
+        for _ in spec.sites:
+            holder = nn.Module()
+            holder.A = nn.Parameter(torch.zeros(n, r, d))
+            if spec.kind != "lobireft":
+                holder.W = nn.Parameter(torch.zeros(n, r, d))
+            holder.b = nn.Parameter(torch.zeros(n, r))
+            self.site_params.append(holder)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def initialised(cls, spec: BankSpec, keys: list[str], init: str = "zero", seed: int = 0) -> InterventionBank:
+        """A bank with every slot initialised by ``init`` (``zero`` or ``random``), seeded per key."""
+        if init not in INITS:
+            raise ConfigError(f"unknown initialisation {init!r}: choose from {INITS}")
+        bank = cls(spec, keys)
+        d, r = spec.d_model, spec.rank
+        bound = 1.0 / math.sqrt(d)
+        with torch.no_grad():
+            for i, key in enumerate(keys):
+                gen = slot_generator(seed, key)
+                for holder in bank.site_params:
+                    a = orthonormal_rows(torch.randn(r, d, generator=gen))
+                    holder.A[i] = a
+                    if init == "zero":
+                        if spec.kind != "lobireft":
+                            holder.W[i] = a
+                        holder.b[i] = 0.0
+                    else:
+                        if spec.kind != "lobireft":
+                            holder.W[i] = (torch.rand(r, d, generator=gen) * 2 - 1) * bound
+                        holder.b[i] = (torch.rand(r, generator=gen) * 2 - 1) * bound
+        return bank
+
+    @classmethod
+    def copied_from(cls, source: InterventionBank, keys: list[str], slot: int = 0) -> InterventionBank:
+        """A bank whose every slot is a copy of ``source``'s slot ``slot`` (PerFit's stage-1 init)."""
+        bank = cls(source.spec, keys)
+        with torch.no_grad():
+            for mine, theirs in zip(bank.site_params, source.site_params):
+                for name, param in mine.named_parameters():
+                    param.copy_(getattr(theirs, name)[slot].unsqueeze(0).expand_as(param))
+        return bank
+
+    def subset(self, keys: list[str]) -> InterventionBank:
+        """A new bank holding copies of the named slots, in that order."""
+        index = torch.tensor([self.slot(k) for k in keys], dtype=torch.long)
+        bank = type(self)(self.spec, keys)
+        with torch.no_grad():
+            for mine, theirs in zip(bank.site_params, self.site_params):
+                for name, param in mine.named_parameters():
+                    param.copy_(getattr(theirs, name).detach().index_select(0, index))
+        return bank.to(self.device)
+
+    @classmethod
+    def concat(cls, banks: list[InterventionBank]) -> InterventionBank:
+        """One bank holding the slots of several banks of the same spec (e.g. torchrun shards)."""
+        if not banks:
+            raise ConfigError("nothing to concatenate")
+        spec = banks[0].spec
+        if any(b.spec != spec for b in banks):
+            raise ConfigError("cannot concatenate banks of different specs")
+        out = cls(spec, [k for b in banks for k in b.keys])
+        with torch.no_grad():
+            for s, holder in enumerate(out.site_params):
+                for name, param in holder.named_parameters():
+                    param.copy_(torch.cat([getattr(b.site_params[s], name).detach().cpu() for b in banks]))
+        return out
+
+    # ------------------------------------------------------------------ access
+    @property
+    def n_slots(self) -> int:
+        """Number of slots (users)."""
+        return len(self.keys)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.site_params[0].A.device
+
+    def slot(self, key: str) -> int:
+        """Index of a slot by key; ``ConfigError`` naming the key when absent."""
+        try:
+            return self.keys.index(key)
+        except ValueError:
+            raise ConfigError(f"no intervention for user {key!r} in this bank ({self.n_slots} users)") from None
+
+    def slot_indices(self, keys: list[str]) -> torch.Tensor:
+        """Slot index of each key, as a long tensor on the bank's device."""
+        lookup = {k: i for i, k in enumerate(self.keys)}
+        missing = [k for k in keys if k not in lookup]
+        if missing:
+            raise ConfigError(
+                f"no intervention for user(s) {missing[:3]} in this bank; it has {self.n_slots} users"
+            )
+        return torch.tensor([lookup[k] for k in keys], dtype=torch.long, device=self.device)
+
+    def rotation(self, site: int) -> torch.Tensor:
+        """``R [n, r, d]`` at site number ``site``: orthonormal rows except for ``noreft``."""
+        a = self.site_params[site].A
+        return a if self.spec.kind == "noreft" else orthonormal_rows(a)
+
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """Parameters that weight decay applies to: W and b (A is scale-free under QR)."""
+        return [p for h in self.site_params for n, p in h.named_parameters()
+                if n != "A" or self.spec.kind == "noreft"]
+
+    # ------------------------------------------------------------------ the edit
+    def edit(self, site: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The additive edit ``phi(h) - h`` for hidden states ``h [B, k, d]``; row i uses slot ``slots[i]``."""
+        holder = self.site_params[site]
+        if self.n_slots == 1:
+            rot = self.rotation(site).expand(h.shape[0], -1, -1)
+            bias = holder.b.expand(h.shape[0], -1)
+            weight = holder.W.expand(h.shape[0], -1, -1) if self.spec.kind != "lobireft" else None
+        else:
+            rot = self.rotation(site).index_select(0, slots)
+            bias = holder.b.index_select(0, slots)
+            weight = holder.W.index_select(0, slots) if self.spec.kind != "lobireft" else None
+        rot = rot.to(h.dtype)
+        if weight is None:
+            inner = bias.to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1)
+        else:
+            diff = weight.to(h.dtype) - rot  # W h - R h = (W - R) h
+            inner = torch.einsum("bkd,brd->bkr", h, diff) + bias.to(h.dtype).unsqueeze(1)
+        return torch.einsum("bkr,brd->bkd", inner, rot)
+
+    def forward(self, site: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``phi(h)`` (the edited hidden state)."""
+        return h + self.edit(site, h, slots)

@@ -1,0 +1,251 @@
+"""LoReFT banks and their application: maths, positions, hooks, artifacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perfit_probe.errors import ArtifactError, ConfigError
+from perfit_probe.interventions.apply import Intervention
+from perfit_probe.interventions.artifact import PerFit, load_bank, load_perfit, save_bank
+from perfit_probe.interventions.batching import collate, encode
+from perfit_probe.interventions.modules import BankSpec, InterventionBank, orthonormal_rows
+from perfit_probe.sites import parse_positions
+from perfit_probe_tests.tiny import tiny_model
+
+D = 32
+
+
+def _spec(kind="loreft", rank=4, sites=("blocks.1.hook_resid_post",), positions="f1+l2"):
+    return BankSpec(kind, tuple(sites), positions, rank, D)
+
+
+def _randomised(bank: InterventionBank, seed: int = 0) -> InterventionBank:
+    """Give W and b random values (R keeps its orthonormal init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for holder in bank.site_params:
+            if hasattr(holder, "W"):
+                holder.W.copy_(torch.randn(holder.W.shape, generator=gen) * 0.5)
+            holder.b.copy_(torch.randn(holder.b.shape, generator=gen))
+    return bank
+
+
+def test_orthonormal_rows_and_idempotent():
+    a = torch.randn(3, 5, 20)
+    r = orthonormal_rows(a)
+    eye = torch.eye(5).expand(3, -1, -1)
+    assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-5)
+    # same row space as a
+    proj = r.transpose(1, 2) @ r
+    assert torch.allclose(a @ proj, a, atol=1e-4)
+    # already orthonormal rows are left unchanged
+    assert torch.allclose(orthonormal_rows(r), r, atol=1e-5)
+
+
+def test_loreft_edit_replaces_subspace_coordinates():
+    """phi(h) = h + R^T(Wh + b - Rh): R phi(h) = W h + b and the orthogonal complement is kept."""
+    bank = _randomised(InterventionBank.initialised(_spec(rank=4), ["u"], "zero", seed=1))
+    h = torch.randn(2, 3, D)
+    out = bank(0, h, torch.zeros(2, dtype=torch.long))
+    rot = bank.rotation(0)[0]
+    w, b = bank.site_params[0].W[0], bank.site_params[0].b[0]
+    assert torch.allclose(out @ rot.T, h @ w.T + b, atol=1e-5)
+    comp = torch.eye(D) - rot.T @ rot
+    assert torch.allclose(out @ comp, h @ comp, atol=1e-5)
+
+
+def test_variants_formulas():
+    h = torch.randn(2, 3, D)
+    slots = torch.zeros(2, dtype=torch.long)
+    lobi = _randomised(InterventionBank.initialised(_spec("lobireft", rank=3), ["u"], "zero"))
+    rot = lobi.rotation(0)[0]
+    assert torch.allclose(lobi(0, h, slots), h + lobi.site_params[0].b[0] @ rot, atol=1e-6)
+    nore = _randomised(InterventionBank.initialised(_spec("noreft", rank=3), ["u"], "zero"))
+    with torch.no_grad():
+        nore.site_params[0].A.mul_(2.0)  # not orthonormal: noreft must not orthonormalise
+    a, w, b = (nore.site_params[0].A[0], nore.site_params[0].W[0], nore.site_params[0].b[0])
+    assert torch.allclose(nore(0, h, slots), h + (h @ w.T + b - h @ a.T) @ a, atol=1e-5)
+    assert _spec("lobireft", rank=3).params_per_slot() == D * 3 + 3
+    assert _spec("loreft", rank=3, sites=("1", "2")).params_per_slot() == 2 * (2 * D * 3 + 3)
+
+
+def test_bank_rows_use_their_own_slot():
+    bank = _randomised(InterventionBank.initialised(_spec(), ["a", "b", "c"], "zero"))
+    h = torch.randn(4, 2, D)
+    slots = torch.tensor([2, 0, 1, 2])
+    out = bank.edit(0, h, slots)
+    for i, s in enumerate(slots.tolist()):
+        single = bank.subset([bank.keys[s]])
+        assert torch.allclose(out[i], single.edit(0, h[i:i + 1], torch.zeros(1, dtype=torch.long))[0], atol=1e-6)
+
+
+def test_initialisation_depends_on_key_not_index():
+    one = InterventionBank.initialised(_spec(), ["x", "y"], "random", seed=3)
+    two = InterventionBank.initialised(_spec(), ["y"], "random", seed=3)
+    assert torch.equal(one.site_params[0].W[1], two.site_params[0].W[0])
+    assert torch.equal(one.site_params[0].A[1], two.site_params[0].A[0])
+
+
+def test_bad_specs_fail_clearly():
+    with pytest.raises(ConfigError, match="rank"):
+        BankSpec("loreft", ("1",), "l1", D + 1, D)
+    with pytest.raises(ConfigError, match="kind"):
+        BankSpec("lora", ("1",), "l1", 2, D)
+    with pytest.raises(ConfigError, match="initialisation"):
+        InterventionBank.initialised(_spec(), ["a"], "ones")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_zero_edit_leaves_outputs_unchanged(arch):
+    loaded = tiny_model(arch)
+    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"), "f1+l2", 4, D)
+    coll = InterventionBank.initialised(spec, ["collective"], "zero")
+    pers = InterventionBank.initialised(spec, ["a", "b"], "zero")
+    batch = collate([encode(loaded.tokenizer, p) for p in ["The user rated", "alpha beta gamma delta"]], 0)
+    base = loaded.model(**batch.inputs()).logits
+    iv = Intervention(collective=coll, personal=pers, stacking="compose")
+    with iv.attached(loaded.model):
+        iv.set_batch(batch.prompt_mask, torch.tensor([0, 1]))
+        edited = loaded.model(**batch.inputs()).logits
+    assert torch.allclose(base, edited, atol=1e-5)
+
+
+def _block_input(loaded, layer, run):
+    """Input of decoder block ``layer`` during ``run()`` (output_hidden_states is recorded by a
+    hook registered before ours, so it does not show an edit at the edited block itself)."""
+    from perfit_probe.sites import decoder_layers
+
+    captured = {}
+
+    def pre(mod, args, kwargs):
+        captured["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    handle = decoder_layers(loaded.model)[layer].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured["x"]
+
+
+def _edited_positions(loaded, iv, batch, layer):
+    """Positions whose block-``layer`` output differs with the intervention (per row)."""
+    base = _block_input(loaded, layer + 1, lambda: loaded.model(**batch.inputs()))
+
+    def edited_run():
+        with iv.attached(loaded.model):
+            iv.set_batch(batch.prompt_mask, torch.zeros(batch.input_ids.shape[0], dtype=torch.long))
+            loaded.model(**batch.inputs())
+
+    edited = _block_input(loaded, layer + 1, edited_run)
+    changed = (edited - base).abs().amax(-1) > 1e-4
+    return {i: changed[i].nonzero().flatten().tolist() for i in range(changed.shape[0])}
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("spec_text", ["f1+l2", "l1", "f3+l3"])
+def test_positions_under_padding_and_short_prompts(padding_side, spec_text):
+    """Only the spec's prompt tokens are edited, wherever the padding and however short the prompt."""
+    loaded = tiny_model("llama")
+    tok = loaded.tokenizer
+    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), spec_text, 2, D)
+    bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
+    iv = Intervention(collective=bank)
+    items = [encode(tok, "alpha beta gamma delta epsilon zeta eta", " theta iota", eos=True),
+             encode(tok, "alpha", " beta"), encode(tok, "The user rated the movie")]
+    batch = collate(items, 0, padding_side=padding_side)
+    got = _edited_positions(loaded, iv, batch, layer=1)
+    length = batch.input_ids.shape[1]
+    for i, enc in enumerate(items):
+        start = length - len(enc.ids) if padding_side == "left" else 0
+        expected = [start + o for o in parse_positions(spec_text).offsets(enc.n_prompt)]
+        assert got[i] == sorted(expected), (i, got[i], expected)
+
+
+def test_resid_pre_hook_on_gpt2_edits_block_input():
+    loaded = tiny_model("gpt2")
+    spec = BankSpec("lobireft", ("blocks.2.hook_resid_pre",), "l1", 2, D)
+    bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
+    iv = Intervention(collective=bank)
+    batch = collate([encode(loaded.tokenizer, "alpha beta gamma")], 0)
+    base = _block_input(loaded, 2, lambda: loaded.model(**batch.inputs()))
+    with iv.attached(loaded.model):
+        iv.set_batch(batch.prompt_mask)
+        # a hook registered after ours sees the edited block input
+        edited = _block_input(loaded, 2, lambda: loaded.model(**batch.inputs()))
+    expected = base.clone()
+    expected[0, -1] += bank.site_params[0].b[0] @ bank.rotation(0)[0]
+    assert torch.allclose(edited, expected, atol=1e-5)
+
+
+def test_context_manager_always_restores_model():
+    loaded = tiny_model("llama")
+    bank = InterventionBank.initialised(_spec(), ["u"], "zero")
+    iv = Intervention(collective=bank)
+    modules = list(loaded.model.modules())
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+    with pytest.raises(RuntimeError):
+        with iv.attached(loaded.model):
+            raise RuntimeError("boom")
+    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+    assert before == after
+
+
+def test_no_edit_during_cached_generation_steps():
+    """One-token forward passes (cached generation) are left untouched, and the cached step
+    equals a full recomputation in which only the prompt tokens are edited."""
+    loaded = tiny_model("llama")
+    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), "f1+l1", 2, D)
+    bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
+    iv = Intervention(collective=bank)
+    batch = collate([encode(loaded.tokenizer, "alpha beta gamma")], 0)
+    n = batch.input_ids.shape[1]
+    step = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, n + 1, dtype=torch.long),
+            "position_ids": torch.tensor([[n]])}
+    with torch.no_grad():
+        out = loaded.model(**batch.inputs(), use_cache=True)
+        base_step = loaded.model(**step, cache=out.cache).logits
+        with iv.attached(loaded.model):
+            iv.set_batch(batch.prompt_mask)
+            out_iv = loaded.model(**batch.inputs(), use_cache=True)
+            step_iv = loaded.model(**step, cache=out_iv.cache).logits
+            iv.clear()
+        ids = torch.cat([batch.input_ids, torch.tensor([[5]])], 1)
+        prompt_mask = torch.cat([batch.prompt_mask, torch.zeros(1, 1, dtype=torch.long)], 1)
+        with iv.attached(loaded.model):
+            iv.set_batch(prompt_mask)
+            oracle = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1:]
+    assert torch.allclose(step_iv, oracle, atol=1e-5)
+    assert not torch.allclose(step_iv, base_step, atol=1e-3)
+
+
+def test_save_load_roundtrip_bit_exact(tmp_path):
+    loaded = tiny_model("llama")
+    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), "f1+l2", 4, D)
+    coll = _randomised(InterventionBank.initialised(spec, ["collective"], "zero"), 1)
+    pers = _randomised(InterventionBank.initialised(spec, ["a", "b"], "random", seed=4), 2)
+    fit = PerFit(coll, pers, "compose", loaded.identity.to_dict())
+    fit.save(tmp_path / "perfit")
+    back = load_perfit(tmp_path, loaded)
+    assert back.stacking == "compose" and back.user_ids == ["a", "b"]
+    batch = collate([encode(loaded.tokenizer, p) for p in ["The user rated", "alpha beta gamma delta"]], 0)
+    outs = []
+    for f in (fit, back):
+        iv = f.intervention("perfit")
+        with iv.attached(loaded.model), torch.no_grad():
+            iv.set_batch(batch.prompt_mask, torch.tensor([1, 0]), 1.5)
+            outs.append(loaded.model(**batch.inputs()).logits)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_load_refuses_other_model(tmp_path):
+    loaded = tiny_model("llama")
+    other = tiny_model("llama", seed=1)
+    bank = InterventionBank.initialised(_spec(), ["collective"], "zero")
+    save_bank(bank, tmp_path, loaded.identity)
+    load_bank(tmp_path, loaded.identity)
+    with pytest.raises(ArtifactError, match="trained on model"):
+        load_bank(tmp_path, other.identity)
+    with pytest.raises(ArtifactError, match="no fitted interventions"):
+        load_perfit(tmp_path / "nothing")

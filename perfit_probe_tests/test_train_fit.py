@@ -1,0 +1,75 @@
+"""``run_fit`` and ``perfit-probe fit`` end to end on a tiny model and the synthetic task."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from perfit_probe.cli import main
+from perfit_probe.data.splits import Split
+from perfit_probe.interventions.artifact import load_perfit
+from perfit_probe.interventions.fit import FitConfig, lora_parameter_count, run_fit
+from perfit_probe.rundir import read_json
+from perfit_probe_tests.tiny import save_tiny_model, tiny_model
+
+SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1, -1), positions="f1+l1",
+             collective_rank=4, personal_rank=2, epochs1=1, epochs2=2, batch_size=4, lr1=1e-2, lr2=1e-2,
+             max_prompt_tokens=96, model="tiny")
+
+
+def test_run_fit_writes_complete_run(tmp_path):
+    loaded = tiny_model("llama")
+    run = run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+    pdir = run.path / "perfit"
+    for name in ("stage1/intervention.safetensors", "bank/intervention.json", "split.json", "task.json",
+                 "curves.csv", "params.json"):
+        assert (pdir / name).is_file(), name
+    split = Split.load(pdir / "split.json")
+    fit = load_perfit(run.path, loaded)
+    assert fit.user_ids == list(split.test_users) and len(split.train_users) == 3
+    assert fit.collective.spec.sites == ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
+    curves = pd.read_csv(pdir / "curves.csv", dtype={"user_id": str})
+    assert set(curves["stage"]) == {"collective", "personal"}
+    assert set(curves[curves["stage"] == "personal"]["user_id"]) == set(split.test_users)
+    metrics = run.metrics()["fit"]
+    assert metrics["stage1_train_s"] > 0 and metrics["n_test_users"] == 3
+    params = read_json(pdir / "params.json")
+    assert params["per_user"] == 2 * (2 * 32 * 2 + 2)
+    task = read_json(pdir / "task.json")
+    assert task["load"]["name"] == "synthetic" and task["load"]["n_users"] == 6
+    with pytest.raises(Exception, match="already holds a fit"):
+        run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_count_matches_peft(arch):
+    from peft import LoraConfig, get_peft_model
+
+    loaded = tiny_model(arch)
+    expected = lora_parameter_count(loaded.model, 8)
+    targets = ["q_proj", "v_proj"] if arch == "llama" else ["c_attn"]
+    peft_model = get_peft_model(loaded.model, LoraConfig(r=8, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert expected == trainable
+
+
+def test_cli_fit_and_one_line_errors(tmp_path, capsys):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    capsys.readouterr()
+    base = ["fit", "--model", str(model_dir), "--task", "synthetic", "--users", "6", "--max-queries", "4",
+            "--heldout", "1", "--epochs1", "1", "--epochs2", "1", "--quiet", "--max-prompt-tokens", "96"]
+    assert main(base + ["--layers", "1", "--collective-rank", "33", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rank 33" in err and len(err.splitlines()) == 1
+    assert main(base + ["--layers", "7", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "layer 7 is out of range" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(base + ["--layers", "1,2", "--personal-rank", "2", "--collective-rank", "2",
+                        "--personal-init", "stage1", "--stacking", "compose", "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "per user" in out
+    fit = load_perfit(tmp_path / "c")
+    assert fit.stacking == "compose" and len(fit.user_ids) == 3
+    assert torch.isfinite(fit.personal.site_params[0].W).all()
