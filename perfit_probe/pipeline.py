@@ -1,0 +1,323 @@
+"""The whole pipeline in one run directory: cache -> deltas -> analysis -> fit -> evaluate -> steer.
+
+A pipeline is described by a ``PipelineConfig``: a ``[model]`` and a ``[task]`` section shared
+by every stage, and one section per stage whose keys are the fields of that stage's own config
+dataclass (``CacheConfig``, ``AnalysisConfig``, ``FitConfig``, ``EvalConfig``, ``SteerConfig``).
+``perfit-probe run CONFIG.toml`` reads it from TOML; ``perfit-probe demo`` builds it from the
+embedded defaults (``demo_config``). Unknown sections or keys are refused with a one-line
+error, so a typo never silently falls back to a default.
+
+The run directory ends with ``report.md``, which links every stage's report, table and figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import sys
+import time
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from perfit_probe.errors import ConfigError
+from perfit_probe.rundir import RunDir, atomic_write_text, seed_everything, to_jsonable
+
+log = logging.getLogger(__name__)
+
+STAGES = ("cache", "analyze", "fit", "evaluate", "steer")
+"""Stages in the order they run; each reads what the earlier ones wrote."""
+
+
+@dataclass
+class PipelineConfig:
+    """A full pipeline run: shared model/task options and per-stage overrides."""
+
+    model: dict = field(default_factory=lambda: {"name": "smollm2", "dtype": "float32", "device": "cpu"})
+    """``name`` (alias, local dir, .gguf or hub id), ``dtype``, ``device``."""
+    task: dict = field(default_factory=lambda: {"name": "movielens", "n_users": 16, "seed": 0})
+    """``name``, ``path``, ``outputs``, ``n_users``, ``max_queries``, ``seed``, and the prompt
+    options ``k``, ``retriever``, ``chat`` (shared by cache and fit)."""
+    stages: tuple[str, ...] = STAGES
+    """Which stages to run (in pipeline order)."""
+    cache: dict = field(default_factory=dict)
+    """Overrides of ``perfit_probe.cache.CacheConfig``."""
+    analyze: dict = field(default_factory=dict)
+    """Overrides of ``perfit_probe.analysis.tables.AnalysisConfig``."""
+    fit: dict = field(default_factory=dict)
+    """Overrides of ``perfit_probe.interventions.fit.FitConfig``."""
+    evaluate: dict = field(default_factory=dict)
+    """Overrides of ``perfit_probe.evaluation.evaluate.EvalConfig``."""
+    steer: dict = field(default_factory=dict)
+    """Overrides of ``perfit_probe.evaluation.steer.SteerConfig``."""
+
+    def __post_init__(self) -> None:
+        self.stages = tuple(self.stages)
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"unknown stage(s) {bad}: choose from {STAGES}")
+        _check_keys("model", self.model, ("name", "dtype", "device"))
+        _check_keys("task", self.task, ("name", "path", "outputs", "n_users", "max_queries", "seed",
+                                        "k", "retriever", "chat"))
+
+
+def demo_config(n_users: int = 16, model: str = "smollm2", device: str = "cpu", n_layers: int = 30) -> PipelineConfig:
+    """The embedded demo: SmolLM2 on MovieLens ratings, sized for ~15 min on 2 CPU cores.
+
+    Costs are set by users x queries x prompt length; ``--users`` scales them. Sites are
+    placed at fixed fractions of the depth (for SmolLM2's 30 layers: cache at layers
+    2, 5, ..., 20, interventions at 8 and 14), so the same demo runs on any model.
+    """
+    cache_sites = sorted({min(n_layers - 1, round(n_layers * f)) for f in (0.07, 0.17, 0.27, 0.37, 0.47, 0.57, 0.67)})
+    fit_layers = tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in (0.27, 0.47)}))
+    return PipelineConfig(
+        model={"name": model, "dtype": "float32", "device": device},
+        task={"name": "movielens", "n_users": n_users, "seed": 0, "k": 4, "retriever": "bm25"},
+        cache={"max_queries": 8, "sites": [str(layer) for layer in cache_sites], "batch_size": 16},
+        analyze={"n_boot": 100, "n_perm": 100},
+        fit={"max_queries": 16, "n_heldout": 4, "layers": fit_layers, "positions": "l2",
+             "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 3,
+             "batch_size": 8, "max_prompt_tokens": 160},
+        evaluate={"max_prompt_tokens": 256},
+        steer={"alphas": (0.0, 0.5, 1.0, 1.5, 2.0), "max_pairs": 24},
+    )
+
+
+def load_pipeline_config(path: Path | str) -> PipelineConfig:
+    """Read a pipeline TOML file; unknown sections and keys are refused."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(known)}")
+    base = PipelineConfig()
+    merged = {
+        "model": {**base.model, **data.get("model", {})},
+        "task": {**base.task, **data.get("task", {})},
+        "stages": tuple(data.get("stages", STAGES)),
+    }
+    for stage in STAGES:
+        merged[stage] = dict(data.get(stage, {}))
+    return PipelineConfig(**merged)
+
+
+def _check_keys(section: str, values: dict, allowed: tuple[str, ...]) -> None:
+    bad = sorted(set(values) - set(allowed))
+    if bad:
+        raise ConfigError(f"[{section}]: unknown key(s) {bad}; allowed: {list(allowed)}")
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """TOML values to a dataclass field's type (lists -> tuples, strings -> paths)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if value is None:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in args:
+            if arg is type(None):
+                continue
+            return _coerce(value, arg)
+    if annotation is Path or origin is None and annotation == Path:
+        return Path(value)
+    if origin is tuple and isinstance(value, list):
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner) for v in value)
+    if annotation is int and isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def build_stage_config(cls: type, section: str, values: dict, shared: dict) -> Any:
+    """``cls()`` with the shared values it has fields for, then the section's overrides."""
+    hints = typing.get_type_hints(cls)
+    names = set(hints)
+    bad = sorted(set(values) - names)
+    if bad:
+        raise ConfigError(f"[{section}]: unknown key(s) {bad}; see the fields of {cls.__name__}")
+    kwargs = {k: _coerce(v, hints[k]) for k, v in {**{k: v for k, v in shared.items() if k in names}, **values}.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}]: {exc}") from None
+
+
+def stage_configs(config: PipelineConfig) -> dict[str, Any]:
+    """The resolved config dataclass of every stage."""
+    from perfit_probe.analysis.tables import AnalysisConfig
+    from perfit_probe.cache import CacheConfig
+    from perfit_probe.evaluation.evaluate import EvalConfig
+    from perfit_probe.evaluation.steer import SteerConfig
+    from perfit_probe.interventions.fit import FitConfig
+
+    task, model = config.task, config.model
+    seed = int(task.get("seed", 0))
+    common = {"task": task.get("name", "movielens"), "task_path": task.get("path"),
+              "task_outputs": task.get("outputs"), "n_users": task.get("n_users"), "seed": seed,
+              "max_queries": task.get("max_queries"), "model": model.get("name", "smollm2"),
+              "device": model.get("device", "cpu")}
+    prompts = {k: task[k] for k in ("k", "retriever", "chat") if k in task}
+    return {
+        "cache": build_stage_config(CacheConfig, "cache", config.cache,
+                                    {**common, **prompts, "model_dtype": model.get("dtype", "float32")}),
+        "analyze": build_stage_config(AnalysisConfig, "analyze", config.analyze, {"seed": seed}),
+        "fit": build_stage_config(FitConfig, "fit", config.fit,
+                                  {**common, **prompts, "dtype": model.get("dtype", "float32")}),
+        "evaluate": build_stage_config(EvalConfig, "evaluate", config.evaluate, {"seed": seed, **prompts}),
+        "steer": build_stage_config(SteerConfig, "steer", config.steer, {"seed": seed}),
+    }
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, in GiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    out: Path | str,
+    *,
+    loaded=None,
+    progress: bool = True,
+    announce: Callable[[str], None] | None = None,
+) -> RunDir:
+    """Run the configured stages into ``out`` and write ``report.md``; return the run directory.
+
+    ``announce`` receives one line per stage start/end (the CLI prints them); the library
+    itself only logs.
+    """
+    from perfit_probe.models import load_model
+
+    say = announce or log.info
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
+    resolved = stage_configs(config)  # validates every section before any work
+    seed = int(config.task.get("seed", 0))
+    seed_everything(seed)
+    start = time.perf_counter()
+    if loaded is None:
+        say(f"loading model {config.model['name']!r}")
+        loaded = load_model(config.model["name"], dtype=config.model.get("dtype", "float32"),
+                            device=config.model.get("device", "cpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    for index, stage in enumerate(s for s in STAGES if s in config.stages):
+        say(f"[{index + 1}/{len(config.stages)}] {stage} ...")
+        t0 = time.perf_counter()
+        _run_stage(stage, resolved[stage], out, loaded, progress)
+        timings[stage] = time.perf_counter() - t0
+        say(f"[{index + 1}/{len(config.stages)}] {stage} done in {timings[stage]:.0f} s "
+            f"(peak memory so far {peak_rss_gib():.2f} GiB)")
+    total = time.perf_counter() - start
+    run = RunDir.open(out)
+    run.update_info(command="pipeline", config={"pipeline": config, "resolved": resolved})
+    run.add_metrics("pipeline", {"stage_wall_s": timings, "total_wall_s": total,
+                                 "peak_rss_gib": peak_rss_gib()})
+    atomic_write_text(run.path / "report.md", render_report(run))
+    return run
+
+
+def _run_stage(stage: str, config: Any, out: Path, loaded, progress: bool) -> None:
+    if stage == "cache":
+        from perfit_probe.cache import run_cache
+
+        run_cache(config, out, loaded=loaded, progress=progress)
+    elif stage == "analyze":
+        from perfit_probe.analysis.report import run_analysis
+
+        run_analysis(out, config)
+    elif stage == "fit":
+        from perfit_probe.interventions.fit import run_fit
+
+        run_fit(config, out, loaded, progress=progress)
+    elif stage == "evaluate":
+        from perfit_probe.evaluation.evaluate import run_evaluate
+
+        run_evaluate(out, loaded, config, progress=progress)
+    elif stage == "steer":
+        from perfit_probe.evaluation.steer import run_steer
+
+        run_steer(out, loaded, config)
+
+
+def _section(path: Path, title: str, depth: int = 1) -> list[str]:
+    """A report section that inlines a stage's markdown, demoting its headings."""
+    if not path.is_file():
+        return []
+    lines = [f"## {title}", "", f"(from `{path.name}` in `{path.parent.name}/`)", ""]
+    for line in path.read_text(encoding="utf-8").splitlines():
+        lines.append("#" * depth + line if line.startswith("#") else line)
+    return lines + [""]
+
+
+def render_report(run: RunDir) -> str:
+    """``report.md`` of a pipeline run: headline numbers, then each stage's own report."""
+    info, metrics = run.info(), run.metrics()
+    model = info.get("model") or {}
+    pipe = metrics.get("pipeline", {})
+    lines = [
+        "# perfit-probe pipeline report",
+        "",
+        f"- model: `{model.get('name')}` ({model.get('architecture')}, {model.get('n_layers')} layers, "
+        f"d_model {model.get('d_model')}, fingerprint {model.get('fingerprint')})",
+        f"- seed: {info.get('seed')}; perfit-probe {info.get('versions', {}).get('perfit-probe')}, "
+        f"torch {info.get('versions', {}).get('torch')}",
+        f"- wall time: {pipe.get('total_wall_s', float('nan')):.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in pipe.get('stage_wall_s', {}).items())}); "
+        f"peak memory {pipe.get('peak_rss_gib', float('nan')):.2f} GiB",
+        "",
+    ]
+    cache = metrics.get("cache")
+    if cache:
+        lines += [f"- cache: {cache.get('n_users')} users, {cache.get('n_queries')} queries, "
+                  f"{cache.get('n_rows')} prompts x {len(cache.get('sites', []))} sites", ""]
+    lines += _section(run.path / "analysis" / "report.md", "Shift analysis")
+    lines += _section(run.path / "eval" / "results.md", "Evaluation")
+    steer = run.path / "steer" / "steer.csv"
+    if steer.is_file():
+        import pandas as pd
+
+        frame = pd.read_csv(steer)
+        lines += ["## Causal steering checks", "", "```", frame.to_string(index=False, max_rows=80), "```", ""]
+    figures = sorted((run.path / "figures").glob("*.png")) if (run.path / "figures").is_dir() else []
+    if figures:
+        lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def summary_lines(run: RunDir) -> list[str]:
+    """What the CLI prints at the end: headline numbers and where everything is."""
+    metrics = run.metrics()
+    out = [f"run directory: {run.path}"]
+    analysis = metrics.get("analysis")
+    if analysis:
+        out.append("analysis: " + _short(analysis))
+    evaluate = metrics.get("evaluate")
+    if evaluate:
+        for method, values in evaluate.items():
+            out.append(f"  {method:>8}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()
+                                                      if isinstance(v, (int, float))))
+    pipe = metrics.get("pipeline", {})
+    out.append(f"total {pipe.get('total_wall_s', 0):.0f} s, peak memory {pipe.get('peak_rss_gib', 0):.2f} GiB")
+    out.append(f"report: {run.path / 'report.md'}")
+    return out
+
+
+def _short(values: Any, limit: int = 400) -> str:
+    text = str(to_jsonable(values))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def main_announce(line: str) -> None:  # pragma: no cover - used by the CLI only
+    """Print a progress line to stdout (the CLI's ``announce``)."""
+    print(line, file=sys.stdout, flush=True)

@@ -1,0 +1,1 @@
+"""Figures as pure functions of saved results (CSV / safetensors) to matplotlib figures."""
