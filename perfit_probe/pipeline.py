@@ -81,7 +81,9 @@ def demo_config(n_users: int = 16, model: str = "smollm2", device: str = "cpu", 
         fit={"max_queries": 16, "n_heldout": 4, "layers": fit_layers, "positions": "l2",
              "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 3,
              "batch_size": 8, "max_prompt_tokens": 160},
-        evaluate={"max_prompt_tokens": 256},
+        # OPPU's per-user LoRA at its rank 8 on q/v; its lr (1e-4 on a 7B model) barely moves a
+        # 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
+        evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 3}},
         steer={"alphas": (0.0, 0.5, 1.0, 1.5, 2.0), "max_pairs": 24},
     )
 
@@ -127,6 +129,12 @@ def _coerce(value: Any, annotation: Any) -> Any:
             if arg is type(None):
                 continue
             return _coerce(value, arg)
+    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        hints = typing.get_type_hints(annotation)
+        bad = sorted(set(value) - set(hints))
+        if bad:
+            raise ConfigError(f"unknown key(s) {bad} for {annotation.__name__}")
+        return annotation(**{k: _coerce(v, hints[k]) for k, v in value.items()})
     if annotation is Path or origin is None and annotation == Path:
         return Path(value)
     if origin is tuple and isinstance(value, list):

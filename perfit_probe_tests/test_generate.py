@@ -56,10 +56,11 @@ def test_stage_none_equals_hf_greedy_generate():
     assert ours == text
 
 
-def test_score_labels_matches_direct_logprob():
+@pytest.mark.parametrize("labels", [["1", "2", " five stars"], ["1", "2", "3"]])
+def test_score_labels_matches_direct_logprob(labels):
+    """Multi-token labels (one row per label) and single-token labels (one row per prompt)."""
     loaded = tiny_model("gpt2")
     fit = _fit(loaded)
-    labels = ["1", "2", " five stars"]
     got = score_labels(loaded, PROMPTS[:3], labels, perfit=fit, user_ids=USERS[:3], scale=[1.0, 2.0, 0.5], batch_size=2)
     assert got.shape == (3, 3)
     for i in range(3):
@@ -125,3 +126,16 @@ def test_embedded_model_zero_edit_and_batched_users(embedded):
     batched = generate(embedded, prompts, perfit=fit, user_ids=["b", "a"], max_new_tokens=4)
     single = [generate(embedded, [p], perfit=fit, user_ids=[u], max_new_tokens=4)[0] for p, u in zip(prompts, ["b", "a"])]
     assert batched == single
+
+
+def test_continuation_logprobs_equal_full_logits_oracle():
+    from perfit_probe.interventions.batching import continuation_logprobs, token_logprobs
+
+    loaded = tiny_model("llama")
+    encoded = [encode(loaded.tokenizer, p, t, eos=True) for p, t in zip(PROMPTS, ["4", " five stars", "2", "x", "3 3"])]
+    batch = collate(encoded, 0)
+    with torch.no_grad():
+        ours, mask = continuation_logprobs(loaded.model, batch)
+        full, full_mask = token_logprobs(loaded.model(**batch.inputs()).logits, batch.labels)
+    assert torch.equal(mask, full_mask)
+    assert torch.allclose(ours, full, atol=1e-5)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from perfit_probe.errors import ConfigError
-from perfit_probe.interventions.batching import Encoded, collate, encode, token_logprobs
+from perfit_probe.interventions.batching import Encoded, collate, continuation_logprobs, encode
 from perfit_probe.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,7 @@ class LoraBaseline:
                     for b in range(n_batches):
                         batch = collate([rows[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]],
                                         tok.pad_token_id, padding_side="right", device=self.loaded.device)
-                        logits = model(**batch.inputs(), use_cache=False).logits
-                        logp, mask = token_logprobs(logits, batch.labels)
+                        logp, mask = continuation_logprobs(model, batch)
                         loss = -logp.sum() / mask.sum()
                         opt.zero_grad(set_to_none=True)
                         loss.backward()

@@ -89,6 +89,25 @@ def collate(items: Sequence[Encoded], pad_id: int, *, padding_side: str = "left"
     return Batch(input_ids.to(device), attention.to(device), prompt.to(device), labels.to(device))
 
 
+def continuation_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` of ``model`` on ``batch``, projecting only the positions that matter.
+
+    The vocabulary projection is computed only at positions that predict a continuation token
+    in some row (``logits_to_keep``), instead of at every position: for short targets after
+    long prompts this removes most of the time and memory of the LM head and its softmax.
+    Returns ``(logp [B, T-1], mask [B, T-1])`` exactly as ``token_logprobs`` does.
+    """
+    shifted = batch.labels[:, 1:]
+    mask = shifted != -100
+    keep = mask.any(0).nonzero().squeeze(1)
+    logits = model(**batch.inputs(), use_cache=False, logits_to_keep=keep).logits
+    kept = shifted[:, keep]
+    logp_kept = -F.cross_entropy(logits.float().transpose(1, 2), kept.clamp(min=0), reduction="none")
+    logp = torch.zeros(shifted.shape, dtype=logp_kept.dtype, device=logp_kept.device)
+    logp[:, keep] = logp_kept
+    return logp * mask, mask
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probability of next-token ``labels`` and the mask of counted tokens.
 

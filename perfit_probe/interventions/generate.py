@@ -30,7 +30,7 @@ import torch
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.artifact import STAGES, PerFit
-from perfit_probe.interventions.batching import collate, encode, token_logprobs
+from perfit_probe.interventions.batching import collate, continuation_logprobs, encode
 from perfit_probe.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -179,20 +179,29 @@ def score_labels(
     pad = int(tok.pad_token_id)
     device = loaded.device
     result = torch.zeros(n, n_labels)
+    label_ids = [tok(lab, add_special_tokens=False)["input_ids"] for lab in labels]
+    # Labels of one token each (ratings, most tags): one forward pass per prompt, reading the
+    # next-token distribution at the last prompt token, instead of one row per label.
+    single = all(len(ids) == 1 for ids in label_ids)
     with (iv.attached(model) if iv is not None else nullcontext()):
         for start in range(0, n, batch_size):
             rows = slice(start, min(start + batch_size, n))
-            encoded = [encode(tok, p, lab, max_prompt_tokens=max_prompt_tokens)
-                       for p in prompts[rows] for lab in labels]
+            per = 1 if single else n_labels
+            encoded = [encode(tok, p, None if single else lab, max_prompt_tokens=max_prompt_tokens)
+                       for p in prompts[rows] for lab in (labels[:1] if single else labels)]
             batch = collate(encoded, pad, padding_side="left", device=device)
             if iv is not None:
                 slots = _slots(iv, users, rows)
                 iv.set_batch(batch.prompt_mask,
-                             None if slots is None else slots.repeat_interleave(n_labels),
-                             [s for s in scales[rows] for _ in range(n_labels)])
-            logits = model(**batch.inputs(), use_cache=False).logits
-            logp, _ = token_logprobs(logits, batch.labels)
-            result[rows] = logp.sum(1).view(-1, n_labels).cpu()
+                             None if slots is None else slots.repeat_interleave(per),
+                             [s for s in scales[rows] for _ in range(per)])
+            if single:
+                logits = model(**batch.inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
+                logp = logits.float().log_softmax(-1)[:, [ids[0] for ids in label_ids]]
+                result[rows] = logp.cpu()
+            else:
+                logp, _ = continuation_logprobs(model, batch)
+                result[rows] = logp.sum(1).view(-1, n_labels).cpu()
             if iv is not None:
                 iv.clear()
     return result

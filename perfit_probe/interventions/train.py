@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.apply import Intervention
-from perfit_probe.interventions.batching import Encoded, collate, token_logprobs
+from perfit_probe.interventions.batching import Encoded, collate, continuation_logprobs
 from perfit_probe.interventions.modules import InterventionBank, slot_generator
 from perfit_probe.models import LoadedModel
 
@@ -170,9 +170,8 @@ def _run_step(loaded: LoadedModel, iv: Intervention, rows: list[Row], n_slots: i
         batch = collate([e for _, e in chunk], pad, padding_side="left", device=device)
         slots = torch.tensor([s for s, _ in chunk], dtype=torch.long, device=device)
         iv.set_batch(batch.prompt_mask, slots)
-        logits = loaded.model(**batch.inputs(), use_cache=False).logits
+        logp, _ = continuation_logprobs(loaded.model, batch)
         iv.clear()
-        logp, _ = token_logprobs(logits, batch.labels)
         row_nll = -logp.sum(1) / counts_dev[slots]
         row_nll.sum().backward()
         losses.index_add_(0, slots.cpu(), row_nll.detach().float().cpu())
