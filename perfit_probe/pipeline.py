@@ -38,7 +38,7 @@ class PipelineConfig:
 
     model: dict = field(default_factory=lambda: {"name": "smollm2", "dtype": "float32", "device": "cpu"})
     """``name`` (alias, local dir, .gguf or hub id), ``dtype``, ``device``."""
-    task: dict = field(default_factory=lambda: {"name": "movielens", "n_users": 16, "seed": 0})
+    task: dict = field(default_factory=lambda: {"name": "movielens", "n_users": 24, "seed": 0})
     """``name``, ``path``, ``outputs``, ``n_users``, ``max_queries``, ``seed``, and the prompt
     options ``k``, ``retriever``, ``chat`` (shared by cache and fit)."""
     stages: tuple[str, ...] = STAGES
@@ -64,7 +64,7 @@ class PipelineConfig:
                                         "k", "retriever", "chat"))
 
 
-def demo_config(n_users: int = 16, model: str = "smollm2", device: str = "cpu", n_layers: int = 30) -> PipelineConfig:
+def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", n_layers: int = 30) -> PipelineConfig:
     """The embedded demo: SmolLM2 on MovieLens ratings, sized for ~15 min on 2 CPU cores.
 
     Costs are set by users x queries x prompt length; ``--users`` scales them. Sites are

@@ -62,7 +62,7 @@ def test_demo_config_places_sites_inside_any_model():
         assert all(0 <= int(s) < n for s in resolved["cache"].sites)
         assert all(0 <= layer < n for layer in resolved["fit"].layers)
     resolved = stage_configs(demo_config(n_layers=30))
-    assert resolved["fit"].layers == (8, 14) and resolved["cache"].n_users == 16
+    assert resolved["fit"].layers == (8, 14) and resolved["cache"].n_users == 24
 
 
 def test_example_configs_parse_and_resolve():
@@ -71,6 +71,11 @@ def test_example_configs_parse_and_resolve():
     for path in files:
         resolved = stage_configs(load_pipeline_config(path))
         assert resolved["fit"].task == resolved["cache"].task
+
+
+def test_movielens_example_is_the_demo():
+    from_file = stage_configs(load_pipeline_config(EXAMPLES / "movielens-smollm2-cpu.toml"))
+    assert from_file == stage_configs(demo_config())
 
 
 def test_bad_config_files_fail_with_one_line(tmp_path):

@@ -11,8 +11,8 @@ from perfit_probe.pipeline import STAGES, demo_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--users", type=int, default=16,
-                        help="MovieLens users (default 16: about 15 min on 2 CPU cores); half are test users")
+    parser.add_argument("--users", type=int, default=24,
+                        help="MovieLens users (default 24: about 10 min on 2 CPU cores); half are test users")
     parser.add_argument("--model", default="smollm2", help="model to use instead of the embedded SmolLM2")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--task", default=None, help="task instead of movielens (e.g. synthetic)")
