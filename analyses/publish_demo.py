@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             dst = target / src.relative_to(args.run_dir)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+            if dst.name == "report.md" and dst.parent == target:
+                # the run's figures are published one level up, in DEST itself
+                dst.write_text(dst.read_text().replace("](figures/", "](../"))
             print(dst)
     for path in save_shift_figures(target / "analysis", args.dest):
         print(path)
