@@ -41,6 +41,9 @@ def test_demo_runs_every_stage_through_the_cli(tmp_path, capsys):
                  "--out", str(out), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "report.md").read_text() == report
+    # later stages on the run directory load the model recorded in run.json by default
+    assert main(["steer", str(out), "--experiments", "dose", "--no-figures"]) == 0
+    assert "dose" in capsys.readouterr().out
 
 
 def test_same_seed_same_results(tmp_path):

@@ -9,11 +9,16 @@ from pathlib import Path
 from perfit_probe.models import LoadedModel, load_model
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dtype``, ``--device``, ``--cache-dir``, ``--offline``."""
+def add_model_arguments(parser: argparse.ArgumentParser, from_run: bool = False) -> None:
+    """``--model``, ``--dtype``, ``--device``, ``--cache-dir``, ``--offline``.
+
+    ``from_run``: the command works on an existing run directory, and ``--model`` defaults to
+    the model recorded in its ``run.json``.
+    """
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="smollm2",
-                       help="'smollm2' (embedded default), a local HF model dir, a .gguf file or a hub id")
+    group.add_argument("--model", default=None if from_run else "smollm2",
+                       help="'smollm2' (embedded default), a local HF model dir, a .gguf file or a hub id"
+                       + (" (default: the model recorded in RUN_DIR/run.json)" if from_run else ""))
     group.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     group.add_argument("--cache-dir", type=Path,
@@ -24,10 +29,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="never try the network for hub ids (default from HF_HUB_OFFLINE)")
 
 
-def model_from_args(args: argparse.Namespace) -> LoadedModel:
-    """Load the model that ``add_model_arguments`` options describe (no weight-loading bars)."""
+def model_from_args(args: argparse.Namespace, run_dir: Path | None = None) -> LoadedModel:
+    """Load the model that ``add_model_arguments`` options describe (no weight-loading bars).
+
+    Without ``--model``, the model recorded in ``run_dir``'s ``run.json`` is loaded.
+    """
     from transformers.utils import logging as hf_logging
 
+    from perfit_probe.rundir import RunDir
+
     hf_logging.disable_progress_bar()
-    return load_model(args.model, dtype=args.dtype, device=args.device,
+    name = args.model
+    if name is None:
+        recorded = RunDir.open(run_dir).info().get("model") or {}
+        name = recorded.get("name") or "smollm2"
+    return load_model(name, dtype=args.dtype, device=args.device,
                       cache_dir=args.cache_dir, offline=args.offline)

@@ -17,7 +17,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory fitted by `perfit-probe fit`")
-    add_model_arguments(parser)
+    add_model_arguments(parser, from_run=True)
     parser.add_argument("--methods", type=_csv, default=METHODS,
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--decoding", choices=DECODINGS, default="auto",
@@ -49,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     config = config_from_args(args)
-    loaded = model_from_args(args)
+    loaded = model_from_args(args, args.run_dir)
     result = run_evaluate(args.run_dir, loaded, config, progress=not args.no_progress)
     print((args.run_dir / "eval" / "results.md").read_text())
     print(f"wrote {args.run_dir / 'eval'} ({len(result.table)} methods)")

@@ -16,7 +16,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory fitted by `perfit-probe fit`")
-    add_model_arguments(parser)
+    add_model_arguments(parser, from_run=True)
     parser.add_argument("--experiments", type=_csv, default=EXPERIMENTS,
                         help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all)")
     parser.add_argument("--alphas", type=lambda t: tuple(float(x) for x in _csv(t)),
@@ -43,7 +43,7 @@ def config_from_args(args: argparse.Namespace) -> SteerConfig:
 def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     config = config_from_args(args)
-    loaded = model_from_args(args)
+    loaded = model_from_args(args, args.run_dir)
     result = run_steer(args.run_dir, loaded, config, figures=not args.no_figures)
     shown = result.rows[result.rows.experiment != "reference"]
     for row in shown.itertuples():
