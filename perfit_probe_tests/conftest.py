@@ -26,3 +26,13 @@ def embedded():
     from perfit_probe.models import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny models gain nothing from threads, and on a busy 2-core machine
+    one thread is several times faster. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

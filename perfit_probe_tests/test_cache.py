@@ -18,13 +18,7 @@ from perfit_probe_tests.tiny import tiny_model
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu user query profile".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine one thread is 4x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_examples(n_users: int = 3, n_queries: int = 3, variants=("plain", "enhanced", "control")) -> list[Example]:

@@ -38,13 +38,7 @@ PLANTED = {"t1": "1", "t2": "5", "a": "1", "b": "5", "c": "2", "d": "4"}
 """Each planted user gives every object the same rating; t1, t2 train stage 1."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores shared by parallel jobs: one torch thread is many times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_task(n_queries: int = 8) -> tuple[TaskData, Split]:

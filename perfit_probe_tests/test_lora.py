@@ -15,13 +15,7 @@ TARGETS = [" 5", " 5", " 5", " 5"]
 FAST = LoraBaselineConfig(lr=3e-2, epochs=6, batch_size=2, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores shared by parallel jobs: one torch thread is many times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _target_logprob(loaded, prompts, targets):

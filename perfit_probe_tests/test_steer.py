@@ -24,12 +24,7 @@ from perfit_probe_tests.test_evaluate import planted_run, planted_task
 FAST = SteerConfig(alphas=(0.0, 0.5, 1.0, 2.0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _value(rows: pd.DataFrame, experiment: str, setting: str, metric: str) -> float:
