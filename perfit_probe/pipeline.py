@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from perfit_probe.errors import ConfigError
-from perfit_probe.rundir import RunDir, atomic_write_text, seed_everything, to_jsonable
+from perfit_probe.rundir import RunDir, atomic_write_text, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -306,24 +306,29 @@ def render_report(run: RunDir) -> str:
 def summary_lines(run: RunDir) -> list[str]:
     """What the CLI prints at the end: headline numbers and where everything is."""
     metrics = run.metrics()
-    out = [f"run directory: {run.path}"]
-    analysis = metrics.get("analysis")
-    if analysis:
-        out.append("analysis: " + _short(analysis))
-    evaluate = metrics.get("evaluate")
-    if evaluate:
-        for method, values in evaluate.items():
-            out.append(f"  {method:>8}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()
-                                                      if isinstance(v, (int, float))))
+    path = run.path
+    out = [f"run directory: {path}"]
+    analysis = metrics.get("analysis") or {}
+    for centring in ("uncentred", "centred"):
+        ranks = analysis.get(centring)
+        if ranks:
+            parts = [f"{source} {values.get('rank@0.9', float('nan')):.0f}" for source, values in ranks.items()]
+            out.append(f"  rank@0.9 at the lowest-rank site ({centring}, of {analysis.get('n_users')} users): "
+                       + ", ".join(parts))
+    evaluate = metrics.get("evaluate") or {}
+    for method, values in evaluate.items():
+        out.append(f"  {method:>8}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()
+                                                  if isinstance(v, (int, float))))
+    steer = metrics.get("steer") or {}
+    if "swap/pairs/toward_donor_share" in steer:
+        out.append(f"  user swap: {steer['swap/pairs/toward_donor_share']:.0%} of pairs move toward the donor")
     pipe = metrics.get("pipeline", {})
     out.append(f"total {pipe.get('total_wall_s', 0):.0f} s, peak memory {pipe.get('peak_rss_gib', 0):.2f} GiB")
-    out.append(f"report: {run.path / 'report.md'}")
+    where = [("report", "report.md"), ("shift analysis", "analysis/report.md"),
+             ("evaluation", "eval/results.md"), ("steering", "steer/steer.csv"), ("figures", "figures"),
+             ("PerFit artifacts", "perfit"), ("configs and versions", "run.json")]
+    out += [f"{label}: {path / rel}" for label, rel in where if (path / rel).exists()]
     return out
-
-
-def _short(values: Any, limit: int = 400) -> str:
-    text = str(to_jsonable(values))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def main_announce(line: str) -> None:  # pragma: no cover - used by the CLI only
