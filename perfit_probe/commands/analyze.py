@@ -9,6 +9,7 @@ from perfit_probe.analysis.collective import CLASSIFIERS
 from perfit_probe.analysis.nulls import BOOTSTRAPS, SOURCES
 from perfit_probe.analysis.report import run_analysis
 from perfit_probe.analysis.tables import AnalysisConfig
+from perfit_probe.commands.common import csv_items
 from perfit_probe.errors import ConfigError
 from perfit_probe.rundir import seed_everything
 
@@ -40,11 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
     """The ``AnalysisConfig`` that the parsed options describe."""
     try:
-        taus = tuple(float(t) for t in args.taus.split(",") if t.strip())
+        taus = tuple(float(t) for t in csv_items(args.taus))
     except ValueError:
         raise ConfigError(f"--taus {args.taus!r}: expected comma-separated numbers like 0.8,0.9") from None
-    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
-    figure_sites = (tuple(s.strip() for s in args.figure_sites.split(",") if s.strip())
+    sources = csv_items(args.sources)
+    figure_sites = (csv_items(args.figure_sites)
                     if args.figure_sites else None)
     return AnalysisConfig(
         taus=taus, centers=_CENTERS[args.center], sources=sources, n_boot=args.n_boot,

@@ -12,13 +12,9 @@ import os
 from pathlib import Path
 
 from perfit_probe.cache import CacheConfig, run_cache
-from perfit_probe.commands.common import add_model_arguments, model_from_args
+from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
 from perfit_probe.data.records import VARIANTS
 from perfit_probe.rundir import seed_everything
-
-
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,13 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="JSON-lines file of ready prompts (user_id, query_id, variant, prompt); replaces --task")
     data.add_argument("--users", type=int, default=20, help="number of users (0: all)")
     data.add_argument("--max-queries", type=int, default=8, help="queries per user at most (0: all)")
-    data.add_argument("--variants", type=_csv, default=list(VARIANTS), help="comma-separated prompt variants")
+    data.add_argument("--variants", type=lambda t: list(csv_items(t)), default=list(VARIANTS), help="comma-separated prompt variants")
     data.add_argument("--k", type=int, default=4, help="history items retrieved into enhanced prompts")
     data.add_argument("--retriever", default="bm25", help="history retriever")
     data.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                       help="apply the chat template (default: when the tokenizer has one)")
     cache = parser.add_argument_group("cache")
-    cache.add_argument("--sites", type=_csv, default=None,
+    cache.add_argument("--sites", type=lambda t: list(csv_items(t)), default=None,
                        help="comma-separated sites or layer indices (default: a spread of layers)")
     cache.add_argument("--positions", default="last", help="last, mean or f<p>+l<s>")
     cache.add_argument("--storage-dtype", default="float32", help="float32, bfloat16 or float16")

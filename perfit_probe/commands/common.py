@@ -9,6 +9,11 @@ from pathlib import Path
 from perfit_probe.models import LoadedModel, load_model
 
 
+def csv_items(text: str) -> tuple[str, ...]:
+    """A comma-separated option as a tuple of its non-empty, stripped items."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, from_run: bool = False) -> None:
     """``--model``, ``--dtype``, ``--device``, ``--cache-dir``, ``--offline``.
 

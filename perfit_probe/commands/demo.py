@@ -6,6 +6,7 @@ import argparse
 from datetime import datetime
 from pathlib import Path
 
+from perfit_probe.commands.common import csv_items
 from perfit_probe.commands.run import execute
 from perfit_probe.pipeline import STAGES, demo_config
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     config.task["seed"] = args.seed
     if args.task:
         config.task["name"] = args.task
-    config.stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    config.stages = csv_items(args.stages)
     config.__post_init__()
     out = args.out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return execute(config, out, progress=not args.no_progress, loaded=loaded)

@@ -5,20 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from perfit_probe.commands.common import add_model_arguments, model_from_args
+from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
 from perfit_probe.evaluation.evaluate import DECODINGS, METHODS, EvalConfig, run_evaluate
 from perfit_probe.evaluation.lora import LoraBaselineConfig
 from perfit_probe.rundir import seed_everything
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory fitted by `perfit-probe fit`")
     add_model_arguments(parser, from_run=True)
-    parser.add_argument("--methods", type=_csv, default=METHODS,
+    parser.add_argument("--methods", type=csv_items, default=METHODS,
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--decoding", choices=DECODINGS, default="auto",
                         help="auto: constrained to the label set for classification/rating, greedy for generation")
@@ -32,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-rank", type=int, default=8)
     lora.add_argument("--lora-lr", type=float, default=1e-4)
     lora.add_argument("--lora-epochs", type=int, default=2)
-    lora.add_argument("--lora-targets", type=_csv, default=(), help="module names (default: q_proj,v_proj)")
+    lora.add_argument("--lora-targets", type=csv_items, default=(), help="module names (default: q_proj,v_proj)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -5,21 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from perfit_probe.commands.common import add_model_arguments, model_from_args
+from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
 from perfit_probe.evaluation.steer import EXPERIMENTS, SteerConfig, run_steer
 from perfit_probe.rundir import seed_everything
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory fitted by `perfit-probe fit`")
     add_model_arguments(parser, from_run=True)
-    parser.add_argument("--experiments", type=_csv, default=EXPERIMENTS,
+    parser.add_argument("--experiments", type=csv_items, default=EXPERIMENTS,
                         help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all)")
-    parser.add_argument("--alphas", type=lambda t: tuple(float(x) for x in _csv(t)),
+    parser.add_argument("--alphas", type=lambda t: tuple(float(x) for x in csv_items(t)),
                         default=SteerConfig().alphas, help="scales of the personal edit (dose response)")
     parser.add_argument("--max-pairs", type=int, default=60, help="user pairs in the swap at most")
     parser.add_argument("--ablate-energy", type=float, default=0.9,
