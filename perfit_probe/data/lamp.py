@@ -64,6 +64,28 @@ def _field(record: dict, name: str, where: str) -> object:
     return record[name]
 
 
+def _object(value: object, where: str) -> dict:
+    """``value`` itself when it is a JSON object; otherwise a ``DataError`` naming ``where``."""
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _records(data: object, path: Path, what: str) -> list:
+    """The top-level non-empty JSON list of ``what`` (questions, users) of ``path``."""
+    if not isinstance(data, list) or not data:
+        got = "an empty list" if isinstance(data, list) else type(data).__name__
+        raise DataError(f"{path}: expected a non-empty JSON list of {what}, got {got}")
+    return data
+
+
+def _check_unique(ids: list[str], path: Path, what: str) -> None:
+    """``DataError`` listing up to three ids that occur more than once."""
+    if len(set(ids)) != len(ids):
+        dup = sorted({q for q in ids if ids.count(q) > 1})[:3]
+        raise DataError(f"{path}: duplicate {what} id(s) {dup}")
+
+
 def parse_profile(items: object, fields: tuple[str, ...], where: str) -> list[ProfileItem]:
     """Profile items of one record; ``where`` names the record in error messages."""
     if not isinstance(items, list):
@@ -71,8 +93,7 @@ def parse_profile(items: object, fields: tuple[str, ...], where: str) -> list[Pr
     profile = []
     for j, item in enumerate(items):
         item_where = f"{where}: profile item {j}"
-        if not isinstance(item, dict):
-            raise DataError(f"{item_where}: expected an object, got {type(item).__name__}")
+        _object(item, item_where)
         item_id = _text(_field(item, "id", item_where))
         for name in fields:
             _field(item, name, f"{item_where} (id {item_id!r})")
@@ -92,8 +113,7 @@ def read_outputs(path: Path) -> dict[str, str]:
     golds: dict[str, str] = {}
     for i, gold in enumerate(data["golds"]):
         where = f"{path}: gold {i}"
-        if not isinstance(gold, dict):
-            raise DataError(f"{where}: expected an object, got {type(gold).__name__}")
+        _object(gold, where)
         gid = _text(_field(gold, "id", where))
         if gid in golds:
             raise DataError(f"{where}: duplicate id {gid!r}")
@@ -162,15 +182,12 @@ def load_lamp_questions(task: str, questions: Path, outputs: Path | None = None,
 def _questions(task: str, data: object, questions: Path, outputs: Path | None,
                n_users: int | None, seed: int) -> TaskData:
     spec = task_spec(task)
-    if not isinstance(data, list) or not data:
-        got = "an empty list" if isinstance(data, list) else type(data).__name__
-        raise DataError(f"{questions}: expected a non-empty JSON list of questions, got {got}")
+    data = _records(data, questions, "questions")
     golds = read_outputs(outputs) if outputs is not None else None
     users, empty, ids = [], [], []
     for i, record in enumerate(data):
         where = _where(questions, i, record)
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+        _object(record, where)
         qid = _text(_field(record, "id", where))
         text = _text(_field(record, "input", where))
         profile = parse_profile(_field(record, "profile", where), spec.profile_fields, where)
@@ -180,9 +197,7 @@ def _questions(task: str, data: object, questions: Path, outputs: Path | None,
             empty.append(qid)
             continue
         users.append(User(id=qid, profile=profile, queries=[Query(id=qid, input=text, output=output)]))
-    if len(set(ids)) != len(ids):
-        dup = sorted({q for q in ids if ids.count(q) > 1})[:3]
-        raise DataError(f"{questions}: duplicate question id(s) {dup}")
+    _check_unique(ids, questions, "question")
     if golds is not None:
         _check_golds(golds, ids, outputs, questions)
     return _finish(task, users, empty, questions, "lamp", n_users, seed)
@@ -199,15 +214,12 @@ def load_oppu(task: str, path: Path, outputs: Path | None = None, *,
 def _oppu(task: str, data: object, path: Path, outputs: Path | None,
           n_users: int | None, seed: int) -> TaskData:
     spec = task_spec(task)
-    if not isinstance(data, list) or not data:
-        got = "an empty list" if isinstance(data, list) else type(data).__name__
-        raise DataError(f"{path}: expected a non-empty JSON list of users, got {got}")
+    data = _records(data, path, "users")
     golds = read_outputs(outputs) if outputs is not None else None
     users, empty, query_ids, user_ids = [], [], [], set()
     for i, record in enumerate(data):
         where = _where(path, i, record)
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+        _object(record, where)
         uid = _text(record.get("user_id", f"user{i}"))
         if uid in user_ids:
             raise DataError(f"{where}: duplicate user_id {uid!r}")
@@ -221,8 +233,7 @@ def _oppu(task: str, data: object, path: Path, outputs: Path | None,
         queries = []
         for j, raw in enumerate(raw_queries):
             q_where = f"{where}: query {j}"
-            if not isinstance(raw, dict):
-                raise DataError(f"{q_where}: expected an object, got {type(raw).__name__}")
+            _object(raw, q_where)
             qid = _text(_field(raw, "id", q_where))
             text = _text(_field(raw, "input", f"{q_where} (id {qid!r})"))
             inline = raw.get("gold", raw.get("output"))
@@ -235,9 +246,7 @@ def _oppu(task: str, data: object, path: Path, outputs: Path | None,
         if not queries:
             log.warning("%s: user %s has no queries", where, uid)
         users.append(User(id=uid, profile=profile, queries=queries))
-    if len(set(query_ids)) != len(query_ids):
-        dup = sorted({q for q in query_ids if query_ids.count(q) > 1})[:3]
-        raise DataError(f"{path}: duplicate query id(s) {dup}")
+    _check_unique(query_ids, path, "query")
     if golds is not None:
         _check_golds(golds, query_ids, outputs, path)
     return _finish(task, users, empty, path, "oppu", n_users, seed)

@@ -81,6 +81,12 @@ def _slots(iv: Intervention | None, user_ids: list, rows: slice) -> torch.Tensor
 
 
 @torch.no_grad()
+def _prepare(perfit, stage: str, n: int, user_ids, scale, **edit) -> tuple[Intervention | None, list, list]:
+    """The intervention of a call (``build_intervention``) and its per-row users and scales."""
+    iv = build_intervention(perfit, stage, **edit)
+    return iv, _per_row(user_ids, n, "user_ids"), _per_row(scale, n, "scale")
+
+
 def generate(
     loaded: LoadedModel,
     prompts: Sequence[str],
@@ -101,10 +107,8 @@ def generate(
     n = len(prompts)
     if n == 0:
         return []
-    iv = build_intervention(perfit, stage, ablate_basis=ablate_basis,
-                            ablate_mode=ablate_mode, sites=sites, positions=positions)
-    users = _per_row(user_ids, n, "user_ids")
-    scales = _per_row(scale, n, "scale")
+    iv, users, scales = _prepare(perfit, stage, n, user_ids, scale, ablate_basis=ablate_basis,
+                                 ablate_mode=ablate_mode, sites=sites, positions=positions)
     model, tok = loaded.model, loaded.tokenizer
     pad = int(tok.pad_token_id)
     eos = tok.eos_token_id
@@ -171,10 +175,8 @@ def score_labels(
     n, n_labels = len(prompts), len(labels)
     if n_labels == 0:
         raise ConfigError("score_labels needs at least one label")
-    iv = build_intervention(perfit, stage, ablate_basis=ablate_basis,
-                            ablate_mode=ablate_mode, sites=sites, positions=positions)
-    users = _per_row(user_ids, n, "user_ids")
-    scales = _per_row(scale, n, "scale")
+    iv, users, scales = _prepare(perfit, stage, n, user_ids, scale, ablate_basis=ablate_basis,
+                                 ablate_mode=ablate_mode, sites=sites, positions=positions)
     model, tok = loaded.model, loaded.tokenizer
     pad = int(tok.pad_token_id)
     device = loaded.device
