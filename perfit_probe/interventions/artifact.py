@@ -4,7 +4,7 @@ A bank directory holds ``intervention.safetensors`` (tensors ``site{i}.A``, ``si
 ``site{i}.b``, float32, saved as trained) and ``intervention.json`` (format version,
 perfit-probe version, kind, sites, positions, rank, d_model, slot keys, the model identity,
 and extra fields such as the stacking rule). Loading checks the model identity (fingerprint
-of config and weights) and refuses a mismatch with ``ArtifactError``.
+of config and weights, sampled in the loaded dtype) and refuses a mismatch with ``ArtifactError``.
 
 A fitted PerFit run keeps ``RUN/perfit/stage1/`` (the collective bank, one slot) and
 ``RUN/perfit/bank/`` (the personal bank, one slot per user); ``PerFit`` bundles the two.
@@ -77,7 +77,7 @@ def check_identity(saved: dict, identity: ModelIdentity, where: Path) -> None:
         raise ArtifactError(
             f"{where} was trained on model {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}, "
             f"d_model {saved.get('d_model')}) but the loaded model is {identity.name!r} "
-            f"(fingerprint {identity.fingerprint}, d_model {identity.d_model}): load the same model"
+            f"(fingerprint {identity.fingerprint}, d_model {identity.d_model}): load the same model in the same dtype"
         )
 
 
