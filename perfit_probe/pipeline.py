@@ -80,7 +80,9 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         analyze={"n_boot": 100, "n_perm": 100},
         fit={"max_queries": 16, "n_heldout": 4, "layers": fit_layers, "positions": "l2",
              "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 3,
-             "batch_size": 8, "max_prompt_tokens": 160},
+             "batch_size": 8, "max_prompt_tokens": 160,
+             # 3 of each test user's 12 history queries pick its stage-2 epoch (0 = stage 1 alone)
+             "val_per_user": 3},
         # OPPU's per-user LoRA at its rank 8 on q/v; its lr (1e-4 on a 7B model) barely moves a
         # 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
         evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 3}},

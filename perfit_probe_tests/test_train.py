@@ -164,3 +164,47 @@ def test_planted_users_are_recovered():
     top2 = torch.linalg.svd(learned, full_matrices=False).Vh[:2]
     spanned = (top2 @ basis.T).pow(2).sum() / 2  # mean squared cosine of the principal angles
     assert inside > 0.4 and spanned > 0.5, (float(inside), float(spanned))
+
+
+def test_stage2_selection_keeps_each_users_best_epoch():
+    """Oracle: a user's kept parameters are exactly those of training it for its chosen number
+    of epochs, the choice is the argmin of its validation losses, and batched = sequential."""
+    loaded = tiny_model("llama")
+    tok = loaded.tokenizer
+    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"), "f1+l1", 3, D)
+    collective = InterventionBank.initialised(spec, ["collective"], "random", seed=5)
+    users = ["u0", "u1", "u2", "u3"]
+    examples = {u: _examples(tok, 4, seed=10 + i) for i, u in enumerate(users)}
+    prompts = ["alpha beta", "gamma", "delta eta iota", "zeta mu"]
+    # u2 always answers " alpha" but is validated on " kappa": training can only hurt it
+    examples["u2"] = [encode(tok, p, " alpha", eos=True) for p in prompts]
+    validation = {"u0": examples["u0"][:2], "u1": examples["u1"][:3],
+                  "u2": [encode(tok, p, " kappa") for p in prompts]}  # u3: none
+    config = TrainConfig(epochs=3, lr=5e-2, batch_size=2, rows_per_forward=5, max_grad_norm=1.0)
+    start = InterventionBank.initialised(spec, users, "random", seed=7)
+    batched = start.subset(users)
+    curve = train_personal(loaded, collective, batched, examples, config, validation=validation)
+    sequential, seq_curve = train_personal_sequential(loaded, collective, start.subset(users), examples, config,
+                                                      validation=validation)
+    for a, b in zip(batched.parameters(), sequential.parameters()):
+        assert torch.allclose(a, b, atol=2e-5)
+
+    val = curve[curve["split"] == "val"]
+    assert set(val["user_id"]) == {"u0", "u1", "u2"}
+    assert sorted(val[val["user_id"] == "u0"]["epoch"]) == [0, 1, 2, 3]
+    kept = {}
+    for user, rows in val.groupby("user_id"):
+        assert int(rows["selected"].sum()) == 1
+        kept[user] = int(rows.loc[rows["loss"].idxmin(), "epoch"])
+        assert int(rows[rows["selected"]]["epoch"].iloc[0]) == kept[user]
+    seq_val = seq_curve[seq_curve["split"] == "val"]
+    assert {u: int(r[r["selected"]]["epoch"].iloc[0]) for u, r in seq_val.groupby("user_id")} == kept
+    assert kept["u2"] == 0 and max(kept["u0"], kept["u1"]) > 0  # the choice is not the same for everyone
+    kept["u3"] = config.epochs
+    for slot, user in enumerate(users):
+        alone = start.subset([user])
+        if kept[user]:
+            train_personal(loaded, collective, alone, {user: examples[user]},
+                           TrainConfig(**{**config.__dict__, "epochs": kept[user]}))
+        for mine, oracle in zip(batched.parameters(), alone.parameters()):
+            assert torch.allclose(mine[slot], oracle[0], atol=2e-5), user

@@ -66,10 +66,37 @@ def test_cli_fit_and_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "layer 7 is out of range" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(base + ["--layers", "1", "--val-per-user", "-1", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "val_per_user" in err and len(err.splitlines()) == 1
     assert main(base + ["--layers", "1,2", "--personal-rank", "2", "--collective-rank", "2",
-                        "--personal-init", "stage1", "--stacking", "compose", "--out", str(tmp_path / "c")]) == 0
+                        "--personal-init", "stage1", "--stacking", "compose", "--val-per-user", "1",
+                        "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "per user" in out
     fit = load_perfit(tmp_path / "c")
     assert fit.stacking == "compose" and len(fit.user_ids) == 3
     assert torch.isfinite(fit.personal.site_params[0].W).all()
+    curves = pd.read_csv(tmp_path / "c" / "perfit" / "curves.csv", dtype={"user_id": str})
+    val = curves[curves["split"] == "val"]
+    assert set(val["user_id"]) == set(fit.user_ids) and set(val["epoch"]) == {0, 1}
+    assert (val.groupby("user_id")["selected"].sum() == 1).all() and (val["n_rows"] == 1).all()
+    # each test user has 3 history queries: 1 held out for selection, 2 trained on (1 step each)
+    assert (curves[(curves["split"] == "train") & (curves["stage"] == "personal")]["n_rows"] == 2).all()
+    selection = read_json(tmp_path / "c" / "metrics.json")["fit"]["stage2"]["selection"]
+    assert selection["users"] == 3 and sum(selection["kept_epoch_counts"].values()) == 3
+    assert selection["val_loss_kept"] <= min(selection["val_loss_start"], selection["val_loss_last"]) + 1e-9
+
+
+def test_validation_split_is_seeded_disjoint_and_keeps_a_training_example():
+    from perfit_probe.interventions.batching import Encoded
+    from perfit_probe.interventions.fit import validation_split
+
+    rows = {"a": [Encoded((i, 1), 1) for i in range(6)], "b": [Encoded((9, 2), 1)], "c": [Encoded((i, 3), 1) for i in range(2)]}
+    train, val = validation_split(rows, 2, seed=0)
+    assert [len(val[u]) for u in "abc"] == [2, 0, 1] and [len(train[u]) for u in "abc"] == [4, 1, 1]
+    for user in rows:
+        assert sorted(r.ids for r in train[user] + val[user]) == sorted(r.ids for r in rows[user])
+        assert [r for r in rows[user] if r in train[user]] == train[user]  # training order kept
+    assert validation_split(rows, 2, seed=0) == (train, val)
+    assert validation_split(rows, 2, seed=1)[1]["a"] != val["a"] or validation_split(rows, 2, seed=2)[1]["a"] != val["a"]

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int, default=d["batch_size"],
                        help="rows per step (stage 1), per user per step (stage 2)")
     train.add_argument("--rows-per-forward", type=int, default=d["rows_per_forward"], help="memory cap")
+    train.add_argument("--val-per-user", type=int, default=d["val_per_user"],
+                       help="history examples per test user held out of stage 2 to keep each user's best "
+                       "epoch (0 = keep the last; default %(default)s)")
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--out", type=Path, required=True, help="run directory (may already hold a cache)")
     parser.add_argument("--force", action="store_true", help="replace an existing fit in --out")
@@ -87,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
         intervention=args.intervention, collective_rank=args.collective_rank, personal_rank=args.personal_rank,
         epochs1=args.epochs1, epochs2=args.epochs2, lr1=lr1, lr2=lr2, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, rows_per_forward=args.rows_per_forward,
+        val_per_user=args.val_per_user,
         stacking=args.stacking, collective_init=args.collective_init, personal_init=args.personal_init,
         prompt_variant=args.variant, k=args.k, retriever=args.retriever, chat=args.chat,
         max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, model=args.model, dtype=args.dtype,

@@ -7,7 +7,10 @@ and rebuild the prompts), ``curves.csv`` (loss per step, user and stage), ``para
 times and loss summaries go into ``RUN/metrics.json`` under ``fit``.
 
 Data: stage 1 trains on every query of the *train users*; stage 2 on each *test user*'s
-history queries (``splits.history_user``); held-out queries are left for evaluation. Prompts
+history queries (``splits.history_user``); held-out queries are left for evaluation. With
+``val_per_user`` > 0, that many history queries per test user are set aside and each user
+keeps its stage-2 epoch with the lowest loss on them (``curves.csv`` rows with
+``split == "val"``; a summary under ``fit.stage2.selection`` in ``metrics.json``). Prompts
 are ``build_examples(..., variants=(prompt_variant,))``; targets are the gold outputs
 followed by the end-of-text token.
 
@@ -32,7 +35,7 @@ from perfit_probe.errors import ConfigError, DataError
 from perfit_probe.interventions.apply import STACKINGS, check_sites
 from perfit_probe.interventions.artifact import load_bank, save_bank
 from perfit_probe.interventions.batching import Encoded, encode
-from perfit_probe.interventions.modules import INITS, KINDS, BankSpec, InterventionBank
+from perfit_probe.interventions.modules import INITS, KINDS, BankSpec, InterventionBank, slot_generator
 from perfit_probe.interventions.train import TrainConfig, curve_summary, train_collective, train_personal
 from perfit_probe.models import LoadedModel
 from perfit_probe.rundir import RunDir, atomic_write_text, write_json
@@ -91,6 +94,10 @@ class FitConfig:
     """Rows per step in stage 1, rows per user per step in stage 2."""
     rows_per_forward: int = 32
     """Memory cap: rows per forward/backward pass."""
+    val_per_user: int = 0
+    """Stage-2 model selection: this many of each test user's history examples (a seeded
+    choice, at most all but one) are held out of training, and the user keeps the epoch with
+    the lowest loss on them, epoch 0 being the initialisation (0: no selection, last epoch)."""
     stacking: str = "sum"
     """How personal and collective edits stack: ``sum`` or ``compose`` (not published)."""
     collective_init: str = "zero"
@@ -136,6 +143,8 @@ class FitConfig:
             raise ConfigError("ranks must be >= 1")
         if self.epochs1 < 0 or self.epochs2 < 0 or self.batch_size < 1 or self.rows_per_forward < 1:
             raise ConfigError("epochs must be >= 0, batch size and rows per forward >= 1")
+        if self.val_per_user < 0:
+            raise ConfigError(f"val_per_user must be >= 0, got {self.val_per_user}")
         if not (self.lr1 > 0 and self.lr2 > 0):
             raise ConfigError("learning rates must be positive")
         parse_positions(self.positions)
@@ -193,6 +202,20 @@ def _encode_examples(loaded: LoadedModel, users, spec, config: FitConfig) -> dic
         out[ex.user_id].append(encode(loaded.tokenizer, ex.prompt, ex.target, eos=True,
                                       max_prompt_tokens=config.max_prompt_tokens))
     return out
+
+
+def validation_split(examples: dict[str, list[Encoded]], n_val: int,
+                     seed: int) -> tuple[dict[str, list[Encoded]], dict[str, list[Encoded]]]:
+    """Hold ``n_val`` examples of each user out (a choice seeded by (seed, user), at most all
+    but one, so every user keeps a training example); returns (train, validation)."""
+    train, val = {}, {}
+    for user, rows in examples.items():
+        k = min(n_val, len(rows) - 1)
+        order = torch.randperm(len(rows), generator=slot_generator(seed, f"{user}/validation")).tolist()
+        held = set(order[:k])
+        train[user] = [r for i, r in enumerate(rows) if i not in held]
+        val[user] = [r for i, r in enumerate(rows) if i in held]
+    return train, val
 
 
 def _barrier(world_size: int) -> None:
@@ -271,6 +294,9 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
     # ---------------------------------------------------------------- stage 2
     t0 = time.perf_counter()
     examples2 = _encode_examples(loaded, history, task.spec, config)
+    validation2 = None
+    if config.val_per_user:
+        examples2, validation2 = validation_split(examples2, config.val_per_user, config.seed)
     keys = [u.id for u in history]
     curve2 = pd.DataFrame()
     personal = None
@@ -282,7 +308,7 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
         personal.to(loaded.device)
         log.info("stage 2 (rank %d): %d users, %d parameters each", rank, len(keys), spec2.params_per_slot())
         curve2 = train_personal(loaded, collective, personal, examples2, config.train_config(2),
-                                stacking=config.stacking, progress=progress)
+                                stacking=config.stacking, validation=validation2, progress=progress)
     if world_size > 1:
         if personal is not None:
             save_bank(personal, shard_dir, loaded.identity, {"stage": "personal", "stacking": config.stacking})

@@ -22,6 +22,15 @@ Each user sees its examples in the same order (shuffled per epoch with a generat
 ``(seed, user, epoch)``) and takes the same number of steps as when trained alone, so the
 batched run equals one-user-at-a-time training (``train_personal_sequential``) up to
 floating-point summation order. The base model and stage 1 stay frozen.
+
+Model selection (optional, stage 2): given validation rows per user, each user's loss on
+them is measured before training and at the end of each of *its* epochs, and the user keeps
+the parameters of its best epoch (epoch 0: the initialisation, e.g. a zero personal edit,
+i.e. stage 1 alone). This too is per user, so batched and sequential runs select alike.
+
+The returned curve has one row per (user, step) with ``split == "train"`` (``epoch`` is the
+epoch the step belongs to) and, with validation, one row per (user, completed epochs) with
+``split == "val"`` (``epoch`` counts completed epochs; ``selected`` marks the kept one).
 """
 
 from __future__ import annotations
@@ -155,8 +164,8 @@ def user_steps(key: str, examples: Sequence[Encoded], config: TrainConfig) -> li
 
 
 def _run_step(loaded: LoadedModel, iv: Intervention, rows: list[Row], n_slots: int,
-              rows_per_forward: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward of one step's rows; returns (loss per slot, target tokens per slot)."""
+              rows_per_forward: int, backward: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (and backward) of one step's rows; returns (loss per slot, target tokens per slot)."""
     device = loaded.device
     pad = int(loaded.tokenizer.pad_token_id)
     counts = torch.zeros(n_slots, dtype=torch.float32)
@@ -170,23 +179,91 @@ def _run_step(loaded: LoadedModel, iv: Intervention, rows: list[Row], n_slots: i
         batch = collate([e for _, e in chunk], pad, padding_side="left", device=device)
         slots = torch.tensor([s for s, _ in chunk], dtype=torch.long, device=device)
         iv.set_batch(batch.prompt_mask, slots)
-        logp, _ = continuation_logprobs(loaded.model, batch)
+        with torch.set_grad_enabled(backward):
+            logp, _ = continuation_logprobs(loaded.model, batch)
         iv.clear()
         row_nll = -logp.sum(1) / counts_dev[slots]
-        row_nll.sum().backward()
+        if backward:
+            row_nll.sum().backward()
         losses.index_add_(0, slots.cpu(), row_nll.detach().float().cpu())
     return losses, counts
 
 
+CURVE_COLUMNS = ["stage", "split", "user_id", "epoch", "step", "n_rows", "loss", "grad_norm", "selected"]
+"""Columns of a training curve."""
+
+
+class _Selector:
+    """Per-slot model selection on validation rows: keeps each slot's best parameters."""
+
+    def __init__(self, loaded: LoadedModel, iv: Intervention, bank: InterventionBank,
+                 validation: dict[int, list[Encoded]], config: TrainConfig, stage: str) -> None:
+        self.loaded, self.iv, self.bank, self.config, self.stage = loaded, iv, bank, config, stage
+        self.validation = {slot: rows for slot, rows in validation.items() if rows}
+        self.best_loss = torch.full((bank.n_slots,), float("inf"))
+        self.best = [p.detach().clone() for p in bank.parameters()]
+        self.records: list[dict] = []
+        self.chosen: dict[int, int] = {}
+
+    @torch.no_grad()
+    def evaluate(self, ends: list[tuple[int, int, int]]) -> None:
+        """Measure the slots of ``ends`` ((slot, completed epochs, last step)); keep improvements."""
+        ends = [e for e in ends if e[0] in self.validation]
+        if not ends:
+            return
+        rows = [(slot, enc) for slot, _, _ in ends for enc in self.validation[slot]]
+        losses, _ = _run_step(self.loaded, self.iv, rows, self.bank.n_slots, self.config.rows_per_forward,
+                              backward=False)
+        for slot, epoch, step in ends:
+            loss = float(losses[slot])
+            self.records.append({"stage": self.stage, "split": "val", "user_id": self.bank.keys[slot],
+                                 "epoch": epoch, "step": step, "n_rows": len(self.validation[slot]),
+                                 "loss": loss, "grad_norm": float("nan"), "selected": False})
+            if loss < float(self.best_loss[slot]):
+                self.best_loss[slot] = loss
+                self.chosen[slot] = len(self.records) - 1
+                for kept, param in zip(self.best, self.bank.parameters()):
+                    kept[slot] = param.detach()[slot]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every validated slot's best parameters back into the bank; mark the kept rows."""
+        slots = torch.tensor(sorted(self.validation), dtype=torch.long, device=self.bank.device)
+        for kept, param in zip(self.best, self.bank.parameters()):
+            param.index_copy_(0, slots, kept.index_select(0, slots))
+        for index in self.chosen.values():
+            self.records[index]["selected"] = True
+
+
+def _epoch_ends(steps: list[list[tuple[int, int, int, list[Encoded]]]]) -> dict[int, list[tuple[int, int, int]]]:
+    """Global step index -> (slot, completed epochs, user step) of the slots whose epoch ends there."""
+    last: dict[tuple[int, int], tuple[int, int]] = {}
+    for t, step in enumerate(steps):
+        for slot, epoch, number, _ in step:
+            last[(slot, epoch)] = (t, number)
+    ends: dict[int, list[tuple[int, int, int]]] = {}
+    for (slot, epoch), (t, number) in sorted(last.items()):
+        ends.setdefault(t, []).append((slot, epoch + 1, number))
+    return ends
+
+
 def _train(loaded: LoadedModel, iv: Intervention, bank: InterventionBank,
            steps: list[list[tuple[int, int, int, list[Encoded]]]], config: TrainConfig,
-           stage: str, progress: bool) -> pd.DataFrame:
-    """Run ``steps``: each a list of (slot, epoch, user step number, mini-batch)."""
+           stage: str, progress: bool, validation: dict[int, list[Encoded]] | None = None) -> pd.DataFrame:
+    """Run ``steps``: each a list of (slot, epoch, user step number, mini-batch).
+
+    ``validation`` (slot -> rows): select each slot's best epoch on them (see the module doc).
+    """
     bank.requires_grad_(True)
     optimizer = BankAdamW(bank, config.lr, config.weight_decay, config.betas, config.eps)
     records = []
     with iv.attached(loaded.model):
-        for step in tqdm(steps, desc=stage, disable=not progress, leave=False):
+        selector = None
+        if validation is not None:
+            selector = _Selector(loaded, iv, bank, validation, config, stage)
+            selector.evaluate([(slot, 0, -1) for slot in range(bank.n_slots)])
+        ends = _epoch_ends(steps)
+        for t, step in enumerate(tqdm(steps, desc=stage, disable=not progress, leave=False)):
             rows = [(slot, enc) for slot, _, _, batch in step for enc in batch]
             optimizer.zero_grad()
             losses, _ = _run_step(loaded, iv, rows, bank.n_slots, config.rows_per_forward)
@@ -195,11 +272,17 @@ def _train(loaded: LoadedModel, iv: Intervention, bank: InterventionBank,
             active[[slot for slot, _, _, _ in step]] = True
             optimizer.step(active)
             for slot, epoch, number, batch in step:
-                records.append({"stage": stage, "user_id": bank.keys[slot], "epoch": epoch, "step": number,
-                                "n_rows": len(batch), "loss": float(losses[slot]), "grad_norm": float(norms[slot])})
+                records.append({"stage": stage, "split": "train", "user_id": bank.keys[slot], "epoch": epoch,
+                                "step": number, "n_rows": len(batch), "loss": float(losses[slot]),
+                                "grad_norm": float(norms[slot]), "selected": False})
+            if selector is not None and t in ends:
+                selector.evaluate(ends[t])
+        if selector is not None:
+            selector.restore()
+            records += selector.records
     optimizer.zero_grad()
     bank.requires_grad_(False)
-    return pd.DataFrame.from_records(records, columns=["stage", "user_id", "epoch", "step", "n_rows", "loss", "grad_norm"])
+    return pd.DataFrame.from_records(records, columns=CURVE_COLUMNS)
 
 
 def train_collective(loaded: LoadedModel, bank: InterventionBank, examples: Sequence[Encoded],
@@ -224,8 +307,13 @@ def _check_users(personal: InterventionBank, examples: dict[str, Sequence[Encode
 
 def train_personal(loaded: LoadedModel, collective: InterventionBank, personal: InterventionBank,
                    examples: dict[str, Sequence[Encoded]], config: TrainConfig, *, stacking: str = "sum",
+                   validation: dict[str, Sequence[Encoded]] | None = None,
                    progress: bool = False) -> pd.DataFrame:
-    """Stage 2, all users together: train ``personal`` in place (one slot per user), ``collective`` frozen."""
+    """Stage 2, all users together: train ``personal`` in place (one slot per user), ``collective`` frozen.
+
+    ``validation`` (user -> rows, optional): each user keeps its best epoch on its rows
+    (users without rows keep their last epoch).
+    """
     _check_users(personal, examples)
     collective.requires_grad_(False)
     schedules = [user_steps(key, list(examples[key]), config) for key in personal.keys]
@@ -234,12 +322,19 @@ def train_personal(loaded: LoadedModel, collective: InterventionBank, personal: 
              for t in range(n_steps)]
     iv = Intervention(collective=collective, personal=personal, stacking=stacking)
     log.info("stage 2: %d users, %d batched steps", personal.n_slots, n_steps)
-    return _train(loaded, iv, personal, steps, config, "personal", progress)
+    by_slot = None
+    if validation is not None:
+        unknown = sorted(set(validation) - set(personal.keys))
+        if unknown:
+            raise ConfigError(f"validation rows for user(s) {unknown[:3]} who are not in the personal bank")
+        by_slot = {slot: list(validation.get(key, ())) for slot, key in enumerate(personal.keys)}
+    return _train(loaded, iv, personal, steps, config, "personal", progress, by_slot)
 
 
 def train_personal_sequential(loaded: LoadedModel, collective: InterventionBank, personal: InterventionBank,
                               examples: dict[str, Sequence[Encoded]], config: TrainConfig, *,
-                              stacking: str = "sum", progress: bool = False) -> tuple[InterventionBank, pd.DataFrame]:
+                              stacking: str = "sum", validation: dict[str, Sequence[Encoded]] | None = None,
+                              progress: bool = False) -> tuple[InterventionBank, pd.DataFrame]:
     """Stage 2 the way the reference implementations do it: one user after another.
 
     Each user gets a one-slot bank copied from its slot of ``personal`` and its own optimiser.
@@ -250,20 +345,34 @@ def train_personal_sequential(loaded: LoadedModel, collective: InterventionBank,
     banks, curves = [], []
     for key in tqdm(personal.keys, desc="personal (sequential)", disable=not progress, leave=False):
         single = personal.subset([key])
-        curves.append(train_personal(loaded, collective, single, {key: examples[key]}, config, stacking=stacking))
+        mine = None if validation is None else {key: validation.get(key, ())}
+        curves.append(train_personal(loaded, collective, single, {key: examples[key]}, config, stacking=stacking,
+                                     validation=mine))
         banks.append(single)
     return InterventionBank.concat(banks).to(personal.device), pd.concat(curves, ignore_index=True)
 
 
 def curve_summary(curve: pd.DataFrame) -> dict:
-    """First and last epoch mean loss of a training curve."""
+    """First and last epoch mean training loss of a curve, and the selection summary if any."""
+    val = curve[curve["split"] == "val"] if "split" in curve else curve.iloc[:0]
+    curve = curve[curve["split"] == "train"] if "split" in curve else curve
     if curve.empty:
         return {"steps": 0}
+    selection = {}
+    if not val.empty:
+        kept = val[val["selected"].astype(bool)]
+        first = val[val["epoch"] == 0]
+        last = val.loc[val.groupby("user_id")["epoch"].idxmax()]
+        selection = {"selection": {
+            "users": int(val["user_id"].nunique()),
+            "kept_epoch_counts": {str(k): int(v) for k, v in kept["epoch"].value_counts().sort_index().items()},
+            "val_loss_start": float(first["loss"].mean()), "val_loss_last": float(last["loss"].mean()),
+            "val_loss_kept": float(kept["loss"].mean())}}
     by_epoch = curve.groupby("epoch")["loss"].mean()
     return {"steps": int(curve["step"].nunique()), "first_epoch_loss": float(by_epoch.iloc[0]),
             "last_epoch_loss": float(by_epoch.iloc[-1]),
             "first_step_loss": float(curve[curve["step"] == curve["step"].min()]["loss"].mean()),
-            "last_step_loss": float(curve[curve["step"] == curve["step"].max()]["loss"].mean())}
+            "last_step_loss": float(curve[curve["step"] == curve["step"].max()]["loss"].mean()), **selection}
 
 
 def count_steps(n_examples: int, config: TrainConfig) -> int:
