@@ -292,6 +292,7 @@ def render_report(run: RunDir) -> str:
         lines += [f"- cache: {cache.get('n_users')} users, {cache.get('n_queries')} queries, "
                   f"{cache.get('n_rows')} prompts x {len(cache.get('sites', []))} sites", ""]
     lines += _section(run.path / "analysis" / "report.md", "Shift analysis")
+    lines += _fit_lines(metrics.get("fit"))
     lines += _section(run.path / "eval" / "results.md", "Evaluation")
     steer = run.path / "steer" / "steer.csv"
     if steer.is_file():
@@ -303,6 +304,27 @@ def render_report(run: RunDir) -> str:
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
     return "\n".join(lines) + "\n"
+
+
+def _fit_lines(fit: dict | None) -> list[str]:
+    """The fit stage in the report: losses per stage and the stage-2 model selection."""
+    if not fit:
+        return []
+    lines = ["## PerFit training", ""]
+    for stage, label in (("stage1", "stage 1 (collective)"), ("stage2", "stage 2 (personal)")):
+        curve = fit.get(stage) or {}
+        if curve.get("steps"):
+            lines.append(f"- {label}: {curve['steps']} steps, training loss {curve['first_epoch_loss']:.3f} "
+                         f"(first epoch) -> {curve['last_epoch_loss']:.3f} (last epoch), "
+                         f"{fit.get(stage + '_train_s', float('nan')):.0f} s")
+    selection = (fit.get("stage2") or {}).get("selection")
+    if selection:
+        kept = ", ".join(f"{n} at epoch {epoch}" for epoch, n in selection["kept_epoch_counts"].items())
+        lines.append(f"- stage-2 model selection on held-out history queries ({selection['users']} users): "
+                     f"kept {kept} (epoch 0 = stage 1 alone); validation loss {selection['val_loss_start']:.3f} "
+                     f"before stage 2, {selection['val_loss_last']:.3f} after the last epoch, "
+                     f"{selection['val_loss_kept']:.3f} as kept")
+    return lines + [""]
 
 
 def summary_lines(run: RunDir) -> list[str]:

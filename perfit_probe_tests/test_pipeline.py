@@ -36,6 +36,7 @@ def test_demo_runs_every_stage_through_the_cli(tmp_path, capsys):
     assert set(results["method"]) == {"base", "rag", "stage1", "perfit", "lora"}
     report = (out / "report.md").read_text()
     assert "Shift analysis" in report and "Evaluation" in report and "figures/" in report
+    assert "## PerFit training" in report and "stage-2 model selection" in report
     # the run directory is never overwritten
     assert main(["demo", "--model", str(model), "--task", "synthetic", "--users", "8",
                  "--out", str(out), "--no-progress"]) == 2
