@@ -73,7 +73,7 @@ def test_cli_fit_and_one_line_errors(tmp_path, capsys):
                         "--personal-init", "stage1", "--stacking", "compose", "--val-per-user", "1",
                         "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
-    assert "per user" in out
+    assert "per user" in out and "stage-2 selection: kept" in out
     fit = load_perfit(tmp_path / "c")
     assert fit.stacking == "compose" and len(fit.user_ids) == 3
     assert torch.isfinite(fit.personal.site_params[0].W).all()
