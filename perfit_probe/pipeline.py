@@ -85,7 +85,8 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
              "val_per_user": 3},
         # OPPU's per-user LoRA at its rank 8 on q/v; its lr (1e-4 on a 7B model) barely moves a
         # 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
-        evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 3}},
+        evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 3},
+                  "lora_task": {"lr": 1e-3, "epochs": 2}},
         steer={"alphas": (0.0, 0.5, 1.0, 1.5, 2.0), "max_pairs": 24},
     )
 

@@ -161,4 +161,26 @@ def test_methods_needing_a_fit_are_skipped_without_one():
     result = evaluate_methods(loaded, task, split, None, EvalConfig(methods=("base", "stage1", "perfit")))
     assert list(result.table.method) == ["base"]
     with pytest.raises(ConfigError, match="unknown method"):
-        EvalConfig(methods=("oppu",))
+        EvalConfig(methods=("nope",))
+
+
+def test_oppu_task_lora_and_user_loras_on_top_leave_the_base_model_unchanged():
+    loaded, task, split, perfit = planted_run()
+    before = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    fast = LoraBaselineConfig(lr=2e-2, epochs=5, dropout=0.0)
+    config = EvalConfig(methods=("base", "lora", "lora_task", "oppu"), lora=fast, lora_task=fast)
+    result = evaluate_methods(loaded, task, split, perfit, config)
+    table = result.table.set_index("method")
+    assert list(table.index) == ["base", "lora", "lora_task", "oppu"]
+    per_adapter = 4 * (8 * (32 + 32) + 8 * (32 + 16))
+    assert table.loc["oppu", "params_per_user"] == table.loc["lora", "params_per_user"] == per_adapter
+    assert table.loc["oppu", "shared_params"] == table.loc["lora_task", "shared_params"] == per_adapter
+    assert table.loc["lora_task", "params_per_user"] == 0 and table.loc["lora_task", "train_s_shared"] > 0
+    preds = result.predictions
+    # the task adapter moved the predictions; the per-user adapters on top learn each user's rating
+    assert not np.allclose(preds[preds.method == "lora_task"]["expected"], preds[preds.method == "base"]["expected"])
+    assert table.loc["oppu", "mae"] < table.loc["lora_task", "mae"]
+    # the per-user adapters of oppu were trained on the task model, not on the base model
+    assert not np.allclose(preds[preds.method == "oppu"]["expected"], preds[preds.method == "lora"]["expected"])
+    after = loaded.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)

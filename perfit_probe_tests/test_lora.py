@@ -107,3 +107,36 @@ def test_encode_supervised_masks_prompt_and_truncates_left():
     assert ids[n_prompt:] == target and len(ids) <= max(4, len(target) + 1)
     full = tok("alpha beta gamma delta")["input_ids"]
     assert ids[:n_prompt] == full[-n_prompt:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_task_adapter_equals_the_applied_one_and_is_undone_exactly(arch):
+    """OPPU's task model: merging an adapter gives the adapted model's outputs; a user adapter
+    trained inside sits on the merged weights; on exit the base weights are bit-identical."""
+    loaded = tiny_model(arch)
+    before = _snapshot(loaded.model)
+    ids = torch.tensor([[5, 9, 30, 41, 7]])
+    with torch.no_grad():
+        ref = loaded.model(input_ids=ids).logits
+    baseline = LoraBaseline(loaded, FAST)
+    task = baseline.fit_user("task", PROMPTS, TARGETS, seed=1)
+    with baseline.applied(task) as adapted, torch.no_grad():
+        applied = adapted.model(input_ids=ids).logits
+    with baseline.merged(task) as merged:
+        assert not any("lora" in name for name, _ in merged.model.named_modules())
+        with torch.no_grad():
+            merged_logits = merged.model(input_ids=ids).logits
+        user = baseline.fit_user("u1", PROMPTS[:2], [" 1", " 1"], seed=2)
+        with baseline.applied(user) as stacked, torch.no_grad():
+            on_task = stacked.model(input_ids=ids).logits
+    assert not torch.allclose(applied, ref, atol=1e-4)
+    assert torch.allclose(merged_logits, applied, atol=1e-5)
+    assert not torch.allclose(on_task, merged_logits, atol=1e-4)
+    # the same user adapter on the plain base model gives other outputs: it was on the task model
+    with baseline.applied(user) as plain, torch.no_grad():
+        on_base = plain.model(input_ids=ids).logits
+    assert not torch.allclose(on_base, on_task, atol=1e-4)
+    after = _snapshot(loaded.model)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).logits, ref)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
@@ -24,11 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rating-parse", choices=("first_number", "lamp"), default="first_number",
                         help="how a generated rating is read (lamp: float() of the whole answer)")
     parser.add_argument("--stemmer", action="store_true", help="ROUGE with the Porter stemmer (LaMP: none)")
-    lora = parser.add_argument_group("LoRA-per-user baseline (OPPU defaults)")
+    lora = parser.add_argument_group("LoRA baselines: per user, OPPU's task LoRA, OPPU (OPPU defaults)")
     lora.add_argument("--lora-rank", type=int, default=8)
     lora.add_argument("--lora-lr", type=float, default=1e-4)
     lora.add_argument("--lora-epochs", type=int, default=2)
     lora.add_argument("--lora-targets", type=csv_items, default=(), help="module names (default: q_proj,v_proj)")
+    lora.add_argument("--lora-task-lr", type=float, default=1e-4, help="OPPU's shared task LoRA: learning rate")
+    lora.add_argument("--lora-task-epochs", type=int, default=2, help="OPPU's shared task LoRA: epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -37,9 +40,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The ``EvalConfig`` that parsed arguments describe."""
     lora = LoraBaselineConfig(rank=args.lora_rank, alpha=float(args.lora_rank), lr=args.lora_lr,
                               epochs=args.lora_epochs, targets=args.lora_targets)
+    lora_task = replace(lora, lr=args.lora_task_lr, epochs=args.lora_task_epochs)
     return EvalConfig(methods=args.methods, decoding=args.decoding, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, k=args.k, rating_parse=args.rating_parse,
-                      use_stemmer=args.stemmer, lora=lora, seed=args.seed)
+                      use_stemmer=args.stemmer, lora=lora, lora_task=lora_task, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:

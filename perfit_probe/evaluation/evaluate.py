@@ -6,8 +6,12 @@ Methods compared (one row each in ``RUN/eval/results.csv`` and ``results.md``):
 - ``rag``: the base model on the enhanced prompt (``k`` retrieved history items);
 - ``stage1``: the collective (stage-1) intervention on the plain prompt;
 - ``perfit``: collective + the user's personal intervention (stage 1 + 2) on the plain prompt;
-- ``lora``: OPPU's baseline, a rank-8 q/v LoRA per user trained on the same history examples
-  as PerFit's stage 2 (see ``perfit_probe.evaluation.lora``).
+- ``lora``: a rank-8 q/v LoRA per user, directly on the base model, trained on the user's
+  history examples (all of them; see ``perfit_probe.evaluation.lora``);
+- ``lora_task``: OPPU's shared *task* LoRA alone, trained on the train users' queries (PerFit
+  stage 1's data) and merged into the base, the LoRA analogue of ``stage1``;
+- ``oppu``: full OPPU, the per-user LoRA trained and applied on top of that task model, the
+  LoRA analogue of ``perfit``.
 
 Each row carries the LaMP metrics of the task kind, the trainable parameters per user, the
 shared trainable parameters, and the training time per user where known.
@@ -46,7 +50,7 @@ from perfit_probe.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "rag", "stage1", "perfit", "lora")
+METHODS = ("base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu")
 DECODINGS = ("auto", "constrained", "greedy")
 _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "base": ("plain", "none"),
@@ -54,6 +58,8 @@ _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "stage1": ("plain", "collective"),
     "perfit": ("plain", "perfit"),
     "lora": ("plain", "none"),
+    "lora_task": ("plain", "none"),
+    "oppu": ("plain", "none"),
 }
 
 
@@ -82,7 +88,9 @@ class EvalConfig:
     max_prompt_tokens: int | None = None
     """Longer prompts keep their last tokens."""
     lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
-    """Hyperparameters of the per-user LoRA baseline."""
+    """Hyperparameters of the per-user LoRA adapters (``lora`` and ``oppu``)."""
+    lora_task: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
+    """Hyperparameters of OPPU's shared task LoRA (``lora_task`` and ``oppu``)."""
     seed: int = 0
     """Seed of prompt construction and LoRA training."""
 
@@ -241,6 +249,10 @@ def evaluate_methods(
                 max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens)
     rows, pred_frames, adapters = [], [], {}
     collective_params = perfit.collective.spec.params_per_slot() if perfit is not None else 0
+    oppu = {}
+    if {"lora_task", "oppu"} & set(config.methods):
+        oppu = _oppu_predictions(loaded, task, split, by_variant["plain"], config, opts, progress,
+                                 per_user="oppu" in config.methods)
     for method in config.methods:
         variant, stage = _METHOD_SETUP[method]
         if stage != "none" and perfit is None:
@@ -253,6 +265,8 @@ def evaluate_methods(
         info = {"method": method, "params_per_user": 0, "shared_params": 0, "train_s_per_user": 0.0}
         if method == "lora":
             preds, adapters, info = _lora_predictions(loaded, task, split, chosen, config, opts, progress)
+        elif method in oppu:
+            preds, info = oppu[method]
         else:
             preds = predict(loaded, [e.prompt for e in chosen], spec, perfit=perfit,
                             user_ids=[e.user_id for e in chosen], stage=stage, **opts)
@@ -277,7 +291,7 @@ def evaluate_methods(
                       adapters)
 
 
-def _lora_predictions(loaded, task, split, chosen, config, opts, progress):
+def _lora_predictions(loaded, task, split, chosen, config, opts, progress, desc="LoRA per user"):
     """Train one LoRA per test user on its history, predict its held-out queries with it."""
     from tqdm.auto import tqdm
 
@@ -285,7 +299,7 @@ def _lora_predictions(loaded, task, split, chosen, config, opts, progress):
     baseline = LoraBaseline(loaded, config.lora)
     outputs: dict[tuple[str, str], tuple[str, float | None]] = {}
     adapters = {}
-    for i, uid in enumerate(tqdm(split.test_users, desc="LoRA per user", disable=not progress)):
+    for i, uid in enumerate(tqdm(split.test_users, desc=desc, disable=not progress)):
         train = history[uid]
         adapter = baseline.fit_user(uid, [e.prompt for e in train],
                                     [continuation(e.target, loaded.tokenizer, config.chat) for e in train],
@@ -305,6 +319,33 @@ def _lora_predictions(loaded, task, split, chosen, config, opts, progress):
             "shared_params": 0,
             "train_s_per_user": float(np.mean([a.train_s for a in adapters.values()]))}
     return preds, adapters, info
+
+
+def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, *, per_user: bool) -> dict:
+    """OPPU: a task LoRA on the train users' queries, merged; then (``per_user``) one LoRA per
+    test user on top. Returns ``{"lora_task": (preds, info), "oppu": (preds, info)}``."""
+    users = [task.user(u) for u in split.train_users]
+    train = build_examples(users, task.spec, loaded.tokenizer, variants=("plain",), chat=config.chat,
+                           seed=config.seed)
+    if not train:
+        raise ConfigError("OPPU's task LoRA needs train users with queries")
+    shared = LoraBaseline(loaded, config.lora_task)
+    log.info("OPPU task LoRA: %d examples of %d train users", len(train), len(users))
+    adapter = shared.fit_user("task", [e.prompt for e in train],
+                              [continuation(e.target, loaded.tokenizer, config.chat) for e in train],
+                              seed=config.seed + 10_000)
+    out = {}
+    with shared.merged(adapter) as task_model:
+        preds = predict(task_model, [e.prompt for e in chosen], task.spec, stage="none", **opts)
+        out["lora_task"] = (preds, {"method": "lora_task", "params_per_user": 0,
+                                    "shared_params": adapter.n_trainable, "train_s_per_user": 0.0,
+                                    "train_s_shared": adapter.train_s})
+        if per_user:
+            preds, _, info = _lora_predictions(task_model, task, split, chosen, config, opts, progress,
+                                               desc="OPPU per user")
+            out["oppu"] = (preds, {**info, "method": "oppu", "shared_params": adapter.n_trainable,
+                                   "train_s_shared": adapter.train_s})
+    return out
 
 
 # ---------------------------------------------------------------------- writing

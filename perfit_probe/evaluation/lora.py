@@ -1,4 +1,4 @@
-"""The OPPU baseline: one LoRA adapter per user, trained one user after another.
+"""The OPPU baselines: one LoRA adapter per user, trained one user after another.
 
 OPPU ("One PEFT Per User", the baseline PerFit compares with) trains, for each test user, a
 LoRA of rank 8 on the attention query and value projections of a frozen base model, on that
@@ -6,13 +6,17 @@ user's own history examples, with the same objective as PerFit (next-token cross
 the target, prompt tokens masked). The OPPU code uses ``r=8, lora_alpha=8,
 lora_dropout=0.05``, AdamW (lr 1e-4, weight decay 1e-2), gradient-norm clip 0.3, 2 epochs, a
 linear schedule with 10% warm-up; these are the defaults of :class:`LoraBaselineConfig`.
-OPPU's optional shared *task* LoRA (trained on the other users first and merged into the
-base) is not implemented: every adapter here sits directly on the base model.
+Full OPPU first trains a shared *task* LoRA on the other (train) users' data and merges it
+into the base; the per-user adapters then sit on that task model. Both are available:
+``fit_user`` on the train users' examples gives the task adapter, and ``merged(adapter)``
+makes the task model for as long as the context lasts.
 
 ``LoraBaseline`` is the fitter: ``fit_user`` injects a fresh adapter with ``peft``, trains it,
 copies out the adapter weights into a small ``UserLora`` artifact and removes the adapter
 again (``unload``), so the base model is left exactly as it was. ``applied(adapter)`` is a
-context manager that puts a user's adapter back for prediction and always removes it.
+context manager that puts a user's adapter back for prediction and always removes it;
+``merged(adapter)`` merges an adapter into the weights and restores the original weights
+bit for bit on exit.
 """
 
 from __future__ import annotations
@@ -230,6 +234,36 @@ class LoraBaseline:
                                   f"(unexpected weights {unexpected[:2]})")
             model.eval().requires_grad_(False)
             yield replace(self.loaded, model=model)
+
+    @contextmanager
+    def merged(self, adapter: UserLora) -> Iterator[LoadedModel]:
+        """The base model with ``adapter`` merged into its weights (OPPU's task model).
+
+        Adapters fitted or applied inside the context sit on the merged weights. On exit the
+        adapted modules' original weights are copied back, so the base model is bit-identical
+        to what it was.
+        """
+        from peft import set_peft_model_state_dict
+
+        base = self.loaded.model
+        targets = set(self.targets_)
+        saved = {name: p.detach().clone() for name, p in base.named_parameters()
+                 if name.rsplit(".", 2)[-2] in targets}
+        try:
+            with self._injected() as model:
+                result = set_peft_model_state_dict(model, adapter.state)
+                if getattr(result, "unexpected_keys", None):
+                    raise ConfigError(f"adapter {adapter.user_id!r} does not fit this model")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    model.base_model.merge_adapter()
+            # _injected unloaded the LoRA layers; their base layers keep the merged weights
+            yield self.loaded
+        finally:
+            params = dict(base.named_parameters())
+            with torch.no_grad():
+                for name, original in saved.items():
+                    params[name].copy_(original)
 
     def fit(self, users: dict[str, tuple[Sequence[str], Sequence[str]]], *, seed: int = 0,
             progress: bool = False) -> dict[str, UserLora]:
