@@ -100,3 +100,36 @@ def test_validation_split_is_seeded_disjoint_and_keeps_a_training_example():
         assert [r for r in rows[user] if r in train[user]] == train[user]  # training order kept
     assert validation_split(rows, 2, seed=0) == (train, val)
     assert validation_split(rows, 2, seed=1)[1]["a"] != val["a"] or validation_split(rows, 2, seed=2)[1]["a"] != val["a"]
+
+
+def test_torchrun_two_processes_give_the_same_fit(tmp_path):
+    """Stage 2 sharded over 2 ranks (users i mod 2), merged by rank 0: the same banks, curves
+    and selection as one process, since every user trains independently."""
+    import os
+    import subprocess
+    import sys
+
+    model = save_tiny_model(tmp_path / "tiny")
+    args = ["fit", "--model", str(model), "--task", "synthetic", "--users", "8", "--max-queries", "5",
+            "--heldout", "1", "--layers", "1,2", "--epochs1", "1", "--epochs2", "2", "--batch-size", "2",
+            "--val-per-user", "1", "--quiet", "--max-prompt-tokens", "96"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "perfit_probe.cli", *args, "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = load_perfit(tmp_path / "one"), load_perfit(tmp_path / "two")
+    assert one.user_ids == two.user_ids and len(one.user_ids) == 4
+    for a, b in zip(one.collective.parameters(), two.collective.parameters()):  # thread counts differ
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(one.personal.parameters(), two.personal.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    assert not (tmp_path / "two" / "perfit" / "shards").exists()
+    c1 = pd.read_csv(tmp_path / "one" / "perfit" / "curves.csv", dtype={"user_id": str})
+    c2 = pd.read_csv(tmp_path / "two" / "perfit" / "curves.csv", dtype={"user_id": str})
+    key = ["stage", "split", "user_id", "epoch", "step"]
+    merged = c1.merge(c2, on=key, suffixes=("", "_2"))
+    assert len(merged) == len(c1) == len(c2) and (merged["selected"] == merged["selected_2"]).all()
+    assert (merged["loss"] - merged["loss_2"]).abs().max() < 1e-5
+    assert read_json(tmp_path / "two" / "metrics.json")["fit"]["world_size"] == 2
