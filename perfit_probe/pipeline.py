@@ -65,7 +65,7 @@ class PipelineConfig:
 
 
 def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", n_layers: int = 30) -> PipelineConfig:
-    """The embedded demo: SmolLM2 on MovieLens ratings, sized for ~15 min on 2 CPU cores.
+    """The embedded demo: SmolLM2 on MovieLens ratings, sized for ~13 min on 2 CPU cores.
 
     Costs are set by users x queries x prompt length; ``--users`` scales them. Sites are
     placed at fixed fractions of the depth (for SmolLM2's 30 layers: cache at layers
