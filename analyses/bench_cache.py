@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--scenarios", default="middle,late", help=f"comma-separated, from {list(SCENARIOS)}")
+    parser.add_argument("--layers", default="",
+                        help="comma-separated layers: one 'custom' scenario instead of --scenarios (small models)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("--seed", type=int, default=0)
@@ -229,9 +231,12 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {len(prompts)} prompts of {min(n_tokens)}-{max(n_tokens)} tokens "
           f"({sum(n_tokens)} in all), batch size {args.batch_size}")
 
+    scenarios = {s.strip(): SCENARIOS[s.strip()] for s in args.scenarios.split(",")}
+    if args.layers:
+        scenarios = {"custom": [int(x) for x in args.layers.split(",")]}
     results = []
-    for scenario in [s.strip() for s in args.scenarios.split(",")]:
-        layers = [l for l in SCENARIOS[scenario] if l < n_layers]
+    for scenario, requested in scenarios.items():
+        layers = [l for l in requested if l < n_layers]
         for name in methods:  # warm-up on two short prompts
             METHODS[name][1](loaded, prompts[-2:], layers, 2, ctx)
         times = {m: [] for m in methods}

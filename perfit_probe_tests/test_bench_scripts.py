@@ -33,3 +33,20 @@ def test_bench_perfit_runs_and_both_sides_agree(tmp_path):
     assert step["lora_params"] == step["lora_params_formula"]
     table = (out / "bench_perfit.md").read_text()
     assert "Ceiling of batching" in table and "same LoReFT step in pyreft" in table
+
+
+def test_bench_cache_runs_and_every_method_returns_the_same_vectors(tmp_path):
+    model = save_tiny_model(tmp_path / "m", "llama")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "analyses" / "bench_cache.py"), "--model", str(model), "--layers", "1,2",
+         "--prompts", "4", "--min-words", "5", "--max-words", "12", "--batch-size", "2", "--repeats", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "bench_cache.json").read_text())["results"]
+    methods = {r["method"] for r in results}
+    assert {"hf", "tlens", "nnsight", "perfit-probe", "bare-forward"} <= methods
+    assert all(r["layers"] == [1, 2] and r["seconds"] > 0 for r in results)
+    diffs = [r["max_abs_diff_vs_perfit"] for r in results if r["method"] != "bare-forward"]
+    assert diffs and all(d is not None and d < 1e-5 for d in diffs)
