@@ -320,11 +320,10 @@ def _fit_lines(fit: dict | None) -> list[str]:
                          f"{fit.get(stage + '_train_s', float('nan')):.0f} s")
     selection = (fit.get("stage2") or {}).get("selection")
     if selection:
-        kept = ", ".join(f"{n} at epoch {epoch}" for epoch, n in selection["kept_epoch_counts"].items())
+        from perfit_probe.interventions.train import describe_selection
+
         lines.append(f"- stage-2 model selection on held-out history queries ({selection['users']} users): "
-                     f"kept {kept} (epoch 0 = stage 1 alone); validation loss {selection['val_loss_start']:.3f} "
-                     f"before stage 2, {selection['val_loss_last']:.3f} after the last epoch, "
-                     f"{selection['val_loss_kept']:.3f} as kept")
+                     + describe_selection(selection))
     return lines + [""]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from perfit_probe.commands.common import add_model_arguments, model_from_args
 from perfit_probe.interventions.fit import PERSONAL_INITS, FitConfig, run_fit
 from perfit_probe.interventions.modules import INITS, KINDS
+from perfit_probe.interventions.train import describe_selection
 from perfit_probe.rundir import seed_everything
 
 _DEFAULTS = {f.name: f.default for f in fields(FitConfig)}
@@ -132,11 +133,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  stage 2: {fit.get('n_test_users')} users, {s2.get('steps', 0)} steps each, "
               f"loss {s2.get('first_epoch_loss', float('nan')):.3f} -> {s2.get('last_epoch_loss', float('nan')):.3f} "
               f"(epoch means), {fit.get('stage2_train_s', 0):.1f} s")
-        selection = s2.get("selection")
-        if selection:
-            kept = ", ".join(f"{n} at epoch {e}" for e, n in selection["kept_epoch_counts"].items())
-            print(f"  stage-2 selection: kept {kept}; validation loss {selection['val_loss_start']:.3f} "
-                  f"(start) -> {selection['val_loss_kept']:.3f} (kept)")
+        if s2.get("selection"):
+            print(f"  stage-2 selection: {describe_selection(s2['selection'])}")
         print(f"  parameters: collective {params.get('collective')}, per user {params.get('per_user')} "
               f"(LoRA r8 q/v: {params.get('lora_r8_qv_per_user')})")
     return 0

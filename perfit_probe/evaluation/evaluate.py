@@ -291,6 +291,14 @@ def evaluate_methods(
                       adapters)
 
 
+def _fit_on(baseline: LoraBaseline, key: str, examples: list[Example], config: EvalConfig, *,
+            seed: int) -> UserLora:
+    """A LoRA adapter trained on ``examples`` (prompt -> gold continuation)."""
+    tok = baseline.loaded.tokenizer
+    return baseline.fit_user(key, [e.prompt for e in examples],
+                             [continuation(e.target, tok, config.chat) for e in examples], seed=seed)
+
+
 def _lora_predictions(loaded, task, split, chosen, config, opts, progress, desc="LoRA per user"):
     """Train one LoRA per test user on its history, predict its held-out queries with it."""
     from tqdm.auto import tqdm
@@ -300,10 +308,7 @@ def _lora_predictions(loaded, task, split, chosen, config, opts, progress, desc=
     outputs: dict[tuple[str, str], tuple[str, float | None]] = {}
     adapters = {}
     for i, uid in enumerate(tqdm(split.test_users, desc=desc, disable=not progress)):
-        train = history[uid]
-        adapter = baseline.fit_user(uid, [e.prompt for e in train],
-                                    [continuation(e.target, loaded.tokenizer, config.chat) for e in train],
-                                    seed=config.seed + i)
+        adapter = _fit_on(baseline, uid, history[uid], config, seed=config.seed + i)
         adapters[uid] = adapter
         mine = [e for e in chosen if e.user_id == uid]
         with baseline.applied(adapter) as adapted:
@@ -331,9 +336,7 @@ def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, *, pe
         raise ConfigError("OPPU's task LoRA needs train users with queries")
     shared = LoraBaseline(loaded, config.lora_task)
     log.info("OPPU task LoRA: %d examples of %d train users", len(train), len(users))
-    adapter = shared.fit_user("task", [e.prompt for e in train],
-                              [continuation(e.target, loaded.tokenizer, config.chat) for e in train],
-                              seed=config.seed + 10_000)
+    adapter = _fit_on(shared, "task", train, config, seed=config.seed + 10_000)
     out = {}
     with shared.merged(adapter) as task_model:
         preds = predict(task_model, [e.prompt for e in chosen], task.spec, stage="none", **opts)

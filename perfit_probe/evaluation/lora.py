@@ -142,6 +142,17 @@ def _lr_lambda(n_steps: int, warmup_ratio: float):
     return factor
 
 
+def _load_adapter(model: nn.Module, adapter: UserLora) -> None:
+    """Put ``adapter``'s weights into the injected peft ``model``; refuse weights it has no place for."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, adapter.state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ConfigError(f"adapter of user {adapter.user_id!r} does not fit this model "
+                          f"(unexpected weights {unexpected[:2]})")
+
+
 class LoraBaseline:
     """Trains and applies one LoRA adapter per user on a frozen base model."""
 
@@ -224,14 +235,8 @@ class LoraBaseline:
     @contextmanager
     def applied(self, adapter: UserLora) -> Iterator[LoadedModel]:
         """The base model with ``adapter`` in place (eval mode, no dropout); removed on exit."""
-        from peft import set_peft_model_state_dict
-
         with self._injected() as model:
-            result = set_peft_model_state_dict(model, adapter.state)
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise ConfigError(f"adapter of user {adapter.user_id!r} does not fit this model "
-                                  f"(unexpected weights {unexpected[:2]})")
+            _load_adapter(model, adapter)
             model.eval().requires_grad_(False)
             yield replace(self.loaded, model=model)
 
@@ -243,17 +248,13 @@ class LoraBaseline:
         adapted modules' original weights are copied back, so the base model is bit-identical
         to what it was.
         """
-        from peft import set_peft_model_state_dict
-
         base = self.loaded.model
         targets = set(self.targets_)
         saved = {name: p.detach().clone() for name, p in base.named_parameters()
                  if name.rsplit(".", 2)[-2] in targets}
         try:
             with self._injected() as model:
-                result = set_peft_model_state_dict(model, adapter.state)
-                if getattr(result, "unexpected_keys", None):
-                    raise ConfigError(f"adapter {adapter.user_id!r} does not fit this model")
+                _load_adapter(model, adapter)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     model.base_model.merge_adapter()

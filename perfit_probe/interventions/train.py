@@ -262,7 +262,7 @@ def _train(loaded: LoadedModel, iv: Intervention, bank: InterventionBank,
         if validation is not None:
             selector = _Selector(loaded, iv, bank, validation, config, stage)
             selector.evaluate([(slot, 0, -1) for slot in range(bank.n_slots)])
-        ends = _epoch_ends(steps)
+        ends = _epoch_ends(steps) if selector is not None else {}
         for t, step in enumerate(tqdm(steps, desc=stage, disable=not progress, leave=False)):
             rows = [(slot, enc) for slot, _, _, batch in step for enc in batch]
             optimizer.zero_grad()
@@ -275,7 +275,7 @@ def _train(loaded: LoadedModel, iv: Intervention, bank: InterventionBank,
                 records.append({"stage": stage, "split": "train", "user_id": bank.keys[slot], "epoch": epoch,
                                 "step": number, "n_rows": len(batch), "loss": float(losses[slot]),
                                 "grad_norm": float(norms[slot]), "selected": False})
-            if selector is not None and t in ends:
+            if t in ends:
                 selector.evaluate(ends[t])
         if selector is not None:
             selector.restore()
@@ -373,6 +373,14 @@ def curve_summary(curve: pd.DataFrame) -> dict:
             "last_epoch_loss": float(by_epoch.iloc[-1]),
             "first_step_loss": float(curve[curve["step"] == curve["step"].min()]["loss"].mean()),
             "last_step_loss": float(curve[curve["step"] == curve["step"].max()]["loss"].mean()), **selection}
+
+
+def describe_selection(selection: dict) -> str:
+    """One line of ``curve_summary``'s ``selection``: the epochs kept and the validation losses."""
+    kept = ", ".join(f"{n} at epoch {epoch}" for epoch, n in selection["kept_epoch_counts"].items())
+    return (f"kept {kept} (epoch 0 = the initialisation); validation loss {selection['val_loss_start']:.3f} "
+            f"before stage 2, {selection['val_loss_last']:.3f} after the last epoch, "
+            f"{selection['val_loss_kept']:.3f} as kept")
 
 
 def count_steps(n_examples: int, config: TrainConfig) -> int:
