@@ -27,13 +27,11 @@ import pandas as pd
 
 from perfit_probe.data.records import ProfileItem, Query, TaskData, User
 from perfit_probe.data.splits import stable_rank
-from perfit_probe.data.tasks import TASKS
+from perfit_probe.data.tasks import MOVIELENS_INPUT, TASKS
 from perfit_probe.errors import DataError
 
 log = logging.getLogger(__name__)
 
-INSTRUCTION = "Predict the rating (1-5) this user gives to the movie. Answer with a single digit."
-"""Instruction that starts every query input."""
 
 GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -92,7 +90,7 @@ def _iso(timestamp: int) -> str:
 
 def query_input(movie: dict[str, str]) -> str:
     """The task input of a rating query: instruction, then the movie."""
-    return f"{INSTRUCTION}\nMovie: {movie['title']} [{movie['genres']}]"
+    return MOVIELENS_INPUT.format(**movie)
 
 
 def load_movielens(

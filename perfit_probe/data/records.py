@@ -77,6 +77,15 @@ class TaskSpec:
     """Line introducing the retrieved history block in the enhanced prompt."""
     retrieval_fields: tuple[str, ...] = ()
     """Profile fields the BM25 retriever matches the query against (empty: all fields)."""
+    example_template: str = ""
+    """``str.format`` template turning a profile item into a task input (OPPU's conversion of
+    history into training examples; see ``perfit_probe.data.profile_examples``)."""
+    example_output: str | None = None
+    """Profile field that is the output of that example (the item's score, tag, title, ...)."""
+    example_is_task: bool = True
+    """False where the task's items have no input -> output form of the task itself (LaMP-1,
+    LaMP-7): the example is then the documented stand-in (title of an abstract, a tweet's
+    text), closer to language modelling on the user's items than to the task."""
 
 
 @dataclass

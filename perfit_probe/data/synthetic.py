@@ -29,10 +29,9 @@ import math
 import numpy as np
 
 from perfit_probe.data.records import ProfileItem, Query, TaskData, User
-from perfit_probe.data.tasks import TASKS
+from perfit_probe.data.tasks import SYNTHETIC_INPUT, TASKS
 from perfit_probe.errors import ConfigError
 
-INSTRUCTION = "Predict the score (1-5) this user gives to the object. Answer with a single digit."
 
 FEATURE_WORDS = (
     "amber", "azure", "crimson", "golden", "ivory", "olive", "silver", "violet", "round",
@@ -115,7 +114,7 @@ def make_synthetic(
             profile.append(ProfileItem(id=item_ids[j], fields={"features": text, "score": str(label)},
                                        date=f"{pos:06d}"))
             if pos >= n_history:
-                queries.append(Query(id=f"{uid}-{item_ids[j]}", input=f"{INSTRUCTION}\nObject: {text}",
+                queries.append(Query(id=f"{uid}-{item_ids[j]}", input=SYNTHETIC_INPUT.format(features=text),
                                      output=str(label), item_id=item_ids[j], fields={"features": text}))
         users.append(User(id=uid, profile=profile, queries=queries))
 

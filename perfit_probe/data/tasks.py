@@ -31,17 +31,29 @@ LAMP_2N_CATEGORIES = (
 
 RATINGS = ("1", "2", "3", "4", "5")
 
+MOVIELENS_INSTRUCTION = "Predict the rating (1-5) this user gives to the movie. Answer with a single digit."
+"""Instruction that starts every MovieLens query input."""
+MOVIELENS_INPUT = MOVIELENS_INSTRUCTION + "\nMovie: {title} [{genres}]"
+"""A MovieLens query input (and a profile item as a training example) from the movie's fields."""
+SYNTHETIC_INPUT = "Predict the score (1-5) this user gives to the object. Answer with a single digit.\nObject: {features}"
+"""A synthetic query input (and a profile item as a training example) from the object's features."""
+
 TASKS: dict[str, TaskSpec] = {
     "LaMP-1": TaskSpec(
         name="LaMP-1", kind="classification", labels=("[1]", "[2]"),
         profile_fields=("title", "abstract"), item_template='"{title}"',
         history_header="Titles of papers this user wrote:", retrieval_fields=("title", "abstract"),
+        example_template="Generate a title for the following abstract of a paper: {abstract}",
+        example_output="title", example_is_task=False,
     ),
     "LaMP-2M": TaskSpec(
         name="LaMP-2M", kind="classification", labels=LAMP_2M_TAGS,
         profile_fields=("description", "tag"),
         item_template='the tag for the movie: "{description}" is "{tag}"',
         history_header="This user's tags of related movies:", retrieval_fields=("description",),
+        example_template=("Which tag does this movie relate to among the following tags? Just answer with the tag "
+                          "name without further explanation. tags: [" + ", ".join(LAMP_2M_TAGS) + "] description: {description}"),
+        example_output="tag",
     ),
     "LaMP-2N": TaskSpec(
         name="LaMP-2N", kind="classification", labels=LAMP_2N_CATEGORIES,
@@ -49,28 +61,39 @@ TASKS: dict[str, TaskSpec] = {
         item_template='the category for the article: "{text}" is "{category}"',
         history_header="This user's categories of related articles:",
         retrieval_fields=("title", "text"),
+        example_template=("Which category does this article relate to among the following categories? Just answer "
+                          "with the category name without further explanation. categories: ["
+                          + ", ".join(LAMP_2N_CATEGORIES) + "] article: {text}"),
+        example_output="category",
     ),
     "LaMP-3": TaskSpec(
         name="LaMP-3", kind="rating", labels=RATINGS, profile_fields=("text", "score"),
         item_template='{score} is the score for "{text}"',
         history_header="This user's ratings of related reviews:", retrieval_fields=("text",),
+        example_template=("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, "
+                          "4, or 5 without further explanation. review: {text}"),
+        example_output="score",
     ),
     "LaMP-4": TaskSpec(
         name="LaMP-4", kind="generation", labels=None, profile_fields=("title", "text"),
         item_template='"{title}" is the title for "{text}"',
         history_header="Headlines this user wrote for related articles:",
         retrieval_fields=("title", "text"),
+        example_template="Generate a headline for the following article: {text}", example_output="title",
     ),
     "LaMP-5": TaskSpec(
         name="LaMP-5", kind="generation", labels=None, profile_fields=("title", "abstract"),
         item_template='"{title}" is the title for "{abstract}"',
         history_header="Titles this user wrote for related abstracts:",
         retrieval_fields=("title", "abstract"),
+        example_template="Generate a title for the following abstract of a paper: {abstract}",
+        example_output="title",
     ),
     "LaMP-7": TaskSpec(
         name="LaMP-7", kind="generation", labels=None, profile_fields=("text",),
         item_template='"{text}"', history_header="Tweets this user wrote:",
         retrieval_fields=("text",),
+        example_template="Write a tweet:", example_output="text", example_is_task=False,
     ),
     "movielens-rating": TaskSpec(
         name="movielens-rating", kind="rating", labels=RATINGS,
@@ -78,11 +101,13 @@ TASKS: dict[str, TaskSpec] = {
         item_template="{title} [{genres}]: {score}",
         history_header="This user's ratings of related movies:",
         retrieval_fields=("title", "genres"),
+        example_template=MOVIELENS_INPUT, example_output="score",
     ),
     "synthetic": TaskSpec(
         name="synthetic", kind="rating", labels=RATINGS, profile_fields=("features", "score"),
         item_template="{features}: {score}", history_header="This user's scores of related objects:",
         retrieval_fields=("features",),
+        example_template=SYNTHETIC_INPUT, example_output="score",
     ),
 }
 """Every known task spec, by canonical name."""
