@@ -211,7 +211,7 @@ def cache_activations(
         "n_shards": n_shards,
         "examples_fingerprint": examples_fingerprint(examples),
         "model": loaded.identity.to_dict(),
-        "model_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
     }
     manifest = _check_existing(out_dir, config, resume)  # every rank checks before anyone writes
     _barrier(world_size)
@@ -393,7 +393,7 @@ class CacheConfig:
     """Continue a stopped run in the same directory instead of refusing to overwrite it."""
     model: str = "smollm2"
     """Model to load when none is passed to ``run_cache``."""
-    model_dtype: str = "float32"
+    dtype: str = "float32"
     """Dtype the model computes in."""
     device: str = "cpu"
     """Device of the model."""
@@ -443,7 +443,7 @@ def run_cache(
     if out.exists() and any(out.iterdir()) and not config.resume:
         raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out or pass --resume")
     if loaded is None:
-        loaded = load_model(config.model, dtype=config.model_dtype, device=config.device)
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     if config.examples is not None:
         examples, report = load_examples_jsonl(config.examples), {"task": f"examples:{config.examples}"}
     else:

@@ -78,11 +78,12 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         task={"name": "movielens", "n_users": n_users, "seed": 0, "k": 4, "retriever": "bm25"},
         cache={"max_queries": 8, "sites": [str(layer) for layer in cache_sites], "batch_size": 16},
         analyze={"n_boot": 100, "n_perm": 100},
-        fit={"max_queries": 16, "n_heldout": 4, "layers": fit_layers, "positions": "l2",
-             "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 3,
-             "batch_size": 8, "max_prompt_tokens": 160,
-             # 3 of each test user's 12 history queries pick its stage-2 epoch (0 = stage 1 alone)
-             "val_per_user": 3},
+        # Stage 1 on the train users' queries; stage 2 on each test user's 12 latest rated movies
+        # other than its 8 held-out queries (OPPU's protocol), 3 of them picking its stage-2
+        # epoch (0 = stage 1 alone).
+        fit={"max_queries": 16, "n_heldout": 8, "max_profile_examples": 12, "layers": fit_layers,
+             "positions": "l2", "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 3,
+             "batch_size": 8, "max_prompt_tokens": 160, "val_per_user": 3},
         # OPPU's per-user LoRA at its rank 8 on q/v; its lr (1e-4 on a 7B model) barely moves a
         # 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
         evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 3},
@@ -179,7 +180,7 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     prompts = {k: task[k] for k in ("k", "retriever", "chat") if k in task}
     return {
         "cache": build_stage_config(CacheConfig, "cache", config.cache,
-                                    {**common, **prompts, "model_dtype": model.get("dtype", "float32")}),
+                                    {**common, **prompts, "dtype": model.get("dtype", "float32")}),
         "analyze": build_stage_config(AnalysisConfig, "analyze", config.analyze, {"seed": seed}),
         "fit": build_stage_config(FitConfig, "fit", config.fit,
                                   {**common, **prompts, "dtype": model.get("dtype", "float32")}),

@@ -33,7 +33,8 @@ from perfit_probe_tests.tiny import tiny_model
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 SPEC = TaskSpec(name="planted", kind="rating", labels=("1", "2", "3", "4", "5"),
                 profile_fields=("features", "score"), item_template="{features}: {score}",
-                history_header="History:", retrieval_fields=("features",))
+                history_header="History:", retrieval_fields=("features",),
+                example_template="Predict the rating of {features}", example_output="score")
 PLANTED = {"t1": "1", "t2": "5", "a": "1", "b": "5", "c": "2", "d": "4"}
 """Each planted user gives every object the same rating; t1, t2 train stage 1."""
 

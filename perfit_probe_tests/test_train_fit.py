@@ -69,7 +69,7 @@ def test_cli_fit_and_one_line_errors(tmp_path, capsys):
     assert main(base + ["--layers", "1", "--val-per-user", "-1", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
     assert "val_per_user" in err and len(err.splitlines()) == 1
-    assert main(base + ["--layers", "1,2", "--personal-rank", "2", "--collective-rank", "2",
+    assert main(base + ["--layers", "1,2", "--personal-rank", "2", "--collective-rank", "2", "--personal-data", "queries",
                         "--personal-init", "stage1", "--stacking", "compose", "--val-per-user", "1",
                         "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out

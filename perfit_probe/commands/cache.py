@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
         k=args.k, retriever=args.retriever, chat=args.chat, sites=args.sites, positions=args.positions,
         storage_dtype=args.storage_dtype, batch_size=args.batch_size, shard_rows=args.shard_rows,
         padding_side=args.padding_side, backend=args.backend, seed=args.seed, resume=args.resume,
-        model=args.model, model_dtype=args.dtype, device=args.device,
+        model=args.model, dtype=args.dtype, device=args.device,
     )
 
 

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: constrained to the label set for classification/rating, greedy for generation")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--k", type=int, default=4, help="history items in the rag prompt (default: the fit's)")
+    parser.add_argument("--k", type=int, default=None, help="history items in the rag prompt (default: the fit's)")
     parser.add_argument("--rating-parse", choices=("first_number", "lamp"), default="first_number",
                         help="how a generated rating is read (lamp: float() of the whole answer)")
     parser.add_argument("--stemmer", action="store_true", help="ROUGE with the Porter stemmer (LaMP: none)")

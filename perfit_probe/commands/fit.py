@@ -17,6 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from perfit_probe.commands.common import add_model_arguments, model_from_args
+from perfit_probe.data.profile_examples import PERSONAL_SOURCES, PROFILE_EXAMPLE_MODES
+from perfit_probe.data.splits import TEST_USER_CHOICES
 from perfit_probe.interventions.fit import PERSONAL_INITS, FitConfig, run_fit
 from perfit_probe.interventions.modules import INITS, KINDS
 from perfit_probe.interventions.train import describe_selection
@@ -42,7 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--users", type=int, default=d["n_users"], help="users to load (default %(default)s; 0 = all)")
     data.add_argument("--max-queries", type=int, default=None, help="cap on queries per user")
     data.add_argument("--test-users", type=int, default=None, help="users with a personal intervention (default: half)")
-    data.add_argument("--heldout", type=int, default=d["n_heldout"], help="held-out queries per test user")
+    data.add_argument("--heldout", type=int, default=d["n_heldout"],
+                      help="held-out queries per test user (default: all of them, as OPPU)")
+    data.add_argument("--test-users-by", default=d["test_users_by"], choices=TEST_USER_CHOICES,
+                      help="test users are those with the most history (OPPU) or queries (default %(default)s)")
+    data.add_argument("--personal-data", default=d["personal_data"], choices=PERSONAL_SOURCES,
+                      help="stage 2 trains on the user's profile items as task examples (OPPU) or on its "
+                      "non-held-out queries (default %(default)s)")
+    data.add_argument("--max-profile-examples", type=int, default=d["max_profile_examples"],
+                      help="most recent profile items per test user trained on (default %(default)s; 0 = all)")
+    data.add_argument("--profile-examples", default=d["profile_examples"], choices=PROFILE_EXAMPLE_MODES,
+                      help="task_only: no stage 2 on tasks whose items have no task form (LaMP-1, LaMP-7)")
     data.add_argument("--variant", default=d["prompt_variant"], choices=("plain", "enhanced", "control"),
                       help="prompt variant trained on (default %(default)s)")
     data.add_argument("--k", type=int, default=d["k"], help="retrieved history items (enhanced prompts)")
@@ -87,7 +99,9 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
     return FitConfig(
         task=args.task, task_path=args.task_path, task_outputs=args.task_outputs,
         n_users=args.users or None, max_queries=args.max_queries, n_test_users=args.test_users,
-        n_heldout=args.heldout, layers=tuple(args.layers), site_kind=args.site_kind, positions=args.positions,
+        n_heldout=args.heldout, test_users_by=args.test_users_by, personal_data=args.personal_data,
+        max_profile_examples=args.max_profile_examples or None, profile_examples=args.profile_examples,
+        layers=tuple(args.layers), site_kind=args.site_kind, positions=args.positions,
         intervention=args.intervention, collective_rank=args.collective_rank, personal_rank=args.personal_rank,
         epochs1=args.epochs1, epochs2=args.epochs2, lr1=lr1, lr2=lr2, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, rows_per_forward=args.rows_per_forward,

@@ -15,8 +15,8 @@ For a user, a query and a task spec:
 The body is then wrapped in the tokenizer's chat template as one user turn with the
 generation prompt (``chat=True``; ``chat=None`` means "when the tokenizer has a chat
 template"), or, without a chat template, followed by ``"\\nAnswer:"``. The ``target`` of an
-example is the gold output text; a trainer appends it after the prompt (with a leading space
-when there is no chat template).
+example is the gold output text; ``continuation`` says how it follows the prompt (with a
+leading space when there is no chat template) for training and scoring alike.
 """
 
 from __future__ import annotations
@@ -195,6 +195,16 @@ def finish_prompt(body: str, tokenizer, chat: bool | None = None) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                              add_generation_prompt=True)
     return body + ANSWER_SUFFIX
+
+
+def continuation(text: str, tokenizer, chat: bool | None) -> str:
+    """A target or label as it follows its prompt: with a leading space unless chat-templated.
+
+    The one rule every trainer (PerFit, the LoRA baselines) and scorer (constrained decoding)
+    applies, so that the tokens trained on are the tokens scored. Plain prompts end with
+    ``ANSWER_SUFFIX`` (``"Answer:"``), chat prompts with the assistant header.
+    """
+    return text if use_chat(tokenizer, chat) else " " + text.lstrip()
 
 
 def added_texts(

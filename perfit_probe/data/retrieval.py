@@ -46,7 +46,7 @@ def item_text(item: ProfileItem, fields: Sequence[str] | None = None) -> str:
     return " ".join(str(item.fields[f]) for f in names if f in item.fields)
 
 
-def _date_key(date: str | None) -> tuple[int, float | str]:
+def date_key(date: str | None) -> tuple[int, float | str]:
     """Sort key of a date: numbers (timestamps) and ISO dates compare chronologically."""
     if date is None or date == "":
         return (0, 0.0)
@@ -98,7 +98,7 @@ class ProfileIndex:
             scores = self._scores(query)
             order = sorted(candidates, key=lambda i: (-scores[i], i))
         elif method == "recent":
-            order = sorted(candidates, key=lambda i: (_date_key(profile[i].date), i), reverse=True)
+            order = sorted(candidates, key=lambda i: (date_key(profile[i].date), i), reverse=True)
         else:
             rng = random.Random(stable_rank(f"{self.user.id}/{query.id}", seed))
             order = rng.sample(candidates, min(k, len(candidates)))

@@ -58,31 +58,48 @@ class Split:
             raise DataError(f"{path}: malformed split file ({exc})") from None
 
 
+TEST_USER_CHOICES = ("history", "queries")
+"""How test users are chosen: the users with the most ``history`` (profile items, as OPPU
+does) or with the most ``queries`` (the toolkit's earlier rule)."""
+
+
 def make_split(
     task: TaskData,
     *,
     n_test_users: int | None = None,
     test_fraction: float = 0.5,
-    n_heldout: int = 4,
+    n_heldout: int | None = None,
+    test_users_by: str = "history",
     seed: int = 0,
 ) -> Split:
     """Split users into train/test and hold out ``n_heldout`` queries per test user.
 
-    Test users are the ``n_test_users`` users (or ``test_fraction`` of them) with the most
-    queries, ties broken by a seeded hash, as OPPU evaluates on the users with the most
-    history. Each test user keeps at least one query for training.
+    Test users are the ``n_test_users`` users (or ``test_fraction`` of them) with the largest
+    profile (``test_users_by="history"``, OPPU's choice of the users with the most history) or
+    with the most queries (``"queries"``), ties broken by a seeded hash; the others are train
+    users. ``n_heldout=None`` holds out every query of a test user (its personal stage then
+    trains on its profile only; the official LaMP format has one query per user); a number
+    holds out that many (a seeded choice), keeping at least one query for training.
     """
     users = task.users
+    if test_users_by not in TEST_USER_CHOICES:
+        raise ConfigError(f"unknown test user choice {test_users_by!r}: choose from {TEST_USER_CHOICES}")
+    if n_heldout is not None and n_heldout < 1:
+        raise ConfigError(f"n_heldout={n_heldout} must be >= 1 (or none: every query of a test user)")
     if len(users) < 2:
         raise ConfigError(f"need at least 2 users to split, task {task.spec.name} has {len(users)}")
     n_test = n_test_users if n_test_users is not None else max(1, round(len(users) * test_fraction))
     if not 1 <= n_test < len(users):
         raise ConfigError(f"n_test_users={n_test} must be between 1 and {len(users) - 1}")
-    order = sorted(users, key=lambda u: (-len(u.queries), stable_rank(u.id, seed)))
+    size = (lambda u: len(u.profile)) if test_users_by == "history" else (lambda u: len(u.queries))
+    order = sorted(users, key=lambda u: (-size(u), stable_rank(u.id, seed)))
     test = order[:n_test]
     train = [u for u in users if u not in test]
     heldout = {}
     for user in test:
+        if n_heldout is None:
+            heldout[user.id] = tuple(q.id for q in user.queries)
+            continue
         if len(user.queries) < 2:
             raise ConfigError(f"test user {user.id!r} has {len(user.queries)} queries; need 2 or more")
         k = min(n_heldout, len(user.queries) - 1)

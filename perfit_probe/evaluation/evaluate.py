@@ -31,7 +31,7 @@ user's intervention (``perfit_probe.interventions.generate``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,9 +39,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from perfit_probe.data.prompts import build_examples, use_chat
+from perfit_probe.data.prompts import build_examples, continuation
 from perfit_probe.data.records import Example, TaskData, TaskSpec
-from perfit_probe.data.splits import Split, heldout_user, history_user
+from perfit_probe.data.profile_examples import PersonalData, personal_examples
+from perfit_probe.data.splits import Split, heldout_user
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
 from perfit_probe.evaluation.metrics import METRICS, score_task, write_predictions
@@ -75,12 +76,12 @@ class EvalConfig:
     """Tokens generated per prompt by greedy decoding."""
     batch_size: int = 16
     """Prompts per forward pass."""
-    k: int = 4
-    """History items retrieved into the ``rag`` prompt (use the fit's value)."""
-    retriever: str = "bm25"
-    """Retriever of the ``rag`` prompt."""
+    k: int | None = None
+    """History items retrieved into the ``rag`` prompt (None: the fit's value; 4 without one)."""
+    retriever: str | None = None
+    """Retriever of the ``rag`` prompt (None: the fit's; ``bm25`` without one)."""
     chat: bool | None = None
-    """Wrap prompts in the chat template (None: when the tokenizer has one)."""
+    """Wrap prompts in the chat template (None: as the fit did, else when the tokenizer has one)."""
     rating_parse: str = "first_number"
     """How a generated rating is read: ``first_number`` or ``lamp`` (``float`` of the text)."""
     use_stemmer: bool = False
@@ -100,6 +101,18 @@ class EvalConfig:
             raise ConfigError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
         if self.decoding not in DECODINGS:
             raise ConfigError(f"unknown decoding {self.decoding!r}: choose from {DECODINGS}")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"k={self.k} must be >= 1: the rag prompt needs history items")
+
+    def with_fit(self, recorded: dict) -> EvalConfig:
+        """Prompt options left unset (None) take the fit's ``recorded`` values, then the defaults.
+
+        An option set explicitly always wins, even when it equals a default.
+        """
+        fallback = {"k": 4, "retriever": "bm25", "chat": None}
+        values = {key: getattr(self, key) if getattr(self, key) is not None else recorded.get(key, default)
+                  for key, default in fallback.items()}
+        return replace(self, **values)
 
 
 @dataclass
@@ -135,15 +148,6 @@ def resolve_decoding(decoding: str, kind: str) -> str:
     if decoding == "constrained" and kind == "generation":
         raise ConfigError("constrained decoding needs a label set: use --decoding greedy for generation tasks")
     return decoding
-
-
-def continuation(text: str, tokenizer, chat: bool | None) -> str:
-    """A target or label as it follows the prompt: with a leading space unless chat-templated.
-
-    (The prompt builder ends plain prompts with ``"Answer:"`` and chat prompts with the
-    assistant header; see ``perfit_probe.data.prompts``.)
-    """
-    return text if use_chat(tokenizer, chat) else " " + text.lstrip()
 
 
 def label_values(spec: TaskSpec) -> np.ndarray | None:
@@ -206,17 +210,6 @@ def heldout_examples(task: TaskData, split: Split, tokenizer, *, variants: Seque
                           chat=chat, seed=seed)
 
 
-def history_examples(task: TaskData, split: Split, tokenizer, *, variant: str = "plain", k: int = 4,
-                     retriever: str = "bm25", chat: bool | None = None, seed: int = 0) -> dict[str, list[Example]]:
-    """Each test user's training (history) examples, as stage 2 trains on them."""
-    out = {}
-    for uid in split.test_users:
-        user = history_user(task.user(uid), split)
-        out[uid] = build_examples([user], task.spec, tokenizer, variants=(variant,), k=k,
-                                  retriever=retriever, chat=chat, seed=seed)
-    return out
-
-
 def evaluate_methods(
     loaded: LoadedModel,
     task: TaskData,
@@ -224,15 +217,18 @@ def evaluate_methods(
     perfit: PerFit | None,
     config: EvalConfig = EvalConfig(),
     *,
+    personal: PersonalData = PersonalData(),
     perfit_costs: dict | None = None,
     progress: bool = False,
 ) -> EvalResult:
     """Evaluate ``config.methods`` on the held-out queries of ``split``'s test users.
 
+    ``personal``: what the per-user LoRAs train on (the fit's stage-2 data, ``RUN/perfit/task.json``).
     ``perfit_costs`` may give ``stage1_train_s`` and ``stage2_train_s_per_user`` (from the fit)
     for the cost columns. Methods needing a fit are skipped (with a warning) when ``perfit``
     is None or has no personal bank.
     """
+    config = config.with_fit({})
     spec = task.spec
     mode = resolve_decoding(config.decoding, spec.kind)
     costs = perfit_costs or {}
@@ -252,7 +248,7 @@ def evaluate_methods(
     oppu = {}
     if {"lora_task", "oppu"} & set(config.methods):
         oppu = _oppu_predictions(loaded, task, split, by_variant["plain"], config, opts, progress,
-                                 per_user="oppu" in config.methods)
+                                 personal, per_user="oppu" in config.methods)
     for method in config.methods:
         variant, stage = _METHOD_SETUP[method]
         if stage != "none" and perfit is None:
@@ -264,7 +260,7 @@ def evaluate_methods(
         chosen = by_variant[variant]
         info = {"method": method, "params_per_user": 0, "shared_params": 0, "train_s_per_user": 0.0}
         if method == "lora":
-            preds, adapters, info = _lora_predictions(loaded, task, split, chosen, config, opts, progress)
+            preds, adapters, info = _lora_predictions(loaded, task, split, chosen, config, opts, progress, personal)
         elif method in oppu:
             preds, info = oppu[method]
         else:
@@ -299,11 +295,12 @@ def _fit_on(baseline: LoraBaseline, key: str, examples: list[Example], config: E
                              [continuation(e.target, tok, config.chat) for e in examples], seed=seed)
 
 
-def _lora_predictions(loaded, task, split, chosen, config, opts, progress, desc="LoRA per user"):
-    """Train one LoRA per test user on its history, predict its held-out queries with it."""
+def _lora_predictions(loaded, task, split, chosen, config, opts, progress, personal, desc="LoRA per user"):
+    """Train one LoRA per test user on its personal examples (as PerFit's stage 2), predict its held-out queries."""
     from tqdm.auto import tqdm
 
-    history = history_examples(task, split, loaded.tokenizer, chat=config.chat, seed=config.seed)
+    history = personal_examples(loaded.tokenizer, task, split, split.test_users, personal, k=config.k,
+                                retriever=config.retriever, chat=config.chat, seed=config.seed)
     baseline = LoraBaseline(loaded, config.lora)
     outputs: dict[tuple[str, str], tuple[str, float | None]] = {}
     adapters = {}
@@ -326,7 +323,7 @@ def _lora_predictions(loaded, task, split, chosen, config, opts, progress, desc=
     return preds, adapters, info
 
 
-def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, *, per_user: bool) -> dict:
+def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, personal, *, per_user: bool) -> dict:
     """OPPU: a task LoRA on the train users' queries, merged; then (``per_user``) one LoRA per
     test user on top. Returns ``{"lora_task": (preds, info), "oppu": (preds, info)}``."""
     users = [task.user(u) for u in split.train_users]
@@ -344,7 +341,7 @@ def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, *, pe
                                     "shared_params": adapter.n_trainable, "train_s_per_user": 0.0,
                                     "train_s_shared": adapter.train_s})
         if per_user:
-            preds, _, info = _lora_predictions(task_model, task, split, chosen, config, opts, progress,
+            preds, _, info = _lora_predictions(task_model, task, split, chosen, config, opts, progress, personal,
                                                desc="OPPU per user")
             out["oppu"] = (preds, {**info, "method": "oppu", "shared_params": adapter.n_trainable,
                                    "train_s_shared": adapter.train_s})
@@ -409,6 +406,8 @@ class FittedRun:
     """The fitted banks (``RUN/perfit/stage1``, ``RUN/perfit/bank``)."""
     prompt_options: dict
     """``k``, ``retriever``, ``chat`` of the fit's prompts."""
+    personal: PersonalData
+    """What the fit's stage 2 trained on (the per-user LoRA baselines train on the same)."""
     costs: dict
     """``stage1_train_s`` and ``stage2_train_s_per_user`` when the fit recorded them."""
 
@@ -471,34 +470,33 @@ def load_fitted_run(run_dir: Path, loaded: LoadedModel) -> FittedRun:
     from perfit_probe.rundir import read_json
 
     directory = perfit_dir(Path(run_dir))
-    kwargs, options = task_load_options(read_json(directory / "task.json"))
+    recorded = read_json(directory / "task.json")
+    kwargs, options = task_load_options(recorded)
+    personal = PersonalData(**recorded["personal"]) if isinstance(recorded.get("personal"), dict) else \
+        PersonalData(source="queries")
     name = kwargs.pop("name")
     task = load_task(name, **kwargs)
     split = Split.load(directory / "split.json")
     perfit = load_perfit(directory, loaded)
-    return FittedRun(task, split, perfit, options, _fit_costs(Path(run_dir), len(split.test_users)))
+    return FittedRun(task, split, perfit, options, personal, _fit_costs(Path(run_dir), len(split.test_users)))
 
 
 def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalConfig(), *,
                  progress: bool = False) -> EvalResult:
     """``perfit-probe evaluate``: evaluate a fitted run and write ``RUN/eval/``.
 
-    The ``rag`` prompts use the fit's ``k``/``retriever``/``chat`` unless ``config`` sets
-    other values than the defaults.
+    The ``rag`` prompts use the fit's ``k``/``retriever``/``chat`` where ``config`` leaves them
+    unset (None); an explicit value always wins.
     """
-    from dataclasses import replace
-
     from perfit_probe.rundir import RunDir
 
     run = RunDir.open(run_dir)
     fitted = load_fitted_run(run.path, loaded)
-    defaults = EvalConfig()
-    overrides = {k: v for k, v in fitted.prompt_options.items() if getattr(config, k) == getattr(defaults, k)}
-    config = replace(config, **overrides)
+    config = config.with_fit(fitted.prompt_options)
     run.add_stage("evaluate", config)
     with run.timed("evaluate"):
         result = evaluate_methods(loaded, fitted.task, fitted.split, fitted.perfit, config,
-                                  perfit_costs=fitted.costs, progress=progress)
+                                  personal=fitted.personal, perfit_costs=fitted.costs, progress=progress)
     write_results(result, run.sub("eval"), fitted.task.spec)
     metrics = [m for m in METRICS[fitted.task.spec.kind] if m in result.table.columns]
     run.add_metrics("evaluate", {row["method"]: {m: row[m] for m in metrics}

@@ -48,6 +48,7 @@ import torch
 
 from perfit_probe.backends.hooks import HookBackend
 from perfit_probe.data.records import TaskData
+from perfit_probe.data.profile_examples import PersonalData, training_queries
 from perfit_probe.data.splits import Split, history_user
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import Predictions, heldout_examples, predict, resolve_decoding
@@ -116,13 +117,15 @@ class SteerResult:
 class _Runner:
     """Held-out prompts of the test users and a metric function over interventions."""
 
-    def __init__(self, loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit, config: SteerConfig):
+    def __init__(self, loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit, config: SteerConfig,
+                 personal: PersonalData):
         if perfit.personal is None:
             raise ConfigError("steering needs personal (stage 2) interventions: run `perfit-probe fit` with stage 2")
         missing = [u for u in split.test_users if u not in perfit.personal.keys]
         if missing:
             raise ConfigError(f"test users {missing[:3]} have no personal intervention in this fit")
         self.loaded, self.task, self.split, self.perfit, self.config = loaded, task, split, perfit, config
+        self.personal = personal
         self.spec = task.spec
         self.mode = resolve_decoding(config.decoding, task.spec.kind)
         self.metric = primary_metric(task.spec.kind)
@@ -156,16 +159,18 @@ def _value(rows: list[dict], setting: str, metric: str) -> float:
 
 
 # ---------------------------------------------------------------------- (a) swap
-def history_behaviour(task: TaskData, split: Split, user_id: str) -> np.ndarray:
-    """A user's behaviour from the gold outputs of their history queries.
+def history_behaviour(task: TaskData, split: Split, user_id: str,
+                      personal: PersonalData = PersonalData()) -> np.ndarray:
+    """A user's behaviour from the gold outputs of its personal training examples (what stage 2 saw).
 
     Ratings: ``[mean rating]``; labels: the add-one-smoothed label histogram.
     """
     spec = task.spec
-    outputs = [q.output for q in history_user(task.user(user_id), split).queries if q.output is not None]
+    outputs = [q.output for _, q in training_queries(history_user(task.user(user_id), split), spec, personal)
+               if q.output is not None]
     if spec.kind == "rating":
         if not outputs:
-            raise ConfigError(f"user {user_id!r} has no rated history queries")
+            raise ConfigError(f"user {user_id!r} has no rated history")
         return np.array([float(np.mean([float(o) for o in outputs]))])
     counts = np.ones(len(spec.labels))
     for o in outputs:
@@ -206,7 +211,7 @@ def user_swap(runner: _Runner) -> tuple[list[dict], pd.DataFrame]:
         prompts += [runner.prompts[i] for i in idx]
         donors += [a] * len(idx)
     swapped = runner.predict(prompts, donors, mode="constrained")
-    behaviour = {u: history_behaviour(runner.task, runner.split, u) for u in users}
+    behaviour = {u: history_behaviour(runner.task, runner.split, u, runner.personal) for u in users}
     records = []
     for (a, b), span in zip(pairs, spans):
         own_b = _behaviour_of(spec.kind, own, rows_of[b])
@@ -386,9 +391,12 @@ def control(runner: _Runner, stage1_rows: list[dict], perfit_rows: list[dict]) -
 
 # ---------------------------------------------------------------------- entry point
 def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit,
-                 config: SteerConfig = SteerConfig()) -> SteerResult:
-    """Run the configured checks; see the module docstring for what each number means."""
-    runner = _Runner(loaded, task, split, perfit, config)
+                 config: SteerConfig = SteerConfig(), personal: PersonalData = PersonalData()) -> SteerResult:
+    """Run the configured checks; see the module docstring for what each number means.
+
+    ``personal``: what the fit's stage 2 trained on (a user's behaviour in the swap check).
+    """
+    runner = _Runner(loaded, task, split, perfit, config, personal)
     rows: list[dict] = []
     pairs = pd.DataFrame()
     basis = None
@@ -428,7 +436,7 @@ def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(),
         config = replace(config, chat=fitted.prompt_options["chat"])
     run.add_stage("steer", config)
     with run.timed("steer"):
-        result = steer_checks(loaded, fitted.task, fitted.split, fitted.perfit, config)
+        result = steer_checks(loaded, fitted.task, fitted.split, fitted.perfit, config, fitted.personal)
     out = run.sub("steer")
     atomic_write_text(out / "steer.csv", result.rows.to_csv(index=False))
     atomic_write_text(out / "swap_pairs.csv", result.pairs.to_csv(index=False))

@@ -1,7 +1,7 @@
 """Saving and loading trained interventions: safetensors plus a JSON config.
 
 A bank directory holds ``intervention.safetensors`` (tensors ``site{i}.A``, ``site{i}.W``,
-``site{i}.b``, float32, saved as trained) and ``intervention.json`` (format version,
+``site{i}.b``, and the anchor ``site{i}.A0``, ``W0``, ``b0`` of anchored banks; float32, saved as trained) and ``intervention.json`` (format version,
 perfit-probe version, kind, sites, positions, rank, d_model, slot keys, the model identity,
 and extra fields such as the stacking rule). Loading checks the model identity (fingerprint
 of config and weights, sampled in the loaded dtype) and refuses a mismatch with ``ArtifactError``.
@@ -39,7 +39,7 @@ def save_bank(bank: InterventionBank, directory: Path, identity: ModelIdentity |
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for i, holder in enumerate(bank.site_params):
-        for name, param in holder.named_parameters():
+        for name, param in [*holder.named_parameters(), *holder.named_buffers()]:
             tensors[f"site{i}.{name}"] = param.detach().to("cpu", torch.float32).contiguous()
     tmp = directory / f".{TENSOR_FILE}.tmp"
     save_file(tensors, str(tmp))
@@ -96,7 +96,7 @@ def load_bank(directory: Path, identity: ModelIdentity | None = None,
     bank = InterventionBank(spec, list(config["keys"]))
     with torch.no_grad():
         for i, holder in enumerate(bank.site_params):
-            for name, param in holder.named_parameters():
+            for name, param in [*holder.named_parameters(), *holder.named_buffers()]:
                 key = f"site{i}.{name}"
                 if key not in tensors or tensors[key].shape != param.shape:
                     raise ArtifactError(f"corrupt intervention in {directory}: tensor {key} missing or misshapen")

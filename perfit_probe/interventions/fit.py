@@ -6,13 +6,17 @@ and rebuild the prompts), ``curves.csv`` (loss per step, user and stage), ``para
 (parameter counts: collective, per user, and LoRA rank 8 on q/v for the same model); wall
 times and loss summaries go into ``RUN/metrics.json`` under ``fit``.
 
-Data: stage 1 trains on every query of the *train users*; stage 2 on each *test user*'s
-history queries (``splits.history_user``); held-out queries are left for evaluation. With
-``val_per_user`` > 0, that many history queries per test user are set aside and each user
-keeps its stage-2 epoch with the lowest loss on them (``curves.csv`` rows with
-``split == "val"``; a summary under ``fit.stage2.selection`` in ``metrics.json``). Prompts
-are ``build_examples(..., variants=(prompt_variant,))``; targets are the gold outputs
-followed by the end-of-text token.
+Data (OPPU's protocol): stage 1 trains on every query of the *train users*; stage 2 on each
+*test user*'s history, its profile items turned into task examples
+(``perfit_probe.data.profile_examples``: the ``max_profile_examples`` most recent items, with
+retrieval over earlier items only); the test users' queries (all of them by default,
+``n_heldout``) are left for evaluation. ``personal_data = "queries"`` trains stage 2 on the
+test users' non-held-out queries instead. With ``val_per_user`` > 0, that many of a test
+user's training examples are set aside and each user keeps its stage-2 epoch with the lowest
+loss on them (``curves.csv`` rows with ``split == "val"``; a summary under
+``fit.stage2.selection`` in ``metrics.json``). Prompts are ``build_examples(...,
+variants=(prompt_variant,))``; a target is the gold output as it follows the prompt
+(``prompts.continuation``, the same text the evaluation scores) and the end-of-text token.
 
 Several processes (``torchrun``): pass ``rank``/``world_size`` with ``torch.distributed``
 initialised. Rank 0 trains stage 1 and saves it; the others wait and load it; stage-2 users
@@ -31,6 +35,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from perfit_probe.data import load_task
+from perfit_probe.data.profile_examples import PersonalData, personal_examples
+from perfit_probe.data.prompts import build_examples, continuation
+from perfit_probe.data.records import Example, TaskData
+from perfit_probe.data.splits import TEST_USER_CHOICES, Split, make_split
 from perfit_probe.errors import ConfigError, DataError
 from perfit_probe.interventions.apply import STACKINGS, check_sites
 from perfit_probe.interventions.artifact import load_bank, save_bank
@@ -64,8 +73,18 @@ class FitConfig:
     """Users who get a personal intervention; None = ``test_fraction`` of the users."""
     test_fraction: float = 0.5
     """Share of users who are test users when ``n_test_users`` is None."""
-    n_heldout: int = 4
-    """Queries held out per test user for evaluation."""
+    test_users_by: str = "history"
+    """Test users are those with the most ``history`` (profile items; OPPU's choice) or ``queries``."""
+    n_heldout: int | None = None
+    """Queries held out per test user for evaluation (None: all of them, as OPPU evaluates)."""
+    personal_data: str = "profile"
+    """What stage 2 (and the per-user LoRA baselines) train on: ``profile`` (the user's history
+    items as task examples, OPPU's protocol) or ``queries`` (non-held-out queries; needs
+    ``n_heldout``)."""
+    max_profile_examples: int | None = 32
+    """``profile``: each test user's most recent items trained on (None: all); bounds CPU cost."""
+    profile_examples: str = "all"
+    """``profile``: ``all``, or ``task_only`` to skip tasks whose items have no task form (LaMP-1, LaMP-7)."""
     layers: tuple[int, ...] = (8, 12)
     """Layers edited (negative counts from the end)."""
     site_kind: str = "resid_post"
@@ -148,6 +167,18 @@ class FitConfig:
         if not (self.lr1 > 0 and self.lr2 > 0):
             raise ConfigError("learning rates must be positive")
         parse_positions(self.positions)
+        self.personal()
+        if self.personal_data == "queries" and self.n_heldout is None:
+            raise ConfigError("personal_data='queries' trains on the queries that are not held out: "
+                              "set n_heldout (e.g. 4)")
+        if self.n_heldout is not None and self.n_heldout < 1:
+            raise ConfigError(f"n_heldout={self.n_heldout} must be >= 1 (or none: every query)")
+        if self.test_users_by not in TEST_USER_CHOICES:
+            raise ConfigError(f"unknown test user choice {self.test_users_by!r}: choose from {TEST_USER_CHOICES}")
+
+    def personal(self) -> PersonalData:
+        """What the personal stages train on."""
+        return PersonalData(self.personal_data, self.max_profile_examples, self.profile_examples)
 
     def train_config(self, stage: int) -> TrainConfig:
         """Optimisation settings of stage 1 or 2."""
@@ -161,7 +192,8 @@ class FitConfig:
         return {"load": {"name": self.task, "path": self.task_path, "outputs": self.task_outputs,
                          "n_users": self.n_users, "seed": self.seed, "max_queries": self.max_queries},
                 "prompts": {"variant": self.prompt_variant, "k": self.k, "retriever": self.retriever,
-                            "chat": self.chat, "max_prompt_tokens": self.max_prompt_tokens}}
+                            "chat": self.chat, "max_prompt_tokens": self.max_prompt_tokens},
+                "personal": self.personal().to_dict()}
 
 
 def lora_parameter_count(model: nn.Module, rank: int = 8) -> int:
@@ -190,18 +222,23 @@ def parameter_counts(spec1: BankSpec, spec2: BankSpec, model: nn.Module) -> dict
             "collective_over_lora": collective / lora if lora else float("nan")}
 
 
-def _encode_examples(loaded: LoadedModel, users, spec, config: FitConfig) -> dict[str, list[Encoded]]:
-    from perfit_probe.data.prompts import build_examples
-
-    examples = build_examples(users, spec, loaded.tokenizer, variants=(config.prompt_variant,), k=config.k,
-                              retriever=config.retriever, chat=config.chat, seed=config.seed)
-    out: dict[str, list[Encoded]] = {u.id: [] for u in users}
+def encode_examples(loaded: LoadedModel, examples: list[Example], config: FitConfig) -> dict[str, list[Encoded]]:
+    """Examples as training rows by user: the prompt, then ``continuation(target)`` and end-of-text."""
+    out: dict[str, list[Encoded]] = {}
     for ex in examples:
         if ex.target is None or ex.target == "":
             raise DataError(f"query {ex.query_id} of user {ex.user_id} has no gold output to train on")
-        out[ex.user_id].append(encode(loaded.tokenizer, ex.prompt, ex.target, eos=True,
-                                      max_prompt_tokens=config.max_prompt_tokens))
+        out.setdefault(ex.user_id, []).append(
+            encode(loaded.tokenizer, ex.prompt, continuation(ex.target, loaded.tokenizer, config.chat), eos=True,
+                   max_prompt_tokens=config.max_prompt_tokens))
     return out
+
+
+def stage1_examples(loaded: LoadedModel, task: TaskData, split: Split, config: FitConfig) -> list[Example]:
+    """Stage 1's data: every query of the train users, in the fit's prompt variant."""
+    users = [task.user(u) for u in split.train_users]
+    return build_examples(users, task.spec, loaded.tokenizer, variants=(config.prompt_variant,), k=config.k,
+                          retriever=config.retriever, chat=config.chat, seed=config.seed)
 
 
 def validation_split(examples: dict[str, list[Encoded]], n_val: int,
@@ -218,6 +255,20 @@ def validation_split(examples: dict[str, list[Encoded]], n_val: int,
     return train, val
 
 
+def personal_start(collective: InterventionBank, spec: BankSpec, keys: list[str], init: str,
+                   seed: int) -> InterventionBank:
+    """Stage 2's personal bank before training: its edit is exactly zero, so stage 2 starts at stage 1.
+
+    ``zero``: random orthonormal R, W = R, b = 0 (a zero edit up to the rounding of R's QR);
+    ``random``: pyreft's random start; ``stage1``: a copy of the collective intervention. All are
+    *anchored* (the edit is measured from the start, ``perfit_probe.interventions.modules``), which
+    makes the start exactly stage 1 whatever the initialisation and the stacking.
+    """
+    if init == "stage1":
+        return InterventionBank.copied_from(collective, keys).anchored()
+    return InterventionBank.initialised(spec, keys, init, seed=seed).anchored()
+
+
 def _barrier(world_size: int) -> None:
     if world_size > 1:
         torch.distributed.barrier()
@@ -230,8 +281,6 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
     ``loaded``: the model (default: ``load_model(config.model, ...)``). Every option is checked
     (layers in range, ranks <= d_model, ...) before any training.
     """
-    from perfit_probe.data import load_task
-    from perfit_probe.data.splits import history_user, make_split
     from perfit_probe.models import load_model
 
     config.validate()
@@ -252,11 +301,8 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
     task = load_task(config.task, path=config.task_path, outputs=config.task_outputs, n_users=config.n_users,
                      seed=config.seed, max_queries=config.max_queries)
     split = make_split(task, n_test_users=config.n_test_users, test_fraction=config.test_fraction,
-                       n_heldout=config.n_heldout, seed=config.seed)
-    by_id = {u.id: u for u in task.users}
-    train_users = [by_id[u] for u in split.train_users]
+                       n_heldout=config.n_heldout, test_users_by=config.test_users_by, seed=config.seed)
     my_test = [u for i, u in enumerate(split.test_users) if i % world_size == rank]
-    history = [history_user(by_id[u], split) for u in my_test]
 
     if rank == 0:
         if (out / "run.json").exists():
@@ -279,10 +325,11 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
     t0 = time.perf_counter()
     curve1 = pd.DataFrame()
     if rank == 0:
-        examples1 = [e for exs in _encode_examples(loaded, train_users, task.spec, config).values() for e in exs]
+        examples1 = [e for exs in encode_examples(loaded, stage1_examples(loaded, task, split, config),
+                                                  config).values() for e in exs]
         collective = InterventionBank.initialised(spec1, ["collective"], config.collective_init,
                                                   seed=config.seed).to(loaded.device)
-        log.info("stage 1: %d train users, %d examples, %d parameters", len(train_users), len(examples1),
+        log.info("stage 1: %d train users, %d examples, %d parameters", len(split.train_users), len(examples1),
                  spec1.params_per_slot())
         curve1 = train_collective(loaded, collective, examples1, config.train_config(1), progress=progress)
         save_bank(collective, pdir / "stage1", loaded.identity, {"stage": "collective"})
@@ -293,18 +340,21 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
 
     # ---------------------------------------------------------------- stage 2
     t0 = time.perf_counter()
-    examples2 = _encode_examples(loaded, history, task.spec, config)
+    raw2 = personal_examples(loaded.tokenizer, task, split, my_test, config.personal(),
+                             variant=config.prompt_variant, k=config.k, retriever=config.retriever,
+                             chat=config.chat, seed=config.seed)
+    examples2 = encode_examples(loaded, [e for exs in raw2.values() for e in exs], config)
     validation2 = None
     if config.val_per_user:
         examples2, validation2 = validation_split(examples2, config.val_per_user, config.seed)
-    keys = [u.id for u in history]
+    keys = [u for u in my_test if examples2.get(u)]
+    if len(keys) < len(my_test):
+        log.warning("stage 2 skipped: %d test users have no personal training examples (task %s, %s)",
+                    len(my_test) - len(keys), task.spec.name, config.personal())
     curve2 = pd.DataFrame()
     personal = None
     if keys:
-        if config.personal_init == "stage1":
-            personal = InterventionBank.copied_from(collective, keys)
-        else:
-            personal = InterventionBank.initialised(spec2, keys, config.personal_init, seed=config.seed + 1)
+        personal = personal_start(collective, spec2, keys, config.personal_init, seed=config.seed + 1)
         personal.to(loaded.device)
         log.info("stage 2 (rank %d): %d users, %d parameters each", rank, len(keys), spec2.params_per_slot())
         curve2 = train_personal(loaded, collective, personal, examples2, config.train_config(2),

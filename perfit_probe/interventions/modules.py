@@ -28,16 +28,29 @@ construction, and equals A whenever A already has orthonormal rows, which makes 
 one bank from another exact.
 
 Initialisations (per slot, seeded by the slot's key so a user gets the same start in a
-batched bank as alone): ``zero`` (random orthonormal R, W = R, b = 0: the edit is exactly
-zero), ``random`` (random orthonormal R, W and b uniform in +-1/sqrt(d) as ``nn.Linear``
-does: pyreft's start).
+batched bank as alone): ``zero`` (random orthonormal R, W = R, b = 0: the edit is zero up
+to the rounding of R's QR), ``random`` (random orthonormal R, W and b uniform in
++-1/sqrt(d) as ``nn.Linear`` does: pyreft's start).
+
+*Anchored* banks (``BankSpec.anchored``) measure their edit from where they started: with
+``theta_0`` a frozen copy of the parameters at initialisation (buffers ``A0``, ``W0``,
+``b0``)::
+
+    edit(h) = e_theta(h) - e_theta_0(h)
+
+so an anchored bank's edit is exactly zero before training whatever its initialisation. PerFit's
+stage 2 anchors its personal bank (whether it starts at a zero edit, pyreft's random start or a
+copy of the stage-1 intervention), so that "stage 2 before training" is exactly stage 1 alone
+(with a copy of stage 1 and ``sum`` stacking, the trained model is ``h + e_p(h)``: the copy
+replaces stage 1).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -62,6 +75,9 @@ class BankSpec:
     """Rank r of each intervention."""
     d_model: int
     """Width d of the edited hidden state."""
+    anchored: bool = False
+    """The edit is measured from the initial parameters (frozen buffers ``A0``, ``W0``, ``b0``):
+    exactly zero before training (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,7 +99,7 @@ class BankSpec:
     def from_dict(cls, data: dict) -> BankSpec:
         """Inverse of :meth:`to_dict`."""
         return cls(data["kind"], tuple(data["sites"]), data["positions"], int(data["rank"]),
-                   int(data["d_model"]))
+                   int(data["d_model"]), bool(data.get("anchored", False)))
 
     def params_per_slot(self) -> int:
         """Trainable parameters of one slot (all sites): ``2dr + r`` per site, ``dr + r`` for lobireft."""
@@ -127,6 +143,9 @@ class InterventionBank(nn.Module):
             if spec.kind != "lobireft":
                 holder.W = nn.Parameter(torch.zeros(n, r, d))
             holder.b = nn.Parameter(torch.zeros(n, r))
+            if spec.anchored:
+                for name, param in list(holder.named_parameters()):
+                    holder.register_buffer(f"{name}0", torch.zeros_like(param))
             self.site_params.append(holder)
 
     # ------------------------------------------------------------------ construction
@@ -160,9 +179,19 @@ class InterventionBank(nn.Module):
         bank = cls(source.spec, keys)
         with torch.no_grad():
             for mine, theirs in zip(bank.site_params, source.site_params):
-                for name, param in mine.named_parameters():
-                    param.copy_(getattr(theirs, name)[slot].unsqueeze(0).expand_as(param))
+                for name, tensor in _state(mine):
+                    tensor.copy_(getattr(theirs, name)[slot].unsqueeze(0).expand_as(tensor))
         return bank
+
+    def anchored(self) -> InterventionBank:
+        """A copy of this bank whose edit is measured from its current parameters (zero as it is)."""
+        bank = type(self)(replace(self.spec, anchored=True), self.keys)
+        with torch.no_grad():
+            for mine, theirs in zip(bank.site_params, self.site_params):
+                for name, param in theirs.named_parameters():
+                    getattr(mine, name).copy_(param)
+                    getattr(mine, f"{name}0").copy_(param)
+        return bank.to(self.device)
 
     def subset(self, keys: list[str]) -> InterventionBank:
         """A new bank holding copies of the named slots, in that order."""
@@ -170,8 +199,8 @@ class InterventionBank(nn.Module):
         bank = type(self)(self.spec, keys)
         with torch.no_grad():
             for mine, theirs in zip(bank.site_params, self.site_params):
-                for name, param in mine.named_parameters():
-                    param.copy_(getattr(theirs, name).detach().index_select(0, index))
+                for name, tensor in _state(mine):
+                    tensor.copy_(getattr(theirs, name).detach().index_select(0, index.to(tensor.device)))
         return bank.to(self.device)
 
     @classmethod
@@ -185,8 +214,8 @@ class InterventionBank(nn.Module):
         out = cls(spec, [k for b in banks for k in b.keys])
         with torch.no_grad():
             for s, holder in enumerate(out.site_params):
-                for name, param in holder.named_parameters():
-                    param.copy_(torch.cat([getattr(b.site_params[s], name).detach().cpu() for b in banks]))
+                for name, tensor in _state(holder):
+                    tensor.copy_(torch.cat([getattr(b.site_params[s], name).detach().cpu() for b in banks]))
         return out
 
     # ------------------------------------------------------------------ access
@@ -217,9 +246,10 @@ class InterventionBank(nn.Module):
             )
         return torch.tensor([lookup[k] for k in keys], dtype=torch.long, device=self.device)
 
-    def rotation(self, site: int) -> torch.Tensor:
-        """``R [n, r, d]`` at site number ``site``: orthonormal rows except for ``noreft``."""
-        a = self.site_params[site].A
+    def rotation(self, site: int, initial: bool = False) -> torch.Tensor:
+        """``R [n, r, d]`` at site number ``site``: orthonormal rows except for ``noreft``
+        (``initial``: of the anchor parameters, anchored banks only)."""
+        a = self.site_params[site].A0 if initial else self.site_params[site].A
         return a if self.spec.kind == "noreft" else orthonormal_rows(a)
 
     def decayed_parameters(self) -> list[nn.Parameter]:
@@ -229,16 +259,26 @@ class InterventionBank(nn.Module):
 
     # ------------------------------------------------------------------ the edit
     def edit(self, site: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The additive edit ``phi(h) - h`` for hidden states ``h [B, k, d]``; row i uses slot ``slots[i]``."""
+        """The additive edit ``phi(h) - h`` for hidden states ``h [B, k, d]``; row i uses slot ``slots[i]``.
+
+        Anchored banks return ``e_theta(h) - e_theta_0(h)`` (zero before training).
+        """
+        out = self._raw_edit(site, h, slots, initial=False)
+        if self.spec.anchored:
+            out = out - self._raw_edit(site, h, slots, initial=True)
+        return out
+
+    def _raw_edit(self, site: int, h: torch.Tensor, slots: torch.Tensor, *, initial: bool) -> torch.Tensor:
         holder = self.site_params[site]
+        suffix = "0" if initial else ""
+        rot, bias = self.rotation(site, initial), getattr(holder, "b" + suffix)
+        weight = getattr(holder, "W" + suffix) if self.spec.kind != "lobireft" else None
         if self.n_slots == 1:
-            rot = self.rotation(site).expand(h.shape[0], -1, -1)
-            bias = holder.b.expand(h.shape[0], -1)
-            weight = holder.W.expand(h.shape[0], -1, -1) if self.spec.kind != "lobireft" else None
+            rot, bias = rot.expand(h.shape[0], -1, -1), bias.expand(h.shape[0], -1)
+            weight = None if weight is None else weight.expand(h.shape[0], -1, -1)
         else:
-            rot = self.rotation(site).index_select(0, slots)
-            bias = holder.b.index_select(0, slots)
-            weight = holder.W.index_select(0, slots) if self.spec.kind != "lobireft" else None
+            rot, bias = rot.index_select(0, slots), bias.index_select(0, slots)
+            weight = None if weight is None else weight.index_select(0, slots)
         rot = rot.to(h.dtype)
         if weight is None:
             inner = bias.to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1)
@@ -250,3 +290,9 @@ class InterventionBank(nn.Module):
     def forward(self, site: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``phi(h)`` (the edited hidden state)."""
         return h + self.edit(site, h, slots)
+
+
+def _state(holder: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A site holder's parameters and anchor buffers, by name."""
+    yield from holder.named_parameters()
+    yield from holder.named_buffers()
