@@ -33,7 +33,9 @@ def test_demo_runs_every_stage_through_the_cli(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["pipeline"]["stage_wall_s"]) == {"cache", "analyze", "fit", "evaluate", "steer"}
     results = pd.read_csv(out / "eval" / "results.csv")
-    assert set(results["method"]) == {"base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu"}
+    assert set(results["method"]) == {"base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", "user_mean",
+                                      "user_median", "user_majority", "global_majority", "global_mean", "bm25_top1"}
+    assert (out / "eval" / "differences.csv").is_file() and (out / "figures" / "eval_intervals.png").is_file()
     report = (out / "report.md").read_text()
     assert "Shift analysis" in report and "Evaluation" in report and "figures/" in report
     assert "## PerFit training" in report and "stage-2 model selection" in report

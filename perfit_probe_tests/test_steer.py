@@ -147,11 +147,13 @@ def test_run_evaluate_and_run_steer_write_the_run_directory(tmp_path, monkeypatc
     saved = pd.read_csv(run.path / "steer" / "steer.csv", dtype={"setting": str})
     assert len(saved) == len(steer.rows)
     figures = sorted(p.name for p in (run.path / "figures").iterdir())
-    assert figures == ["steer_dose.png", "steer_swap.png"]
+    assert figures == ["eval_differences.png", "eval_intervals.png", "steer_dose.png", "steer_swap.png"]
     # figures regenerate from the CSVs alone
+    from analyses.eval_figures import main as eval_figures_main
     from analyses.steer_figures import main as figures_main
 
     assert figures_main([str(run.path), "--out", str(tmp_path / "again")]) == 0
+    assert eval_figures_main([str(run.path), "--out", str(tmp_path / "again")]) == 0
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == figures
     # the CLI turns a directory without a fit into a one-line error (exit status 2)
     from perfit_probe_tests.tiny import save_tiny_model

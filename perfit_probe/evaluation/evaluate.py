@@ -11,7 +11,14 @@ Methods compared (one row each in ``RUN/eval/results.csv`` and ``results.md``):
 - ``lora_task``: OPPU's shared *task* LoRA alone, trained on the train users' queries (PerFit
   stage 1's data) and merged into the base, the LoRA analogue of ``stage1``;
 - ``oppu``: full OPPU, the per-user LoRA trained and applied on top of that task model, the
-  LoRA analogue of ``perfit``.
+  LoRA analogue of ``perfit``;
+- the trivial, model-free baselines of ``perfit_probe.evaluation.baselines`` (``user_mean``,
+  ``user_median``, ``user_majority``, ``global_majority``, ``global_mean``, ``bm25_top1``),
+  each where it applies to the task kind (the others are skipped with a log line).
+
+``write_results`` adds the uncertainty of every metric (``perfit_probe.evaluation.uncertainty``):
+cluster-bootstrap intervals over test users (``uncertainty.csv``) and paired differences from
+PerFit and from the best trivial baseline with permutation p-values (``differences.csv``).
 
 Each row carries the LaMP metrics of the task kind, the trainable parameters per user, the
 shared trainable parameters, and the training time per user where known.
@@ -44,14 +51,22 @@ from perfit_probe.data.records import Example, TaskData, TaskSpec
 from perfit_probe.data.profile_examples import PersonalData, personal_examples
 from perfit_probe.data.splits import Split, heldout_user
 from perfit_probe.errors import ConfigError
+from perfit_probe.evaluation.baselines import BASELINES, baseline_predictions, skip_reason
 from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
-from perfit_probe.evaluation.metrics import METRICS, score_task, write_predictions
+from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, METRICS, score_task, write_predictions
+from perfit_probe.evaluation.uncertainty import (
+    UncertaintyConfig,
+    describe_uncertainty,
+    differences_table,
+    evaluation_uncertainty,
+    with_intervals,
+)
 from perfit_probe.interventions import PerFit, generate, score_labels
 from perfit_probe.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu")
+METHODS = ("base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", *BASELINES)
 DECODINGS = ("auto", "constrained", "greedy")
 _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "base": ("plain", "none"),
@@ -61,6 +76,7 @@ _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "lora": ("plain", "none"),
     "lora_task": ("plain", "none"),
     "oppu": ("plain", "none"),
+    **{name: ("plain", "none") for name in BASELINES},
 }
 
 
@@ -93,7 +109,9 @@ class EvalConfig:
     lora_task: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
     """Hyperparameters of OPPU's shared task LoRA (``lora_task`` and ``oppu``)."""
     seed: int = 0
-    """Seed of prompt construction and LoRA training."""
+    """Seed of prompt construction and LoRA training (and of the bootstrap in ``write_results``)."""
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    """Bootstrap and permutation settings of the intervals and differences in ``write_results``."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -263,6 +281,11 @@ def evaluate_methods(
             preds, adapters, info = _lora_predictions(loaded, task, split, chosen, config, opts, progress, personal)
         elif method in oppu:
             preds, info = oppu[method]
+        elif method in BASELINES:
+            preds = _baseline_predictions(method, task, split, chosen, personal)
+            if preds is None:
+                continue
+            info["decoding"] = "none"
         else:
             preds = predict(loaded, [e.prompt for e in chosen], spec, perfit=perfit,
                             user_ids=[e.user_id for e in chosen], stage=stage, **opts)
@@ -272,8 +295,8 @@ def evaluate_methods(
             if method == "perfit":
                 info["params_per_user"] = perfit.personal.spec.params_per_slot()
                 info["train_s_per_user"] = costs.get("stage2_train_s_per_user", float("nan"))
-        row = {**info, "decoding": mode, "n_users": len(split.test_users), "n_queries": len(chosen),
-               **_metrics_row(spec, golds, preds, config)}
+        row = {**info, "decoding": info.get("decoding", mode), "n_users": len(split.test_users),
+               "n_queries": len(chosen), **_metrics_row(spec, golds, preds, config)}
         rows.append(row)
         frame = pd.DataFrame({"method": method, "user_id": [e.user_id for e in chosen],
                               "query_id": [e.query_id for e in chosen], "gold": golds,
@@ -348,6 +371,16 @@ def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, perso
     return out
 
 
+def _baseline_predictions(method: str, task: TaskData, split: Split, chosen: list[Example],
+                          personal: PersonalData) -> Predictions | None:
+    """A trivial baseline's predictions for ``chosen``; None (logged) where it does not apply."""
+    reason = skip_reason(method, task.spec)
+    if reason is not None:
+        log.info("skipping %s: %s", method, reason)
+        return None
+    return baseline_predictions(method, task, split, [(e.user_id, e.query_id) for e in chosen], personal)
+
+
 # ---------------------------------------------------------------------- writing
 def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     """A GitHub-markdown table of ``frame`` (floats rounded), without extra dependencies."""
@@ -362,19 +395,39 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-def write_results(result: EvalResult, directory: Path, spec: TaskSpec) -> None:
-    """Write ``results.csv``, ``results.md``, ``predictions.csv`` and LaMP-format ``predictions/{method}.json``."""
+def write_results(result: EvalResult, directory: Path, spec: TaskSpec, *, config: EvalConfig | None = None) -> None:
+    """Write ``results.csv``, ``results.md``, ``predictions.csv``, LaMP-format ``predictions/{method}.json``,
+    and the bootstrap intervals ``uncertainty.csv`` and paired differences ``differences.csv``.
+
+    ``config`` gives the scoring options (``rating_parse``, ``use_stemmer``) the metrics were
+    computed with, the ``uncertainty`` settings and the bootstrap's ``seed`` (default: ``EvalConfig()``).
+    """
     from perfit_probe.rundir import atomic_write_text
 
+    config = config or EvalConfig()
     directory = Path(directory)
     (directory / "predictions").mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / "results.csv", result.table.to_csv(index=False))
     atomic_write_text(directory / "predictions.csv", result.predictions.to_csv(index=False))
+    uncertainty = evaluation_uncertainty(result.predictions, spec.kind, spec.labels,
+                                         np.random.default_rng(config.seed), config.uncertainty,
+                                         rating_parse=config.rating_parse, use_stemmer=config.use_stemmer)
+    atomic_write_text(directory / "uncertainty.csv", uncertainty.intervals.to_csv(index=False))
+    atomic_write_text(directory / "differences.csv", uncertainty.differences.to_csv(index=False))
     metrics = [m for m in METRICS[spec.kind] if m in result.table.columns]
     cols = ["method", *metrics, "params_per_user", "shared_params", "train_s_per_user", "n_queries", "decoding"]
     cols = [c for c in cols if c in result.table.columns]
+    shown = with_intervals(result.table[cols], uncertainty.intervals) if not result.table.empty else result.table[cols]
     text = (f"# Evaluation on {spec.name} ({spec.kind})\n\nHeld-out queries of the test users; "
-            f"metrics as LaMP defines them ({', '.join(metrics)}).\n\n" + markdown_table(result.table[cols]))
+            f"metrics as LaMP defines them ({', '.join(metrics)}). {describe_uncertainty(uncertainty)}\n\n"
+            + markdown_table(shown))
+    if not uncertainty.differences.empty:
+        diffs = uncertainty.differences[uncertainty.differences.metric.isin(metrics)]
+        text += ("\n## Differences from PerFit and from the best trivial baseline\n\n"
+                 f"d = metric(method) - metric(vs), {config.uncertainty.level:.0%} paired bootstrap interval, "
+                 "permutation p-value (two-sided)"
+                 + "".join(f"; {m}: {'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better" for m in metrics)
+                 + ".\n\n" + markdown_table(differences_table(diffs)))
     atomic_write_text(directory / "results.md", text)
     if not result.predictions.empty:
         gold = result.predictions[result.predictions["method"] == result.predictions["method"].iloc[0]]
@@ -482,8 +535,9 @@ def load_fitted_run(run_dir: Path, loaded: LoadedModel) -> FittedRun:
 
 
 def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalConfig(), *,
-                 progress: bool = False) -> EvalResult:
-    """``perfit-probe evaluate``: evaluate a fitted run and write ``RUN/eval/``.
+                 progress: bool = False, figures: bool = True) -> EvalResult:
+    """``perfit-probe evaluate``: evaluate a fitted run and write ``RUN/eval/`` (and, with
+    ``figures``, the interval figures of ``perfit_probe.plotting.eval_figures`` in ``RUN/figures/``).
 
     The ``rag`` prompts use the fit's ``k``/``retriever``/``chat`` where ``config`` leaves them
     unset (None); an explicit value always wins.
@@ -497,7 +551,11 @@ def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalCo
     with run.timed("evaluate"):
         result = evaluate_methods(loaded, fitted.task, fitted.split, fitted.perfit, config,
                                   personal=fitted.personal, perfit_costs=fitted.costs, progress=progress)
-    write_results(result, run.sub("eval"), fitted.task.spec)
+    write_results(result, run.sub("eval"), fitted.task.spec, config=config)
+    if figures:
+        from perfit_probe.plotting.eval_figures import save_eval_figures
+
+        save_eval_figures(run.sub("eval"), run.sub("figures"))
     metrics = [m for m in METRICS[fitted.task.spec.kind] if m in result.table.columns]
     run.add_metrics("evaluate", {row["method"]: {m: row[m] for m in metrics}
                                  for row in result.table.to_dict("records")})
