@@ -22,7 +22,9 @@ greedily and the metrics parse the text. ``auto`` (default) is constrained for
 classification and rating tasks, since a 135M model rarely formats a free answer reliably,
 and greedy for generation tasks. For rating tasks the constrained path also reports
 ``expected``, the rating expected under the label distribution ``softmax(log p(label))``
-(an extra column; the LaMP metrics are on the discrete prediction).
+(an extra column; the LaMP metrics are on the discrete prediction). Ratings are read with
+LaMP's rule (``float`` of the answer) for ``mae``/``rmse``; ``mae_lenient``/``rmse_lenient``
+(first number in the answer) are diagnostics beside them (``perfit_probe.evaluation.metrics``).
 
 All users' held-out prompts go through the model in mixed batches, each row with its own
 user's intervention (``perfit_probe.interventions.generate``).
@@ -44,7 +46,7 @@ from perfit_probe.data.records import Example, TaskData, TaskSpec
 from perfit_probe.data.splits import Split, heldout_user, history_user
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
-from perfit_probe.evaluation.metrics import METRICS, score_task, write_predictions
+from perfit_probe.evaluation.metrics import DIAGNOSTICS, METRICS, score_task, write_predictions
 from perfit_probe.interventions import PerFit, generate, score_labels
 from perfit_probe.models import LoadedModel
 
@@ -81,8 +83,6 @@ class EvalConfig:
     """Retriever of the ``rag`` prompt."""
     chat: bool | None = None
     """Wrap prompts in the chat template (None: when the tokenizer has one)."""
-    rating_parse: str = "first_number"
-    """How a generated rating is read: ``first_number`` or ``lamp`` (``float`` of the text)."""
     use_stemmer: bool = False
     """ROUGE with the Porter stemmer (LaMP's evaluation uses none)."""
     max_prompt_tokens: int | None = None
@@ -190,8 +190,7 @@ def predict(
 
 
 def _metrics_row(spec: TaskSpec, golds: list[str], preds: Predictions, config: EvalConfig) -> dict:
-    row = score_task(spec.kind, golds, preds.outputs, spec.labels,
-                     rating_parse=config.rating_parse, use_stemmer=config.use_stemmer)
+    row = score_task(spec.kind, golds, preds.outputs, spec.labels, use_stemmer=config.use_stemmer)
     if preds.expected is not None:
         gold_v = np.array([float(g) for g in golds])
         row["expected_mae"] = float(np.abs(preds.expected - gold_v).mean())
@@ -374,10 +373,13 @@ def write_results(result: EvalResult, directory: Path, spec: TaskSpec) -> None:
     atomic_write_text(directory / "results.csv", result.table.to_csv(index=False))
     atomic_write_text(directory / "predictions.csv", result.predictions.to_csv(index=False))
     metrics = [m for m in METRICS[spec.kind] if m in result.table.columns]
-    cols = ["method", *metrics, "params_per_user", "shared_params", "train_s_per_user", "n_queries", "decoding"]
+    diagnostics = [m for m in DIAGNOSTICS[spec.kind] if m in result.table.columns]
+    cols = ["method", *metrics, *diagnostics, "params_per_user", "shared_params", "train_s_per_user",
+            "n_queries", "decoding"]
     cols = [c for c in cols if c in result.table.columns]
+    note = f"; diagnostics beside them: {', '.join(diagnostics)}" if diagnostics else ""
     text = (f"# Evaluation on {spec.name} ({spec.kind})\n\nHeld-out queries of the test users; "
-            f"metrics as LaMP defines them ({', '.join(metrics)}).\n\n" + markdown_table(result.table[cols]))
+            f"metrics as LaMP defines them ({', '.join(metrics)}){note}.\n\n" + markdown_table(result.table[cols]))
     atomic_write_text(directory / "results.md", text)
     if not result.predictions.empty:
         gold = result.predictions[result.predictions["method"] == result.predictions["method"].iloc[0]]
