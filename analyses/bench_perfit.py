@@ -181,7 +181,7 @@ def bench_pyreft_step(loaded, batch, spec, n_steps: int, pyreft_dir: Path) -> di
     reft = pyreft.get_reft_model(loaded.model, pyreft.ReftConfig(representations=[
         {"layer": layer, "component": "block_output", "low_rank_dimension": spec.rank, "intervention": m}
         for layer, m in zip(layers, modules)]))
-    index, _ = batch_positions(parse_positions(spec.positions), batch.prompt_mask)
+    index, _ = batch_positions(parse_positions(spec.positions), batch.prompt_mask, spec.position_clamp)
     locations = {"sources->base": (None, [index.tolist()] * len(layers))}
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)

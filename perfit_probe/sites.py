@@ -17,11 +17,28 @@ A *position spec* says which prompt tokens a read or an edit concerns:
 
 - ``last`` (= ``l1``): the last prompt token;
 - ``f{p}+l{s}``, ``f{p}``, ``l{s}``: the first ``p`` and the last ``s`` prompt tokens, the
-  grammar of LoReFT/pyreft. For a prompt of ``n`` tokens, ``p`` is clamped to ``n // 2``
-  and ``s`` to ``ceil(n / 2)`` when both are used (so the two sets never overlap), and each
-  alone to ``n``;
+  grammar of LoReFT/pyreft;
 - ``mean``: all prompt tokens, mean-pooled when reading (every token when editing);
 - ``all``: every prompt token, kept separately (reading only).
+
+A prompt of ``n`` tokens may be too short for ``p`` and ``s``; a *clamp rule*
+(``POSITION_CLAMPS``) says how many of each are taken:
+
+- ``pyreft``: ``p' = min(p, n // 2)`` and ``s' = min(s, n // 2)``, both always, even when the
+  spec has one side only (pyreft 0.1.0's ``get_intervention_locations`` with
+  ``last_position = n``, as its generation datasets call it). A one-token prompt selects
+  nothing; on an odd ``n`` the middle token is never selected. pyreft fills the slots it
+  dropped with a padding position: with ``pad_mode="first"`` (its ``ReftDataset``) a
+  prepended, masked pad token, so they change nothing; with ``pad_mode="last"`` position
+  ``n``, the token after the prompt (in training the first target token, which pyreft then
+  edits: a quirk not reproduced here). Here dropped slots edit nothing.
+- ``cover``: ``p' = min(p, n // 2)`` and ``s' = min(s, ceil(n / 2))`` when both are used (the
+  last side gets the extra token of an odd ``n``), each side alone clamped to ``n`` (``l1``
+  selects the token of a one-token prompt).
+
+Both rules keep the two sets disjoint. Reading activations (``gather_positions``, the cache)
+uses ``cover`` (``READ_CLAMP``), so ``last`` always reads the last token; an intervention bank records its
+own rule (``BankSpec.position_clamp``).
 """
 
 from __future__ import annotations
@@ -36,6 +53,10 @@ from torch import nn
 from perfit_probe.errors import SiteError
 
 SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+POSITION_CLAMPS = ("pyreft", "cover")
+"""How short prompts clamp ``f{p}+l{s}`` (see the module docstring)."""
+READ_CLAMP = "cover"
+"""The clamp rule of reads, and of intervention banks saved before banks recorded theirs."""
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
 
 
@@ -189,18 +210,35 @@ class PositionSpec:
         parts = ([f"f{self.first}"] if self.first else []) + ([f"l{self.last}"] if self.last else [])
         return "+".join(parts)
 
-    def offsets(self, n: int) -> list[int]:
-        """Token offsets (0-based, within a prompt of ``n`` tokens, no padding) this spec selects."""
+    def counts(self, n: int, clamp: str = READ_CLAMP) -> tuple[int, int]:
+        """``(p', s')``: how many leading and trailing tokens of an ``n``-token prompt are selected.
+
+        ``mean``/``all`` select every token, counted as ``(n, 0)``. See the module docstring
+        for the clamp rules.
+        """
         if n <= 0:
             raise SiteError("cannot select positions in an empty prompt")
+        check_clamp(clamp)
         if self.mode in ("mean", "all"):
-            return list(range(n))
+            return n, 0
         p, s = self.first, self.last
+        if clamp == "pyreft":
+            return min(p, n // 2), min(s, n // 2)
         if p and s:
-            p, s = min(p, n // 2), min(s, math.ceil(n / 2))
-        else:
-            p, s = min(p, n), min(s, n)
+            return min(p, n // 2), min(s, math.ceil(n / 2))
+        return min(p, n), min(s, n)
+
+    def offsets(self, n: int, clamp: str = READ_CLAMP) -> list[int]:
+        """Token offsets (0-based, within a prompt of ``n`` tokens, no padding) this spec selects:
+        the first ``p'`` then the last ``s'`` (``counts``); possibly none under ``pyreft``."""
+        p, s = self.counts(n, clamp)
         return list(range(p)) + list(range(n - s, n))
+
+
+def check_clamp(clamp: str) -> None:
+    """``SiteError`` unless ``clamp`` is one of ``POSITION_CLAMPS``."""
+    if clamp not in POSITION_CLAMPS:
+        raise SiteError(f"unknown position clamp {clamp!r}: choose from {POSITION_CLAMPS}")
 
 
 def parse_positions(spec: str | PositionSpec) -> PositionSpec:
@@ -224,29 +262,41 @@ def parse_positions(spec: str | PositionSpec) -> PositionSpec:
 
 
 def batch_positions(
-    spec: PositionSpec, attention_mask: torch.Tensor
+    spec: PositionSpec, attention_mask: torch.Tensor, clamp: str = READ_CLAMP
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absolute positions selected in each row of a padded batch.
 
     Works for left and right padding alike: a row's prompt tokens are where
     ``attention_mask`` is 1, assumed contiguous.
 
-    Returns ``(index, valid)``, both ``[batch, k]``: ``index`` holds sequence positions
-    (padded with the row's first selected position), ``valid`` marks real entries. Rows of
-    short prompts may select fewer than ``k`` tokens.
+    Returns ``(index, valid)``, both ``[batch, k]``: ``index`` holds sequence positions, in
+    each row the first-``p'`` positions then the last-``s'`` ones (``PositionSpec.counts``),
+    padded with the row's first selected position (or first prompt position); ``valid``
+    marks real entries. Rows of short prompts may select fewer than ``k`` tokens (under
+    ``pyreft``, possibly none; ``k >= 1``).
     """
     mask = attention_mask.bool()
     lengths = mask.sum(dim=1)
     starts = mask.int().argmax(dim=1)
-    rows = [spec.offsets(int(n)) for n in lengths.tolist()]
-    k = max(len(r) for r in rows)
+    rows = [spec.offsets(int(n), clamp) for n in lengths.tolist()]
+    k = max(1, max(len(r) for r in rows))
     index = torch.zeros(len(rows), k, dtype=torch.long)
     valid = torch.zeros(len(rows), k, dtype=torch.bool)
     for i, (row, start) in enumerate(zip(rows, starts.tolist())):
         index[i, : len(row)] = torch.tensor(row, dtype=torch.long) + start
-        index[i, len(row):] = start + row[0]
+        index[i, len(row):] = start + (row[0] if row else 0)
         valid[i, : len(row)] = True
     return index.to(attention_mask.device), valid.to(attention_mask.device)
+
+
+def batch_last_mask(spec: PositionSpec, attention_mask: torch.Tensor, clamp: str = READ_CLAMP) -> torch.Tensor:
+    """``[batch, k]`` bool, aligned with ``batch_positions``: True where the entry is one of the
+    row's last-``s'`` positions (False for the first-``p'`` ones and for padding entries)."""
+    _, valid = batch_positions(spec, attention_mask, clamp)
+    lengths = attention_mask.bool().sum(dim=1).tolist()
+    firsts = torch.tensor([spec.counts(int(n), clamp)[0] for n in lengths], dtype=torch.long)
+    column = torch.arange(valid.shape[1]).unsqueeze(0)
+    return (column >= firsts.unsqueeze(1)).to(valid.device) & valid
 
 
 def gather_positions(

@@ -151,6 +151,7 @@ def test_perfit_beats_the_base_model_on_planted_users(tmp_path):
     write_results(result, tmp_path, SPEC)
     assert pd.read_csv(tmp_path / "results.csv").shape[0] == 5
     assert "| perfit |" in (tmp_path / "results.md").read_text()
+    assert "| method | mae | rmse | mae_lenient | rmse_lenient | unparseable |" in (tmp_path / "results.md").read_text()
     task_id, rows = read_predictions(tmp_path / "predictions" / "perfit.json")
     assert task_id == "planted" and len(rows) == 12 and set(rows.values()) <= set(SPEC.labels)
     assert json.loads((tmp_path / "predictions" / "golds.json").read_text())["golds"][0]["output"] in SPEC.labels

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from perfit_probe.errors import ArtifactError, ConfigError
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.artifact import PerFit, load_bank, load_perfit, save_bank
 from perfit_probe.interventions.batching import collate, encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank, orthonormal_rows
-from perfit_probe.sites import parse_positions
+from perfit_probe_tests.reference import pyreft_locations
 from perfit_probe_tests.tiny import tiny_model
 
 D = 32
 
 
-def _spec(kind="loreft", rank=4, sites=("blocks.1.hook_resid_post",), positions="f1+l2"):
-    return BankSpec(kind, tuple(sites), positions, rank, D)
+def _spec(kind="loreft", rank=4, sites=("blocks.1.hook_resid_post",), positions="f1+l2", clamp="cover",
+          share_weights=True):
+    return BankSpec(kind, tuple(sites), positions, rank, D, clamp, share_weights)
 
 
 def _randomised(bank: InterventionBank, seed: int = 0) -> InterventionBank:
@@ -70,6 +74,23 @@ def test_variants_formulas():
     assert _spec("loreft", rank=3, sites=("1", "2")).params_per_slot() == 2 * (2 * D * 3 + 3)
 
 
+@pytest.mark.parametrize("positions,share_weights,groups", [
+    ("f1+l2", True, ("all",)), ("f1+l2", False, ("first", "last")), ("f3+l5", False, ("first", "last")),
+    ("l1", False, ("all",)), ("last", False, ("all",)), ("f4", False, ("all",)), ("mean", False, ("all",)),
+])
+def test_groups_and_parameter_counts(positions, share_weights, groups):
+    """Separate first/last interventions only for f{p}+l{s} without shared weights (pyreft doubles
+    its layers only for '+' specs); the parameter count counts every intervention."""
+    spec = _spec("loreft", rank=3, sites=("1", "2"), positions=positions, share_weights=share_weights)
+    assert spec.groups == groups
+    per_intervention = 2 * D * 3 + 3
+    assert spec.params_per_slot() == per_intervention * 2 * len(groups)
+    bank = InterventionBank.initialised(spec, ["a", "b"], "random")
+    assert sum(p[0].numel() for p in bank.parameters()) == spec.params_per_slot()
+    lobi = _spec("lobireft", rank=3, sites=("1",), positions=positions, share_weights=share_weights)
+    assert lobi.params_per_slot() == (D * 3 + 3) * len(groups)
+
+
 def test_bank_rows_use_their_own_slot():
     bank = _randomised(InterventionBank.initialised(_spec(), ["a", "b", "c"], "zero"))
     h = torch.randn(4, 2, D)
@@ -94,6 +115,14 @@ def test_bad_specs_fail_clearly():
         BankSpec("lora", ("1",), "l1", 2, D)
     with pytest.raises(ConfigError, match="initialisation"):
         InterventionBank.initialised(_spec(), ["a"], "ones")
+    with pytest.raises(ConfigError, match="position clamp"):
+        _spec(clamp="half")
+    separate = InterventionBank.initialised(_spec(share_weights=False), ["a"], "zero")
+    with pytest.raises(ConfigError, match="last-position mask"):
+        separate.edit(0, torch.randn(1, 2, D), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ConfigError, match="position clamp"):
+        Intervention(collective=InterventionBank.initialised(_spec(clamp="pyreft"), ["collective"], "zero"),
+                     personal=InterventionBank.initialised(_spec(clamp="cover"), ["a"], "zero"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -143,24 +172,79 @@ def _edited_positions(loaded, iv, batch, layer):
     return {i: changed[i].nonzero().flatten().tolist() for i in range(changed.shape[0])}
 
 
+_PROMPTS = ["alpha beta gamma delta epsilon zeta eta", "alpha", "The user rated the movie", "The"]
+"""Prompts of 14, 2, 5 and 1 tiny-tokenizer tokens."""
+
+_COVER = {  # spec -> offsets for prompts of 14, 2, 5, 1 tokens, by hand (p to n // 2, s to ceil(n / 2); alone to n)
+    "f1+l2": [[0, 12, 13], [0, 1], [0, 3, 4], [0]],
+    "l1": [[13], [1], [4], [0]],
+    "f3+l3": [[0, 1, 2, 11, 12, 13], [0, 1], [0, 1, 2, 3, 4], [0]],
+}
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("clamp", ["pyreft", "cover"])
 @pytest.mark.parametrize("spec_text", ["f1+l2", "l1", "f3+l3"])
-def test_positions_under_padding_and_short_prompts(padding_side, spec_text):
-    """Only the spec's prompt tokens are edited, wherever the padding and however short the prompt."""
+def test_positions_under_padding_and_short_prompts(pyreft, padding_side, clamp, spec_text):
+    """Only the spec's prompt tokens are edited, wherever the padding and however short the
+    prompt: pyreft's own positions under ``pyreft`` (a one-token prompt: none), the hand-computed
+    ones under ``cover``."""
     loaded = tiny_model("llama")
     tok = loaded.tokenizer
-    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), spec_text, 2, D)
+    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), spec_text, 2, D, clamp)
     bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
     iv = Intervention(collective=bank)
-    items = [encode(tok, "alpha beta gamma delta epsilon zeta eta", " theta iota", eos=True),
-             encode(tok, "alpha", " beta"), encode(tok, "The user rated the movie")]
+    items = [encode(tok, _PROMPTS[0], " theta iota", eos=True), encode(tok, _PROMPTS[1], " beta"),
+             encode(tok, _PROMPTS[2]), encode(tok, _PROMPTS[3])]
+    assert [enc.n_prompt for enc in items] == [14, 2, 5, 1]
     batch = collate(items, 0, padding_side=padding_side)
     got = _edited_positions(loaded, iv, batch, layer=1)
     length = batch.input_ids.shape[1]
     for i, enc in enumerate(items):
         start = length - len(enc.ids) if padding_side == "left" else 0
-        expected = [start + o for o in parse_positions(spec_text).offsets(enc.n_prompt)]
-        assert got[i] == sorted(expected), (i, got[i], expected)
+        if clamp == "pyreft":
+            first, last = pyreft_locations(pyreft, spec_text, enc.n_prompt, share_weights=True)
+            offsets = first
+        else:
+            offsets = _COVER[spec_text][i]
+        assert got[i] == sorted(start + o for o in offsets), (i, got[i], offsets)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("spec_text", ["f1+l2", "f3+l3", "f2+l1"])
+def test_separate_first_and_last_interventions(pyreft, padding_side, spec_text):
+    """Without shared weights, each first-p position gets the ``first`` intervention's edit and
+    each last-s position the ``last`` one's, at pyreft's positions of its two intervention lists
+    (lobireft: the edit is the constant ``b @ R`` of its unit)."""
+    loaded = tiny_model("llama")
+    tok = loaded.tokenizer
+    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), spec_text, 2, D, "pyreft", False)
+    bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
+    assert len(bank.site_params) == 2
+    first_vec = bank.site_params[0].b[0] @ bank.rotation(0)[0]
+    last_vec = bank.site_params[1].b[0] @ bank.rotation(1)[0]
+    assert (first_vec - last_vec).abs().max() > 0.1
+    iv = Intervention(collective=bank)
+    items = [encode(tok, p) for p in _PROMPTS]
+    batch = collate(items, 0, padding_side=padding_side)
+    base = _block_input(loaded, 2, lambda: loaded.model(**batch.inputs()))
+
+    def edited_run():
+        with iv.attached(loaded.model):
+            iv.set_batch(batch.prompt_mask)
+            loaded.model(**batch.inputs())
+
+    diff = _block_input(loaded, 2, edited_run) - base
+    length = batch.input_ids.shape[1]
+    for i, enc in enumerate(items):
+        start = length - len(enc.ids) if padding_side == "left" else 0
+        first, last = pyreft_locations(pyreft, spec_text, enc.n_prompt, share_weights=False)
+        expected = torch.zeros(length, D)
+        for o in first:
+            expected[start + o] = first_vec
+        for o in last:
+            expected[start + o] = last_vec
+        assert torch.allclose(diff[i], expected, atol=1e-5), (i, first, last)
 
 
 def test_resid_pre_hook_on_gpt2_edits_block_input():
@@ -220,15 +304,23 @@ def test_no_edit_during_cached_generation_steps():
     assert not torch.allclose(step_iv, base_step, atol=1e-3)
 
 
-def test_save_load_roundtrip_bit_exact(tmp_path):
+@pytest.mark.parametrize("clamp,share_weights", [("cover", True), ("pyreft", False)])
+def test_save_load_roundtrip_bit_exact(tmp_path, clamp, share_weights):
     loaded = tiny_model("llama")
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), "f1+l2", 4, D)
+    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), "f1+l2", 4, D, clamp,
+                    share_weights)
     coll = _randomised(InterventionBank.initialised(spec, ["collective"], "zero"), 1)
     pers = _randomised(InterventionBank.initialised(spec, ["a", "b"], "random", seed=4), 2)
     fit = PerFit(coll, pers, "compose", loaded.identity.to_dict())
     fit.save(tmp_path / "perfit")
     back = load_perfit(tmp_path, loaded)
     assert back.stacking == "compose" and back.user_ids == ["a", "b"]
+    assert back.collective.spec == spec and back.personal.spec == spec
+    names = set(load_file(str(tmp_path / "perfit" / "bank" / "intervention.safetensors")))
+    prefixes = ["site0", "site1"] if share_weights else ["site0.first", "site1.first", "site0.last", "site1.last"]
+    assert names == {f"{p}.{t}" for p in prefixes for t in ("A", "W", "b")}
+    config = json.loads((tmp_path / "perfit" / "bank" / "intervention.json").read_text())
+    assert config["params_per_slot"] == spec.params_per_slot() == (2 * D * 4 + 4) * 2 * (1 if share_weights else 2)
     batch = collate([encode(loaded.tokenizer, p) for p in ["The user rated", "alpha beta gamma delta"]], 0)
     outs = []
     for f in (fit, back):
@@ -237,6 +329,25 @@ def test_save_load_roundtrip_bit_exact(tmp_path):
             iv.set_batch(batch.prompt_mask, torch.tensor([1, 0]), 1.5)
             outs.append(loaded.model(**batch.inputs()).logits)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_old_artifact_without_clamp_or_share_weights_loads_as_before(tmp_path):
+    """A bank saved before ``position_clamp``/``share_weights`` existed: one intervention per
+    site, the ``cover`` clamp (a one-token prompt is still edited)."""
+    loaded = tiny_model("llama")
+    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), "f1+l2", 2, D)
+    bank = _randomised(InterventionBank.initialised(spec, ["collective"], "zero"))
+    save_bank(bank, tmp_path, loaded.identity)
+    path = tmp_path / "intervention.json"
+    config = json.loads(path.read_text())
+    del config["position_clamp"], config["share_weights"]
+    path.write_text(json.dumps(config))
+    back, _ = load_bank(tmp_path, loaded.identity)
+    assert back.spec.position_clamp == "cover" and back.spec.share_weights is True
+    assert back.spec.params_per_slot() == D * 2 + 2
+    batch = collate([encode(loaded.tokenizer, "The")], 0)
+    assert batch.prompt_mask.sum() == 1
+    assert _edited_positions(loaded, Intervention(collective=back), batch, layer=1) == {0: [0]}
 
 
 def test_load_refuses_other_model(tmp_path):

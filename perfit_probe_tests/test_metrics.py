@@ -9,6 +9,9 @@ import pytest
 
 from perfit_probe.errors import ConfigError, DataError
 from perfit_probe.evaluation.metrics import (
+    DIAGNOSTICS,
+    HIGHER_IS_BETTER,
+    METRICS,
     classification_scores,
     lamp_task_id,
     parse_rating,
@@ -58,9 +61,11 @@ def test_gold_outside_label_set_is_a_data_error():
 
 @pytest.mark.parametrize(
     ("text", "parse", "value"),
-    [("4", "lamp", 4.0), (" 3.5 ", "lamp", 3.5), ("4 stars", "lamp", None), ("", "lamp", None),
+    [("4", "lamp", 4.0), (" 3.5 ", "lamp", 3.5), ("4.", "lamp", 4.0), ("1e0", "lamp", 1.0),
+     ("4 stars", "lamp", None), ("Rating: 2", "lamp", None), ("", "lamp", None),
+     ("nan", "lamp", None), ("inf", "lamp", None),
      ("4 stars", "first_number", 4.0), ("Rating: 2.", "first_number", 2.0),
-     ("nan", "lamp", None), ("five", "first_number", None), ("-1", "first_number", -1.0)],
+     ("five", "first_number", None), ("-1", "first_number", -1.0)],
 )
 def test_parse_rating(text, parse, value):
     assert parse_rating(text, parse) == value
@@ -72,17 +77,32 @@ def test_worst_rating_rule():
 
 
 def test_mae_rmse_with_unparseable_by_hand():
+    """Headline mae/rmse read ratings as LaMP does (float of the text); the lenient first-number
+    reading is reported beside them."""
     golds = ["5", "2", "4", "1"]
     preds = ["4", "no idea", "4", "3 stars"]
-    # first_number: errors 1, |5-2|=3 (unparseable -> 5), 0, 2
-    out = rating_scores(golds, preds, "first_number")
-    assert out["mae"] == pytest.approx((1 + 3 + 0 + 2) / 4)
-    assert out["rmse"] == pytest.approx(math.sqrt((1 + 9 + 0 + 4) / 4))
-    assert out["unparseable"] == pytest.approx(1 / 4)
-    # lamp: "3 stars" is unparseable too -> gold 1 scores as 5, error 4
-    lamp = rating_scores(golds, preds, "lamp")
-    assert lamp["mae"] == pytest.approx((1 + 3 + 0 + 4) / 4)
-    assert lamp["rmse"] == pytest.approx(math.sqrt((1 + 9 + 0 + 16) / 4))
+    out = rating_scores(golds, preds)
+    # LaMP: errors 1, |5-2| = 3 ("no idea" -> 5, farther from 2), 0, |5-1| = 4 ("3 stars" -> 5)
+    assert out["mae"] == pytest.approx((1 + 3 + 0 + 4) / 4)
+    assert out["rmse"] == pytest.approx(math.sqrt((1 + 9 + 0 + 16) / 4))
+    assert out["unparseable"] == pytest.approx(2 / 4)
+    assert out["mean_pred"] == pytest.approx((4 + 5 + 4 + 5) / 4)
+    # lenient (first number): "3 stars" reads 3, error 2
+    assert out["mae_lenient"] == pytest.approx((1 + 3 + 0 + 2) / 4)
+    assert out["rmse_lenient"] == pytest.approx(math.sqrt((1 + 9 + 0 + 4) / 4))
+    assert out["unparseable_lenient"] == pytest.approx(1 / 4)
+
+
+def test_headline_rating_metric_is_lamps_parse():
+    # gold 4, "4 stars": LaMP cannot read it -> 1 (farther from 4 than 5), error 3; lenient reads 4
+    out = score_task("rating", ["4"], ["4 stars"], [str(i) for i in range(1, 6)])
+    assert (out["mae"], out["rmse"], out["mae_lenient"], out["rmse_lenient"]) == (3.0, 3.0, 0.0, 0.0)
+    # clean answers: both readings agree
+    clean = score_task("rating", ["4", "2"], ["3", " 2.5 "])
+    assert clean["mae"] == clean["mae_lenient"] == pytest.approx((1 + 0.5) / 2)
+    assert clean["rmse"] == clean["rmse_lenient"] == pytest.approx(math.sqrt((1 + 0.25) / 2))
+    assert METRICS["rating"] == ("mae", "rmse") and "mae_lenient" in DIAGNOSTICS["rating"]
+    assert not HIGHER_IS_BETTER["mae_lenient"]
 
 
 def test_score_task_dispatch_and_rating_scale_from_labels():

@@ -34,8 +34,14 @@ def test_run_fit_writes_complete_run(tmp_path):
     assert set(curves[curves["stage"] == "personal"]["user_id"]) == set(split.test_users)
     metrics = run.metrics()["fit"]
     assert metrics["stage1_train_s"] > 0 and metrics["n_test_users"] == 3
+    # defaults follow pyreft: its clamp, separate first/last interventions (f1+l1: 2 per site)
+    for bank in (fit.collective, fit.personal):
+        assert (bank.spec.position_clamp, bank.spec.share_weights, bank.spec.groups) == ("pyreft", False,
+                                                                                         ("first", "last"))
+        assert len(bank.site_params) == 4
     params = read_json(pdir / "params.json")
-    assert params["per_user"] == 2 * (2 * 32 * 2 + 2)
+    assert params["per_user"] == 2 * 2 * (2 * 32 * 2 + 2) and params["collective"] == 2 * 2 * (2 * 32 * 4 + 4)
+    assert params["spec_personal"]["share_weights"] is False and params["spec_personal"]["position_clamp"] == "pyreft"
     task = read_json(pdir / "task.json")
     assert task["load"]["name"] == "synthetic" and task["load"]["n_users"] == 6
     with pytest.raises(Exception, match="already holds a fit"):
@@ -71,11 +77,13 @@ def test_cli_fit_and_one_line_errors(tmp_path, capsys):
     assert "val_per_user" in err and len(err.splitlines()) == 1
     assert main(base + ["--layers", "1,2", "--personal-rank", "2", "--collective-rank", "2", "--personal-data", "queries",
                         "--personal-init", "stage1", "--stacking", "compose", "--val-per-user", "1",
-                        "--out", str(tmp_path / "c")]) == 0
+                        "--position-clamp", "cover", "--share-weights", "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "per user" in out and "stage-2 selection: kept" in out
     fit = load_perfit(tmp_path / "c")
     assert fit.stacking == "compose" and len(fit.user_ids) == 3
+    assert (fit.personal.spec.position_clamp, fit.personal.spec.share_weights) == ("cover", True)
+    assert len(fit.personal.site_params) == 2  # one intervention per site (layers 1, 2)
     assert torch.isfinite(fit.personal.site_params[0].W).all()
     curves = pd.read_csv(tmp_path / "c" / "perfit" / "curves.csv", dtype={"user_id": str})
     val = curves[curves["split"] == "val"]
@@ -86,6 +94,16 @@ def test_cli_fit_and_one_line_errors(tmp_path, capsys):
     selection = read_json(tmp_path / "c" / "metrics.json")["fit"]["stage2"]["selection"]
     assert selection["users"] == 3 and sum(selection["kept_epoch_counts"].values()) == 3
     assert selection["val_loss_kept"] <= min(selection["val_loss_start"], selection["val_loss_last"]) + 1e-9
+
+
+def test_fit_config_checks_position_options():
+    from perfit_probe.errors import ConfigError
+
+    FitConfig(position_clamp="cover", share_weights=True).validate()
+    with pytest.raises(ConfigError, match="position clamp 'half'"):
+        FitConfig(position_clamp="half").validate()
+    with pytest.raises(ConfigError, match="share_weights"):
+        FitConfig(share_weights="no").validate()
 
 
 def test_validation_split_is_seeded_disjoint_and_keeps_a_training_example():

@@ -23,6 +23,7 @@ from perfit_probe.interventions.fit import PERSONAL_INITS, FitConfig, run_fit
 from perfit_probe.interventions.modules import INITS, KINDS
 from perfit_probe.interventions.train import describe_selection
 from perfit_probe.rundir import seed_everything
+from perfit_probe.sites import POSITION_CLAMPS
 
 _DEFAULTS = {f.name: f.default for f in fields(FitConfig)}
 
@@ -66,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     iv.add_argument("--layers", type=_layers, default=d["layers"], help="comma-separated layers (default 8,12)")
     iv.add_argument("--site-kind", default=d["site_kind"], help="resid_post (default), resid_pre, attn_out, mlp_out")
     iv.add_argument("--positions", default=d["positions"], help="prompt positions, e.g. l1, f1+l2 (default %(default)s)")
+    iv.add_argument("--position-clamp", default=d["position_clamp"], choices=POSITION_CLAMPS,
+                    help="how short prompts clamp f<p>+l<s>: pyreft (each side to n//2) or cover "
+                    "(first to n//2, last to ceil(n/2); one side alone to n) (default %(default)s)")
+    iv.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=d["share_weights"],
+                    help="one intervention per site for all positions, or (--no-share-weights) separate "
+                    "first-p and last-s interventions as pyreft (default %(default)s)")
     iv.add_argument("--intervention", default=d["intervention"], choices=KINDS)
     iv.add_argument("--collective-rank", type=int, default=d["collective_rank"])
     iv.add_argument("--personal-rank", type=int, default=d["personal_rank"])
@@ -102,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
         n_heldout=args.heldout, test_users_by=args.test_users_by, personal_data=args.personal_data,
         max_profile_examples=args.max_profile_examples or None, profile_examples=args.profile_examples,
         layers=tuple(args.layers), site_kind=args.site_kind, positions=args.positions,
+        position_clamp=args.position_clamp, share_weights=args.share_weights,
         intervention=args.intervention, collective_rank=args.collective_rank, personal_rank=args.personal_rank,
         epochs1=args.epochs1, epochs2=args.epochs2, lr1=lr1, lr2=lr2, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, rows_per_forward=args.rows_per_forward,

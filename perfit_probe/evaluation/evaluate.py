@@ -29,7 +29,9 @@ greedily and the metrics parse the text. ``auto`` (default) is constrained for
 classification and rating tasks, since a 135M model rarely formats a free answer reliably,
 and greedy for generation tasks. For rating tasks the constrained path also reports
 ``expected``, the rating expected under the label distribution ``softmax(log p(label))``
-(an extra column; the LaMP metrics are on the discrete prediction).
+(an extra column; the LaMP metrics are on the discrete prediction). Ratings are read with
+LaMP's rule (``float`` of the answer) for ``mae``/``rmse``; ``mae_lenient``/``rmse_lenient``
+(first number in the answer) are diagnostics beside them (``perfit_probe.evaluation.metrics``).
 
 All users' held-out prompts go through the model in mixed batches, each row with its own
 user's intervention (``perfit_probe.interventions.generate``).
@@ -53,7 +55,7 @@ from perfit_probe.data.splits import Split, heldout_user
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.baselines import BASELINES, baseline_predictions, skip_reason
 from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
-from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, METRICS, score_task, write_predictions
+from perfit_probe.evaluation.metrics import DIAGNOSTICS, HIGHER_IS_BETTER, METRICS, score_task, write_predictions
 from perfit_probe.evaluation.uncertainty import (
     UncertaintyConfig,
     describe_uncertainty,
@@ -98,8 +100,6 @@ class EvalConfig:
     """Retriever of the ``rag`` prompt (None: the fit's; ``bm25`` without one)."""
     chat: bool | None = None
     """Wrap prompts in the chat template (None: as the fit did, else when the tokenizer has one)."""
-    rating_parse: str = "first_number"
-    """How a generated rating is read: ``first_number`` or ``lamp`` (``float`` of the text)."""
     use_stemmer: bool = False
     """ROUGE with the Porter stemmer (LaMP's evaluation uses none)."""
     max_prompt_tokens: int | None = None
@@ -212,8 +212,7 @@ def predict(
 
 
 def _metrics_row(spec: TaskSpec, golds: list[str], preds: Predictions, config: EvalConfig) -> dict:
-    row = score_task(spec.kind, golds, preds.outputs, spec.labels,
-                     rating_parse=config.rating_parse, use_stemmer=config.use_stemmer)
+    row = score_task(spec.kind, golds, preds.outputs, spec.labels, use_stemmer=config.use_stemmer)
     if preds.expected is not None:
         gold_v = np.array([float(g) for g in golds])
         row["expected_mae"] = float(np.abs(preds.expected - gold_v).mean())
@@ -399,7 +398,7 @@ def write_results(result: EvalResult, directory: Path, spec: TaskSpec, *, config
     """Write ``results.csv``, ``results.md``, ``predictions.csv``, LaMP-format ``predictions/{method}.json``,
     and the bootstrap intervals ``uncertainty.csv`` and paired differences ``differences.csv``.
 
-    ``config`` gives the scoring options (``rating_parse``, ``use_stemmer``) the metrics were
+    ``config`` gives the scoring options (``use_stemmer``) the metrics were
     computed with, the ``uncertainty`` settings and the bootstrap's ``seed`` (default: ``EvalConfig()``).
     """
     from perfit_probe.rundir import atomic_write_text
@@ -411,15 +410,18 @@ def write_results(result: EvalResult, directory: Path, spec: TaskSpec, *, config
     atomic_write_text(directory / "predictions.csv", result.predictions.to_csv(index=False))
     uncertainty = evaluation_uncertainty(result.predictions, spec.kind, spec.labels,
                                          np.random.default_rng(config.seed), config.uncertainty,
-                                         rating_parse=config.rating_parse, use_stemmer=config.use_stemmer)
+                                         use_stemmer=config.use_stemmer)
     atomic_write_text(directory / "uncertainty.csv", uncertainty.intervals.to_csv(index=False))
     atomic_write_text(directory / "differences.csv", uncertainty.differences.to_csv(index=False))
     metrics = [m for m in METRICS[spec.kind] if m in result.table.columns]
-    cols = ["method", *metrics, "params_per_user", "shared_params", "train_s_per_user", "n_queries", "decoding"]
+    diagnostics = [m for m in DIAGNOSTICS[spec.kind] if m in result.table.columns]
+    cols = ["method", *metrics, *diagnostics, "params_per_user", "shared_params", "train_s_per_user",
+            "n_queries", "decoding"]
     cols = [c for c in cols if c in result.table.columns]
+    note = f"; diagnostics beside them: {', '.join(diagnostics)}" if diagnostics else ""
     shown = with_intervals(result.table[cols], uncertainty.intervals) if not result.table.empty else result.table[cols]
     text = (f"# Evaluation on {spec.name} ({spec.kind})\n\nHeld-out queries of the test users; "
-            f"metrics as LaMP defines them ({', '.join(metrics)}). {describe_uncertainty(uncertainty)}\n\n"
+            f"metrics as LaMP defines them ({', '.join(metrics)}){note}. {describe_uncertainty(uncertainty)}\n\n"
             + markdown_table(shown))
     if not uncertainty.differences.empty:
         diffs = uncertainty.differences[uncertainty.differences.metric.isin(metrics)]

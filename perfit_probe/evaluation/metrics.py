@@ -9,13 +9,19 @@ The reference is ``eval/evaluation.py`` of the LaMP repository (also copied into
   out-of-set prediction is therefore always wrong. (LaMP maps an out-of-set *gold* to ``-1``
   too, so an out-of-set prediction would "match" it; a gold outside the label set is a data
   error here and raises ``DataError``.)
-- **rating** (LaMP-3): the stripped prediction is read as a number. ``parse="lamp"`` is the
-  benchmark's rule, ``float(text)`` on the whole string; ``parse="first_number"`` (the default)
-  reads the first number in the text, so ``"4 stars"`` counts as 4 (for a clean answer such
-  as ``"4"`` both agree). When nothing can be parsed the prediction scores as whichever of 1
-  or 5 is farther from the gold (LaMP's rule; a tie goes to 5)::
+- **rating** (LaMP-3): the stripped prediction is read with the benchmark's rule, ``float``
+  of the whole text (``parse_rating(..., "lamp")``); non-finite values (``"nan"``, ``"inf"``)
+  count as unparseable here. An unparseable prediction scores as whichever of 1 or 5 (the
+  scale's ends) is farther from the gold, a tie going to 5 (LaMP's
+  ``1.0 if abs(1 - y) > abs(5 - y) else 5.0``)::
 
       MAE  = mean |pred - gold|,      RMSE = sqrt(mean (pred - gold)^2)
+
+  These are the headline ``mae`` and ``rmse``. Beside them, as diagnostics, ``mae_lenient``
+  and ``rmse_lenient`` read the *first number* in the text instead (``"4 stars"`` counts as
+  4; unparseable still scores at the far end), ``unparseable`` and ``unparseable_lenient``
+  are the shares of predictions each rule cannot read. For a clean answer such as ``"4"``
+  (always the case under constrained decoding) the two rules agree.
 
 - **generation** (LaMP-4/5/7): ROUGE-1 and ROUGE-L F-measure of ``rouge_score``, averaged over
   examples. The benchmark calls Hugging Face ``evaluate``'s ``rouge`` with its defaults, i.e.
@@ -39,7 +45,8 @@ from perfit_probe.errors import ConfigError, DataError
 from perfit_probe.rundir import atomic_write_text
 
 KINDS = ("classification", "rating", "generation")
-RATING_PARSES = ("first_number", "lamp")
+RATING_PARSES = ("lamp", "first_number")
+"""Readings of a predicted rating: LaMP's (the headline metrics) and the lenient one (diagnostics)."""
 OUT_OF_SET = -1
 """Index an out-of-set prediction maps to; never equal to a gold index."""
 
@@ -50,8 +57,15 @@ METRICS = {
 }
 """The LaMP metrics of each task kind; the first is the headline metric."""
 
+DIAGNOSTICS = {
+    "classification": ("out_of_set",),
+    "rating": ("mae_lenient", "rmse_lenient", "unparseable"),
+    "generation": (),
+}
+"""Columns reported beside the LaMP metrics of each task kind (not LaMP's definitions)."""
+
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "mae": False, "rmse": False,
-                    "rouge1": True, "rougeL": True}
+                    "mae_lenient": False, "rmse_lenient": False, "rouge1": True, "rougeL": True}
 """Direction of each metric."""
 
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
@@ -110,11 +124,12 @@ def classification_scores(golds: Sequence[str], preds: Sequence[str], labels: Se
 # Ratings
 
 
-def parse_rating(text: str, parse: str = "first_number") -> float | None:
+def parse_rating(text: str, parse: str) -> float | None:
     """A predicted rating as a number, or ``None`` when it cannot be read.
 
-    ``lamp``: ``float`` of the whole stripped text (the benchmark's rule);
-    ``first_number``: the first number in the text. Non-finite values count as unparseable.
+    ``lamp``: ``float`` of the whole stripped text (the benchmark's rule, the headline);
+    ``first_number``: the first number in the text (the lenient diagnostic). Non-finite
+    values count as unparseable.
     """
     if parse not in RATING_PARSES:
         raise ConfigError(f"unknown rating parse {parse!r}: choose from {RATING_PARSES}")
@@ -137,9 +152,9 @@ def worst_rating(gold: float, low: float = 1.0, high: float = 5.0) -> float:
     return low if abs(low - gold) > abs(high - gold) else high
 
 
-def rating_values(golds: Sequence[str], preds: Sequence[str], parse: str = "first_number",
+def rating_values(golds: Sequence[str], preds: Sequence[str], parse: str,
                   scale: tuple[float, float] = (1.0, 5.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gold and predicted ratings as floats, and a mask of unparseable predictions."""
+    """Gold and predicted ratings as floats (read by ``parse``), and a mask of unparseable predictions."""
     _check_lengths(golds, preds)
     gold_v, pred_v, bad = [], [], []
     for gold, pred in zip(golds, preds):
@@ -154,17 +169,19 @@ def rating_values(golds: Sequence[str], preds: Sequence[str], parse: str = "firs
     return np.array(gold_v), np.array(pred_v), np.array(bad)
 
 
-def rating_scores(golds: Sequence[str], preds: Sequence[str], parse: str = "first_number",
-                  scale: tuple[float, float] = (1.0, 5.0)) -> dict:
-    """MAE and RMSE, unparseable predictions scored at the far end of the scale."""
-    gold_v, pred_v, bad = rating_values(golds, preds, parse, scale)
-    err = pred_v - gold_v
-    return {
-        "mae": float(np.abs(err).mean()),
-        "rmse": float(np.sqrt((err ** 2).mean())),
-        "unparseable": float(bad.mean()),
-        "mean_pred": float(pred_v.mean()),
-    }
+def rating_scores(golds: Sequence[str], preds: Sequence[str], scale: tuple[float, float] = (1.0, 5.0)) -> dict:
+    """MAE and RMSE under LaMP's parse, and the lenient (first-number) MAE and RMSE beside them;
+    unparseable predictions scored at the far end of the scale."""
+    out = {}
+    for parse, suffix in (("lamp", ""), ("first_number", "_lenient")):
+        gold_v, pred_v, bad = rating_values(golds, preds, parse, scale)
+        err = pred_v - gold_v
+        out[f"mae{suffix}"] = float(np.abs(err).mean())
+        out[f"rmse{suffix}"] = float(np.sqrt((err ** 2).mean()))
+        out[f"unparseable{suffix}"] = float(bad.mean())
+        if parse == "lamp":
+            out["mean_pred"] = float(pred_v.mean())
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -190,9 +207,8 @@ def rouge_scores(golds: Sequence[str], preds: Sequence[str], use_stemmer: bool =
 
 
 def score_task(kind: str, golds: Sequence[str], preds: Sequence[str],
-               labels: Sequence[str] | None = None, *, rating_parse: str = "first_number",
-               use_stemmer: bool = False) -> dict:
-    """The LaMP metrics of a task kind, plus diagnostics (``out_of_set``, ``unparseable``, ...).
+               labels: Sequence[str] | None = None, *, use_stemmer: bool = False) -> dict:
+    """The LaMP metrics of a task kind, plus diagnostics (``out_of_set``, ``mae_lenient``, ...).
 
     ``labels`` is required for classification; for ratings it sets the scale ends
     (min and max of the numeric labels, default 1..5).
@@ -210,7 +226,7 @@ def score_task(kind: str, golds: Sequence[str], preds: Sequence[str],
                 scale = (min(values), max(values))
             except ValueError:
                 raise ConfigError(f"rating labels must be numbers, got {list(labels)}") from None
-        return rating_scores(golds, preds, rating_parse, scale)
+        return rating_scores(golds, preds, scale)
     return rouge_scores(golds, preds, use_stemmer)
 
 
@@ -248,7 +264,7 @@ def read_predictions(path: Path) -> tuple[str, dict[str, str]]:
 
 
 def score_files(kind: str, gold_path: Path, pred_path: Path, labels: Sequence[str] | None = None,
-                *, rating_parse: str = "first_number", use_stemmer: bool = False) -> dict:
+                *, use_stemmer: bool = False) -> dict:
     """Score a predictions file against a LaMP outputs file (ids must match exactly)."""
     gold_task, golds = read_predictions(gold_path)
     pred_task, preds = read_predictions(pred_path)
@@ -259,4 +275,4 @@ def score_files(kind: str, gold_path: Path, pred_path: Path, labels: Sequence[st
         raise DataError(f"prediction ids do not match gold ids (e.g. missing {missing}) in {pred_path}")
     ids = sorted(golds)
     return score_task(kind, [golds[i] for i in ids], [preds[i] for i in ids], labels,
-                      rating_parse=rating_parse, use_stemmer=use_stemmer)
+                      use_stemmer=use_stemmer)

@@ -57,7 +57,7 @@ from perfit_probe.interventions import PerFit
 from perfit_probe.interventions.batching import collate, encode
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
 from perfit_probe.models import LoadedModel
-from perfit_probe.sites import batch_positions, parse_positions, parse_site
+from perfit_probe.sites import batch_last_mask, batch_positions, parse_positions, parse_site
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +268,13 @@ def personal_edit_means(loaded: LoadedModel, perfit: PerFit, prompts: Sequence[s
         batch = collate([encode(tok, prompts[i], max_prompt_tokens=max_prompt_tokens) for i in chunk],
                         int(tok.pad_token_id), padding_side="left", device=loaded.device)
         hidden = backend.run(batch.input_ids, batch.attention_mask, sites)
-        index, valid = batch_positions(spec, batch.prompt_mask)
+        index, valid = batch_positions(spec, batch.prompt_mask, bank.spec.position_clamp)
+        last = batch_last_mask(spec, batch.prompt_mask, bank.spec.position_clamp)
         slots = bank.slot_indices([user_ids[i] for i in chunk])
         rows = torch.tensor([users.index(user_ids[i]) for i in chunk])
         for s, site in enumerate(sites):
             h = hidden[site].gather(1, index.unsqueeze(-1).expand(-1, -1, hidden[site].shape[-1])).float()
-            edit = bank.edit(s, h, slots) * valid.unsqueeze(-1)
+            edit = bank.edit(s, h, slots, last) * valid.unsqueeze(-1)
             per_row = edit.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
             sums[:, s].index_add_(0, rows, per_row.cpu())
         counts.index_add_(0, rows, torch.ones(len(chunk)))

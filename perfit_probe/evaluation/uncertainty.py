@@ -103,15 +103,12 @@ class Scorer:
     """Task kind."""
     labels: tuple[str, ...] | None
     """Label set (classification; the rating scale's ends for ratings)."""
-    rating_parse: str = "first_number"
-    """How a predicted rating is read."""
     use_stemmer: bool = False
     """ROUGE with the Porter stemmer."""
 
     def score(self, golds: list[str], outputs: list[str]) -> dict:
         """``score_task`` of these golds and outputs."""
-        return score_task(self.kind, golds, outputs, self.labels, rating_parse=self.rating_parse,
-                          use_stemmer=self.use_stemmer)
+        return score_task(self.kind, golds, outputs, self.labels, use_stemmer=self.use_stemmer)
 
 
 @dataclass
@@ -163,7 +160,7 @@ def query_statistics(frame: pd.DataFrame, scorer: Scorer) -> QueryStats:
         if scorer.labels:
             values = [float(label) for label in scorer.labels]
             scale = (min(values), max(values))
-        gold_v, pred_v, _ = rating_values(golds, outputs, scorer.rating_parse, scale)
+        gold_v, pred_v, _ = rating_values(golds, outputs, "lamp", scale)  # the headline parse
         err = pred_v - gold_v
         stats["mae"] = np.stack([np.abs(err), ones], 1)
         stats["rmse"] = np.stack([err ** 2, ones], 1)
@@ -284,15 +281,15 @@ def best_baseline(intervals: pd.DataFrame, kind: str, baselines: Sequence[str] =
 
 def evaluation_uncertainty(predictions: pd.DataFrame, kind: str, labels: Sequence[str] | None,
                            rng: np.random.Generator, config: UncertaintyConfig = UncertaintyConfig(), *,
-                           rating_parse: str = "first_number", use_stemmer: bool = False,
+                           use_stemmer: bool = False,
                            baselines: Sequence[str] = tuple(BASELINES)) -> Uncertainty:
     """Intervals of every method's metrics and its differences from the reference and the best baseline.
 
     Works on whatever methods ``predictions`` holds; rows against a missing reference (or
-    when no baseline ran) are left out. ``rating_parse`` and ``use_stemmer`` must be those
-    the metrics were computed with.
+    when no baseline ran) are left out. ``use_stemmer`` must be the one the metrics were
+    computed with; ratings are read with LaMP's rule, as the headline metrics are.
     """
-    scorer = Scorer(kind, tuple(labels) if labels is not None else None, rating_parse, use_stemmer)
+    scorer = Scorer(kind, tuple(labels) if labels is not None else None, use_stemmer)
     stats = _method_stats(predictions, scorer) if len(predictions) else {}
     if not stats:
         return Uncertainty(pd.DataFrame(columns=list(INTERVAL_COLUMNS)),

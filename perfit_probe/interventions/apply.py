@@ -17,8 +17,11 @@ the batch given to :meth:`Intervention.set_batch` (a one-token prompt is edited 
 Later cached generation steps (one new token each) pass through untouched and reuse the
 edited keys and values. The positions are computed from a *prompt mask* (1 on prompt
 tokens), so training batches (prompt + target) and left- or right-padded batches select the
-same prompt tokens. ``Intervention.attached(model)`` is a context manager that registers the
-hooks and always removes them.
+same prompt tokens, clamped on short prompts by the banks' rule (``BankSpec.position_clamp``).
+A bank with separate first/last interventions (``BankSpec.share_weights`` False) edits each
+first-p position with its ``first`` unit and each last-s position with its ``last`` unit.
+``Intervention.attached(model)`` is a context manager that registers the hooks and always
+removes them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from torch import nn
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
-from perfit_probe.sites import PositionSpec, Site, batch_positions, parse_positions, parse_site
+from perfit_probe.sites import (READ_CLAMP, PositionSpec, Site, batch_last_mask, batch_positions, check_clamp,
+                                parse_positions, parse_site)
 
 STACKINGS = ("sum", "compose")
 ABLATE_MODES = ("hidden", "edit")
@@ -50,7 +54,10 @@ class Intervention:
         positions: str | PositionSpec | None = None,
         ablate_basis: torch.Tensor | None = None,
         ablate_mode: str = "hidden",
+        position_clamp: str | None = None,
     ) -> None:
+        """``sites``, ``positions`` and ``position_clamp`` default to the banks'; without banks,
+        ``sites`` and ``positions`` are required and the clamp defaults to ``sites.READ_CLAMP``."""
         if stacking not in STACKINGS:
             raise ConfigError(f"unknown stacking {stacking!r}: choose from {STACKINGS}")
         if ablate_mode not in ABLATE_MODES:
@@ -59,10 +66,12 @@ class Intervention:
         if banks:
             ref = banks[0].spec
             for bank in banks[1:]:
-                if bank.spec.sites != ref.sites or bank.spec.positions != ref.positions:
-                    raise ConfigError("collective and personal banks must share sites and positions")
+                if (bank.spec.sites != ref.sites or bank.spec.positions != ref.positions
+                        or bank.spec.position_clamp != ref.position_clamp):
+                    raise ConfigError("collective and personal banks must share sites, positions and position clamp")
             sites = sites if sites is not None else ref.sites
             positions = positions if positions is not None else ref.positions
+            position_clamp = position_clamp if position_clamp is not None else ref.position_clamp
         if sites is None or positions is None:
             raise ConfigError("an intervention without banks needs explicit sites and positions")
         self.collective = collective
@@ -70,6 +79,8 @@ class Intervention:
         self.stacking = stacking
         self.sites = [parse_site(s) for s in sites]
         self.positions = parse_positions(positions)
+        self.position_clamp = position_clamp if position_clamp is not None else READ_CLAMP
+        check_clamp(self.position_clamp)
         self.ablate_mode = ablate_mode
         self.ablate_q = None if ablate_basis is None else orthonormal_rows(ablate_basis.detach().float())
         self._state: dict | None = None
@@ -94,12 +105,14 @@ class Intervention:
             scale_t = scale_t.expand(batch)
         if scale_t.shape != (batch,):
             raise ConfigError(f"scale must be a number or one value per row ({batch}), got {tuple(scale_t.shape)}")
-        index, valid = batch_positions(self.positions, prompt_mask)
+        index, valid = batch_positions(self.positions, prompt_mask, self.position_clamp)
+        last = batch_last_mask(self.positions, prompt_mask, self.position_clamp)
         device = prompt_mask.device
         self._state = {
             "seq_len": prompt_mask.shape[1],
             "index": index.to(device),
             "valid": valid.to(device),
+            "last": last.to(device),
             "slots": None if slots is None else slots.to(device),
             "scale": scale_t.to(device),
             "done": set(),
@@ -110,17 +123,19 @@ class Intervention:
         self._state = None
 
     # ------------------------------------------------------------------ the maths
-    def delta(self, site: int, h: torch.Tensor, slots: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
-        """Total edit at site number ``site`` for selected hidden states ``h [B, k, d]`` (fp32)."""
+    def delta(self, site: int, h: torch.Tensor, slots: torch.Tensor | None, scale: torch.Tensor,
+              last: torch.Tensor | None = None) -> torch.Tensor:
+        """Total edit at site number ``site`` for selected hidden states ``h [B, k, d]`` (fp32);
+        ``last [B, k]`` marks the last-s positions (needed by banks with separate first/last units)."""
         s = scale.view(-1, 1, 1).to(h.dtype)
         zero_slots = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
         out = torch.zeros_like(h)
         if self.collective is not None:
-            e_c = self.collective.edit(site, h, zero_slots)
+            e_c = self.collective.edit(site, h, zero_slots, last)
             out = e_c if self.personal is not None else s * e_c
         if self.personal is not None:
             base = h + out if self.stacking == "compose" else h
-            out = out + s * self.personal.edit(site, base, slots)
+            out = out + s * self.personal.edit(site, base, slots, last)
         if self.ablate_q is not None:
             q = self.ablate_q.to(h.device, h.dtype)
             target = h + out if self.ablate_mode == "hidden" else out
@@ -142,7 +157,7 @@ class Intervention:
             )
         gather_index = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         picked = hidden.gather(1, gather_index).float()
-        delta = self.delta(site, picked, state["slots"], state["scale"])
+        delta = self.delta(site, picked, state["slots"], state["scale"], state["last"])
         delta = delta * valid.unsqueeze(-1).to(delta.dtype)
         full = torch.zeros(hidden.shape, dtype=delta.dtype, device=hidden.device)
         full = full.scatter_add(1, gather_index, delta)

@@ -1,9 +1,12 @@
 """Saving and loading trained interventions: safetensors plus a JSON config.
 
 A bank directory holds ``intervention.safetensors`` (tensors ``site{i}.A``, ``site{i}.W``,
-``site{i}.b``, and the anchor ``site{i}.A0``, ``W0``, ``b0`` of anchored banks; float32, saved as trained) and ``intervention.json`` (format version,
-perfit-probe version, kind, sites, positions, rank, d_model, slot keys, the model identity,
-and extra fields such as the stacking rule). Loading checks the model identity (fingerprint
+``site{i}.b``, and the anchor ``A0``, ``W0``, ``b0`` of anchored banks; float32, saved as trained; ``site{i}.first.*`` and ``site{i}.last.*`` for a
+bank with separate first/last interventions) and ``intervention.json`` (format version,
+perfit-probe version, kind, sites, positions, position clamp, share_weights, rank, d_model,
+slot keys, the model identity, and extra fields such as the stacking rule). A config saved
+before the position clamp and share_weights existed loads with their old behaviour
+(``BankSpec.from_dict``). Loading checks the model identity (fingerprint
 of config and weights, sampled in the loaded dtype) and refuses a mismatch with ``ArtifactError``.
 
 A fitted PerFit run keeps ``RUN/perfit/stage1/`` (the collective bank, one slot) and
@@ -38,9 +41,9 @@ def save_bank(bank: InterventionBank, directory: Path, identity: ModelIdentity |
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for i, holder in enumerate(bank.site_params):
+    for unit, holder in enumerate(bank.site_params):
         for name, param in [*holder.named_parameters(), *holder.named_buffers()]:
-            tensors[f"site{i}.{name}"] = param.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"{bank.spec.unit_name(unit)}.{name}"] = param.detach().to("cpu", torch.float32).contiguous()
     tmp = directory / f".{TENSOR_FILE}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(directory / TENSOR_FILE)
@@ -95,9 +98,9 @@ def load_bank(directory: Path, identity: ModelIdentity | None = None,
         raise ArtifactError(f"corrupt intervention in {directory}: {exc}".splitlines()[0]) from None
     bank = InterventionBank(spec, list(config["keys"]))
     with torch.no_grad():
-        for i, holder in enumerate(bank.site_params):
+        for unit, holder in enumerate(bank.site_params):
             for name, param in [*holder.named_parameters(), *holder.named_buffers()]:
-                key = f"site{i}.{name}"
+                key = f"{spec.unit_name(unit)}.{name}"
                 if key not in tensors or tensors[key].shape != param.shape:
                     raise ArtifactError(f"corrupt intervention in {directory}: tensor {key} missing or misshapen")
                 param.copy_(tensors[key])

@@ -48,7 +48,7 @@ from perfit_probe.interventions.modules import INITS, KINDS, BankSpec, Intervent
 from perfit_probe.interventions.train import TrainConfig, curve_summary, train_collective, train_personal
 from perfit_probe.models import LoadedModel
 from perfit_probe.rundir import RunDir, atomic_write_text, write_json
-from perfit_probe.sites import SITE_KINDS, Site, decoder_layers, parse_positions
+from perfit_probe.sites import POSITION_CLAMPS, SITE_KINDS, Site, decoder_layers, parse_positions
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,21 @@ class FitConfig:
     """Site kind edited at each layer (``resid_post`` as in the paper)."""
     positions: str = "f1+l2"
     """Prompt positions edited (LoReFT grammar)."""
+    position_clamp: str = "pyreft"
+    """How a short prompt of ``n`` tokens clamps ``f{p}+l{s}`` (``perfit_probe.sites.POSITION_CLAMPS``):
+    ``pyreft`` takes ``min(p, n // 2)`` first and ``min(s, n // 2)`` last tokens, whether or
+    not both sides are used (a one-token prompt is not edited); ``cover`` takes ``min(p, n // 2)``
+    and ``min(s, ceil(n / 2))`` when both are used, each side alone up to ``n`` (perfit-probe's
+    earlier rule). Default ``pyreft``: it is the reference LoReFT implementation's rule
+    (``get_intervention_locations``), so a fit edits the tokens a pyreft run would; the two
+    rules differ only on prompts shorter than ``2 * max(p, s)`` tokens."""
+    share_weights: bool = False
+    """False (default): separate interventions for the first-p and the last-s positions of an
+    ``f{p}+l{s}`` spec, two per site; True: one intervention per site for all positions
+    (perfit-probe's earlier behaviour, half the parameters). Specs of one side (``l1``, ``f2``)
+    have one intervention per site either way. Default False: it is pyreft's default, so a
+    fit and its parameter counts are those of a pyreft run with the same spec (with ``f1+l2``
+    twice the parameters of the earlier shared default)."""
     intervention: str = "loreft"
     """``loreft``, ``noreft`` or ``lobireft``."""
     collective_rank: int = 8
@@ -167,6 +182,10 @@ class FitConfig:
         if not (self.lr1 > 0 and self.lr2 > 0):
             raise ConfigError("learning rates must be positive")
         parse_positions(self.positions)
+        if self.position_clamp not in POSITION_CLAMPS:
+            raise ConfigError(f"unknown position clamp {self.position_clamp!r}: choose from {POSITION_CLAMPS}")
+        if not isinstance(self.share_weights, bool):
+            raise ConfigError(f"share_weights must be true or false, got {self.share_weights!r}")
         self.personal()
         if self.personal_data == "queries" and self.n_heldout is None:
             raise ConfigError("personal_data='queries' trains on the queries that are not held out: "
@@ -295,8 +314,10 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
                          Site(layer + loaded.n_layers, config.site_kind).name for layer in config.layers],
                         loaded.n_layers)
     site_names = tuple(s.name for s in sites)
-    spec1 = BankSpec(config.intervention, site_names, config.positions, config.collective_rank, loaded.d_model)
-    spec2 = BankSpec(config.intervention, site_names, config.positions, config.personal_rank, loaded.d_model)
+    spec1 = BankSpec(config.intervention, site_names, config.positions, config.collective_rank, loaded.d_model,
+                     config.position_clamp, config.share_weights)
+    spec2 = BankSpec(config.intervention, site_names, config.positions, config.personal_rank, loaded.d_model,
+                     config.position_clamp, config.share_weights)
 
     task = load_task(config.task, path=config.task_path, outputs=config.task_outputs, n_users=config.n_users,
                      seed=config.seed, max_queries=config.max_queries)

@@ -19,6 +19,14 @@ leading slot axis, ``A [n, r, d]``, ``W [n, r, d]``, ``b [n, r]``. A batch carri
 index per row and each row is edited with its own slot's parameters, so that one forward
 pass trains or applies many users' interventions at once.
 
+Position groups: with ``share_weights`` (one intervention for all positions) a bank holds
+one intervention per site. Without it, and with a spec of both sides (``f{p}+l{s}``), it
+holds two per site, as pyreft does with ``share_weights=False``: one edits the first-p
+positions, the other the last-s positions (``BankSpec.groups``). A spec of one side
+(``f{p}``, ``l{s}``, ``mean``) has one group either way (pyreft doubles its interventions only
+for ``+`` specs). The *units* of a bank (one per group and site) are numbered
+``group * n_sites + site``, pyreft's order (all first-p interventions, then all last-s ones).
+
 Orthonormal rows in a bank: ``torch.nn.utils.parametrizations.orthogonal`` (the reference
 implementation's choice) parametrizes one matrix, so banks use their own parametrization,
 applied slot by slot in one batched call: ``R = rows of the Q factor of A^T`` (QR with the
@@ -56,6 +64,7 @@ import torch
 from torch import nn
 
 from perfit_probe.errors import ConfigError
+from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, parse_positions
 
 KINDS = ("loreft", "noreft", "lobireft")
 INITS = ("zero", "random")
@@ -75,6 +84,14 @@ class BankSpec:
     """Rank r of each intervention."""
     d_model: int
     """Width d of the edited hidden state."""
+    position_clamp: str = READ_CLAMP
+    """How short prompts clamp the positions, one of ``POSITION_CLAMPS`` (see
+    ``perfit_probe.sites``). The default is the rule of banks saved before this field
+    existed; ``FitConfig`` passes its own choice."""
+    share_weights: bool = True
+    """One intervention per site for all positions (True), or separate interventions for
+    the first-p and the last-s positions of an ``f{p}+l{s}`` spec (False, pyreft's default).
+    The default is the behaviour of banks saved before this field existed."""
     anchored: bool = False
     """The edit is measured from the initial parameters (frozen buffers ``A0``, ``W0``, ``b0``):
     exactly zero before training (see the module docstring)."""
@@ -88,6 +105,33 @@ class BankSpec:
             )
         if not self.sites:
             raise ConfigError("an intervention needs at least one site")
+        if self.position_clamp not in POSITION_CLAMPS:
+            raise ConfigError(f"unknown position clamp {self.position_clamp!r}: choose from {POSITION_CLAMPS}")
+        if not isinstance(self.share_weights, bool):
+            raise ConfigError(f"share_weights must be true or false, got {self.share_weights!r}")
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Position groups with their own intervention at each site: ``("first", "last")``
+        without shared weights on an ``f{p}+l{s}`` spec, else ``("all",)``."""
+        spec = parse_positions(self.positions)
+        if not self.share_weights and spec.mode == "fl" and spec.first and spec.last:
+            return ("first", "last")
+        return ("all",)
+
+    @property
+    def n_units(self) -> int:
+        """Interventions per slot: one per group and site."""
+        return len(self.groups) * len(self.sites)
+
+    def unit(self, site: int, group: int = 0) -> int:
+        """Number of the intervention of group ``group`` at site number ``site``."""
+        return group * len(self.sites) + site
+
+    def unit_name(self, unit: int) -> str:
+        """``site{i}`` (one group) or ``site{i}.first`` / ``site{i}.last``: tensor-name prefix in artifacts."""
+        group, site = divmod(unit, len(self.sites))
+        return f"site{site}" if len(self.groups) == 1 else f"site{site}.{self.groups[group]}"
 
     def to_dict(self) -> dict:
         """Plain-JSON form."""
@@ -97,15 +141,18 @@ class BankSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> BankSpec:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a dict without ``position_clamp``/``share_weights`` (a bank
+        saved before they existed) gets the field defaults, i.e. the old behaviour."""
         return cls(data["kind"], tuple(data["sites"]), data["positions"], int(data["rank"]),
-                   int(data["d_model"]), bool(data.get("anchored", False)))
+                   int(data["d_model"]), data.get("position_clamp", cls.position_clamp),
+                   data.get("share_weights", cls.share_weights), bool(data.get("anchored", False)))
 
     def params_per_slot(self) -> int:
-        """Trainable parameters of one slot (all sites): ``2dr + r`` per site, ``dr + r`` for lobireft."""
+        """Trainable parameters of one slot (all units): ``2dr + r`` per unit, ``dr + r`` for lobireft;
+        a unit per site, or two per site with separate first/last interventions."""
         d, r = self.d_model, self.rank
-        per_site = d * r + r if self.kind == "lobireft" else 2 * d * r + r
-        return per_site * len(self.sites)
+        per_unit = d * r + r if self.kind == "lobireft" else 2 * d * r + r
+        return per_unit * self.n_units
 
 
 def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
@@ -125,8 +172,9 @@ def slot_generator(seed: int, key: str) -> torch.Generator:
 class InterventionBank(nn.Module):
     """Parameters of ``n_slots`` interventions of one ``BankSpec``, one slot per key (user).
 
-    Learned state lives in per-site modules holding ``A [n, r, d]`` (free parameter of R),
-    ``W [n, r, d]`` and ``b [n, r]`` (``lobireft`` has no W).
+    Learned state lives in per-unit modules (``site_params``, one per group and site, numbered
+    as ``BankSpec.unit``) holding ``A [n, r, d]`` (free parameter of R), ``W [n, r, d]`` and
+    ``b [n, r]`` (``lobireft`` has no W).
     """
 
     def __init__(self, spec: BankSpec, keys: list[str]) -> None:
@@ -137,7 +185,7 @@ class InterventionBank(nn.Module):
         self.keys = list(keys)
         n, r, d = len(keys), spec.rank, spec.d_model
         self.site_params = nn.ModuleList()
-        for _ in spec.sites:
+        for _ in range(spec.n_units):
             holder = nn.Module()
             holder.A = nn.Parameter(torch.zeros(n, r, d))
             if spec.kind != "lobireft":
@@ -246,10 +294,10 @@ class InterventionBank(nn.Module):
             )
         return torch.tensor([lookup[k] for k in keys], dtype=torch.long, device=self.device)
 
-    def rotation(self, site: int, initial: bool = False) -> torch.Tensor:
-        """``R [n, r, d]`` at site number ``site``: orthonormal rows except for ``noreft``
-        (``initial``: of the anchor parameters, anchored banks only)."""
-        a = self.site_params[site].A0 if initial else self.site_params[site].A
+    def rotation(self, unit: int, initial: bool = False) -> torch.Tensor:
+        """``R [n, r, d]`` of unit ``unit`` (= site number with one group): orthonormal rows except
+        for ``noreft`` (``initial``: of the anchor parameters, anchored banks only)."""
+        a = self.site_params[unit].A0 if initial else self.site_params[unit].A
         return a if self.spec.kind == "noreft" else orthonormal_rows(a)
 
     def decayed_parameters(self) -> list[nn.Parameter]:
@@ -258,20 +306,31 @@ class InterventionBank(nn.Module):
                 if n != "A" or self.spec.kind == "noreft"]
 
     # ------------------------------------------------------------------ the edit
-    def edit(self, site: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The additive edit ``phi(h) - h`` for hidden states ``h [B, k, d]``; row i uses slot ``slots[i]``.
+    def edit(self, site: int, h: torch.Tensor, slots: torch.Tensor,
+             last: torch.Tensor | None = None) -> torch.Tensor:
+        """The additive edit ``phi(h) - h`` for hidden states ``h [B, k, d]`` at site number
+        ``site``; row i uses slot ``slots[i]``. ``last [B, k]`` (bool, ``sites.batch_last_mask``)
+        marks the last-s positions: with separate first/last interventions they get the
+        ``last`` unit and the others the ``first`` unit; with one group it is ignored.
+        Anchored banks return ``e_theta(h) - e_theta_0(h)`` (zero before training)."""
+        if len(self.spec.groups) == 1:
+            return self._unit_edit(site, h, slots)
+        if last is None:
+            raise ConfigError("this bank has separate first/last interventions: pass the last-position mask")
+        first_edit = self._unit_edit(self.spec.unit(site, 0), h, slots)
+        last_edit = self._unit_edit(self.spec.unit(site, 1), h, slots)
+        return torch.where(last.unsqueeze(-1), last_edit, first_edit)
 
-        Anchored banks return ``e_theta(h) - e_theta_0(h)`` (zero before training).
-        """
-        out = self._raw_edit(site, h, slots, initial=False)
+    def _unit_edit(self, unit: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        out = self._raw_edit(unit, h, slots, initial=False)
         if self.spec.anchored:
-            out = out - self._raw_edit(site, h, slots, initial=True)
+            out = out - self._raw_edit(unit, h, slots, initial=True)
         return out
 
-    def _raw_edit(self, site: int, h: torch.Tensor, slots: torch.Tensor, *, initial: bool) -> torch.Tensor:
-        holder = self.site_params[site]
+    def _raw_edit(self, unit: int, h: torch.Tensor, slots: torch.Tensor, *, initial: bool) -> torch.Tensor:
+        holder = self.site_params[unit]
         suffix = "0" if initial else ""
-        rot, bias = self.rotation(site, initial), getattr(holder, "b" + suffix)
+        rot, bias = self.rotation(unit, initial), getattr(holder, "b" + suffix)
         weight = getattr(holder, "W" + suffix) if self.spec.kind != "lobireft" else None
         if self.n_slots == 1:
             rot, bias = rot.expand(h.shape[0], -1, -1), bias.expand(h.shape[0], -1)
@@ -287,9 +346,10 @@ class InterventionBank(nn.Module):
             inner = torch.einsum("bkd,brd->bkr", h, diff) + bias.to(h.dtype).unsqueeze(1)
         return torch.einsum("bkr,brd->bkd", inner, rot)
 
-    def forward(self, site: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def forward(self, site: int, h: torch.Tensor, slots: torch.Tensor,
+                last: torch.Tensor | None = None) -> torch.Tensor:
         """``phi(h)`` (the edited hidden state)."""
-        return h + self.edit(site, h, slots)
+        return h + self.edit(site, h, slots, last)
 
 
 def _state(holder: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
