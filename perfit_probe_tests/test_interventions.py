@@ -47,24 +47,87 @@ def test_orthonormal_rows_and_idempotent():
     assert torch.allclose(orthonormal_rows(r), r, atol=1e-5)
 
 
-def test_loreft_edit_replaces_subspace_coordinates():
-    """phi(h) = h + R^T(Wh + b - Rh): R phi(h) = W h + b and the orthogonal complement is kept."""
-    bank = _randomised(InterventionBank.initialised(_spec(rank=4), ["u"], "zero", seed=1))
-    h = torch.randn(2, 3, D)
-    out = bank(0, h, torch.zeros(2, dtype=torch.long))
-    rot = bank.rotation(0)[0]
-    w, b = bank.site_params[0].W[0], bank.site_params[0].b[0]
-    assert torch.allclose(out @ rot.T, h @ w.T + b, atol=1e-5)
-    comp = torch.eye(D) - rot.T @ rot
-    assert torch.allclose(out @ comp, h @ comp, atol=1e-5)
+def _gram_schmidt(a: torch.Tensor) -> torch.Tensor:
+    """Hand oracle for R: classical Gram-Schmidt on the rows of ``a [r, d]``, in float64."""
+    rows = []
+    for v in a.double():
+        for r in rows:
+            v = v - (v @ r) * r
+        rows.append(v / v.norm())
+    return torch.stack(rows)
+
+
+def _hand_params(bank: InterventionBank, site: int = 0):
+    """Per slot (R by Gram-Schmidt of A, W, b) in float64, read from the raw parameters."""
+    holder = bank.site_params[site]
+    return [(_gram_schmidt(holder.A[i].detach()), holder.W[i].detach().double(), holder.b[i].detach().double())
+            for i in range(bank.n_slots)]
+
+
+def _hand_edit(params, h: torch.Tensor, slots) -> torch.Tensor:
+    """``phi(h) - h = R^T (W h + b - R h)`` row by row (h ``[B, k, d]``, float64)."""
+    out = []
+    for row, slot in zip(h.double(), [int(x) for x in slots]):
+        rot, w, b = params[slot]
+        out.append((row @ w.T + b - row @ rot.T) @ rot)
+    return torch.stack(out)
+
+
+def _random_bank(spec, keys, seed):
+    """A bank with random A (rows *not* orthonormal), W and b."""
+    bank = InterventionBank(spec, keys)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for holder in bank.site_params:
+            for param in holder.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen))
+    return bank
+
+
+def test_loreft_edit_equals_the_formula_computed_by_hand():
+    """phi(h) = h + R^T (W h + b - R h), R the Gram-Schmidt orthonormalisation of A's rows, each
+    row of a batch with its own slot: computed here in float64 from the raw parameters."""
+    bank = _random_bank(_spec(rank=4), ["a", "b", "c"], seed=1)
+    params = _hand_params(bank)
+    h = torch.randn(5, 3, D)
+    slots = torch.tensor([2, 0, 1, 2, 0])
+    expected = h.double() + _hand_edit(params, h, slots)
+    torch.testing.assert_close(bank(0, h, slots).double(), expected, atol=1e-4, rtol=1e-5)
+    for i, (rot, w, b) in enumerate(params):
+        torch.testing.assert_close(bank.rotation(0)[i].double(), rot, atol=1e-5, rtol=0)
+        torch.testing.assert_close(rot @ rot.T, torch.eye(4, dtype=torch.float64), atol=1e-10, rtol=0)
+        # inside R's row space R h is replaced by W h + b; the orthogonal complement is kept
+        out = bank(0, h, torch.full((5,), i)).double()
+        torch.testing.assert_close(out @ rot.T, h.double() @ w.T + b, atol=1e-4, rtol=1e-5)
+        comp = torch.eye(D, dtype=torch.float64) - rot.T @ rot
+        torch.testing.assert_close(out @ comp, h.double() @ comp, atol=1e-4, rtol=1e-5)
+    # a one-slot bank (the collective one) broadcasts its slot to every row
+    single = bank.subset(["b"])
+    torch.testing.assert_close(single.edit(0, h, torch.zeros(5, dtype=torch.long)).double(),
+                               _hand_edit(params, h, [1] * 5), atol=1e-4, rtol=1e-5)
+
+
+def test_rotation_stays_orthonormal_through_training_steps():
+    bank = _random_bank(_spec(rank=6), ["a", "b"], seed=2)
+    opt = torch.optim.AdamW(bank.parameters(), lr=0.5)
+    h = torch.randn(4, 2, D)
+    for _ in range(3):
+        opt.zero_grad()
+        bank(0, h, torch.tensor([0, 1, 1, 0])).pow(3).sum().backward()
+        opt.step()
+        for i in range(2):
+            rot = bank.rotation(0)[i].detach().double()
+            torch.testing.assert_close(rot @ rot.T, torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
+            torch.testing.assert_close(rot, _gram_schmidt(bank.site_params[0].A[i].detach()), atol=1e-5, rtol=0)
 
 
 def test_variants_formulas():
     h = torch.randn(2, 3, D)
     slots = torch.zeros(2, dtype=torch.long)
     lobi = _randomised(InterventionBank.initialised(_spec("lobireft", rank=3), ["u"], "zero"))
-    rot = lobi.rotation(0)[0]
-    assert torch.allclose(lobi(0, h, slots), h + lobi.site_params[0].b[0] @ rot, atol=1e-6)
+    rot = _gram_schmidt(lobi.site_params[0].A[0].detach())
+    torch.testing.assert_close(lobi(0, h, slots).double(), h.double() + lobi.site_params[0].b[0].double() @ rot,
+                               atol=1e-5, rtol=1e-5)
     nore = _randomised(InterventionBank.initialised(_spec("noreft", rank=3), ["u"], "zero"))
     with torch.no_grad():
         nore.site_params[0].A.mul_(2.0)  # not orthonormal: noreft must not orthonormalise
@@ -99,6 +162,81 @@ def test_bank_rows_use_their_own_slot():
     for i, s in enumerate(slots.tolist()):
         single = bank.subset([bank.keys[s]])
         assert torch.allclose(out[i], single.edit(0, h[i:i + 1], torch.zeros(1, dtype=torch.long))[0], atol=1e-6)
+
+
+def _stacking_case(seed=3):
+    """Collective (rank 4, one slot) and personal (rank 2, three slots) random banks, inputs."""
+    sites = ("blocks.1.hook_resid_post",)
+    coll = _random_bank(_spec(rank=4, sites=sites, positions="l1"), ["collective"], seed)
+    pers = _random_bank(_spec(rank=2, sites=sites, positions="l1"), ["a", "b", "c"], seed + 1)
+    with torch.no_grad():  # moderate edits, so that compose differs clearly from sum
+        for bank in (coll, pers):
+            bank.site_params[0].W.mul_(0.3)
+    h = torch.randn(4, 2, D, generator=torch.Generator().manual_seed(seed))
+    return coll, pers, h, torch.tensor([1, 0, 2, 1]), torch.tensor([1.0, 0.0, 0.5, 2.0])
+
+
+def test_stacking_rules_equal_hand_formulas():
+    """sum: h + e_c(h) + s e_p(h); compose: h' + s e_p(h') with h' = h + e_c(h); a lone bank:
+    h + s e(h); e computed by hand (float64) from the raw parameters."""
+    coll, pers, h, slots, scale = _stacking_case()
+    pc, pp = _hand_params(coll), _hand_params(pers)
+    s = scale.double().view(-1, 1, 1)
+    hd = h.double()
+    e_c = _hand_edit(pc, h, [0] * 4)
+    h1 = hd + e_c
+    hand = {
+        "sum": e_c + s * _hand_edit(pp, h, slots),
+        "compose": e_c + s * _hand_edit(pp, h1, slots),
+    }
+    for stacking, expected in hand.items():
+        iv = Intervention(collective=coll, personal=pers, stacking=stacking)
+        torch.testing.assert_close(iv.delta(0, h, slots, scale).double(), expected, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(hand["sum"], hand["compose"], atol=1e-2)  # the two rules differ here
+    lone = Intervention(collective=coll)
+    torch.testing.assert_close(lone.delta(0, h, None, scale).double(), s * e_c, atol=1e-4, rtol=1e-5)
+    only_personal = Intervention(personal=pers)
+    torch.testing.assert_close(only_personal.delta(0, h, slots, scale).double(), s * _hand_edit(pp, h, slots),
+                               atol=1e-4, rtol=1e-5)
+    # ablation: Q's span is projected out of the edited state (hidden) or of the edit (edit)
+    q = _gram_schmidt(torch.randn(3, D, generator=torch.Generator().manual_seed(9)))
+    proj = q.T @ q
+    delta = hand["compose"]
+    for mode, expected in (("hidden", delta - (hd + delta) @ proj), ("edit", delta - delta @ proj)):
+        iv = Intervention(collective=coll, personal=pers, stacking="compose", ablate_basis=q.float(),
+                          ablate_mode=mode)
+        got = iv.delta(0, h, slots, scale).double()
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ConfigError, match="stacking"):
+        Intervention(collective=coll, personal=pers, stacking="product")
+
+
+@pytest.mark.parametrize("stacking", ["sum", "compose"])
+def test_hooked_model_applies_the_hand_stacked_edit(stacking):
+    """Through the hooks on a tiny model: the next block's input at the edited (last) prompt
+    token is the un-edited hidden state plus the hand-computed stacked edit; other tokens keep theirs."""
+    loaded = tiny_model("llama")
+    coll, pers, _, _, _ = _stacking_case(5)
+    fit = PerFit(coll, pers, stacking, loaded.identity.to_dict())
+    batch = collate([encode(loaded.tokenizer, "The user rated the movie")], 0)
+    base = _block_input(loaded, 2, lambda: loaded.model(**batch.inputs()))  # block 1's output
+    h = base[:, -1:]
+    e_c = _hand_edit(_hand_params(coll), h, [0])
+    inner = h.double() + e_c if stacking == "compose" else h.double()
+    for stage, scale, expected in (
+        ("perfit", 1.5, e_c + 1.5 * _hand_edit(_hand_params(pers), inner, [2])),
+        ("collective", 0.5, 0.5 * e_c),
+    ):
+        iv = fit.intervention(stage)
+
+        def edited_run(iv=iv, scale=scale):
+            with iv.attached(loaded.model), torch.no_grad():
+                iv.set_batch(batch.prompt_mask, torch.tensor([2]) if stage == "perfit" else None, scale)
+                loaded.model(**batch.inputs())
+
+        edited = _block_input(loaded, 2, edited_run)
+        torch.testing.assert_close(edited[:, :-1], base[:, :-1], atol=1e-6, rtol=0)
+        torch.testing.assert_close((edited[:, -1:] - h).double(), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_initialisation_depends_on_key_not_index():

@@ -19,7 +19,8 @@ from perfit_probe.evaluation.steer import (
     steer_checks,
 )
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
-from perfit_probe_tests.test_evaluate import planted_run, planted_task
+from perfit_probe_tests.test_evaluate import PLANTED, planted_run, planted_task
+from perfit_probe_tests.tiny import tiny_model
 
 FAST = SteerConfig(alphas=(0.0, 0.5, 1.0, 2.0))
 
@@ -67,15 +68,133 @@ def test_ablation_dose_and_control(planted_steer):
     k = int(_value(rows, "ablation", "subspace", "k"))
     assert planted_steer.basis.shape == (k, 32)
     torch.testing.assert_close(planted_steer.basis @ planted_steer.basis.T, torch.eye(k), atol=1e-5, rtol=0)
-    # dose: alpha = 0 is stage 1 exactly, alpha = 1 is PerFit exactly; MAE falls with alpha on [0, 1]
-    assert _value(rows, "dose", "0", "mae") == stage1_mae
-    assert _value(rows, "dose", "1", "mae") == perfit_mae
-    assert _value(rows, "dose", "0", "mean_pred") == pytest.approx(_value(rows, "reference", "stage1", "mean_pred"))
+    # dose: MAE falls with alpha on [0, 1] (the end points are checked against independent
+    # computations in test_dose_end_points_equal_independent_predictions)
     assert _value(rows, "dose", "spearman_0_1", "mae") < 0
     # control: neither a norm-matched random bank nor shuffled users give PerFit's gain
     assert _value(rows, "control", "random_bank", "mae") > perfit_mae
     assert _value(rows, "control", "shuffled_users", "mae") > perfit_mae
     assert set(rows.columns) == {"experiment", "setting", "metric", "value"}
+
+
+def _hand_label_scores(loaded, prompts, intervention):
+    """Expected rating and argmax label of each prompt, one prompt at a time and without the
+    library's batching or scoring: the model's next-token log-probabilities of " 1" .. " 5"
+    at the last prompt token, with ``intervention`` attached (None: the bare model)."""
+    from contextlib import nullcontext
+
+    tok = loaded.tokenizer
+    label_ids = [tok(" " + label, add_special_tokens=False)["input_ids"] for label in "12345"]
+    assert all(len(ids) == 1 for ids in label_ids)
+    expected, outputs = [], []
+    with torch.no_grad(), (intervention.attached(loaded.model) if intervention else nullcontext()):
+        for prompt in prompts:
+            ids = torch.tensor([tok(prompt)["input_ids"]])
+            if intervention is not None:
+                intervention.set_batch(torch.ones_like(ids))
+            logits = loaded.model(input_ids=ids).logits[0, -1].double()
+            logp = logits.log_softmax(-1)[[ids[0] for ids in label_ids]]
+            expected.append(float(torch.softmax(logp, 0) @ torch.arange(1.0, 6.0, dtype=torch.float64)))
+            outputs.append(int(logp.argmax()) + 1)
+    return np.array(expected), np.array(outputs, dtype=float)
+
+
+def test_dose_end_points_equal_independent_predictions(planted_steer):
+    """alpha = 0 gives what a separately built stage-1-only intervention gives (scored here by
+    hand, prompt by prompt); alpha = 1 gives the PerFit predictions of ``evaluate_methods``."""
+    from perfit_probe.evaluation.evaluate import EvalConfig, evaluate_methods, heldout_examples
+    from perfit_probe.interventions import Intervention
+
+    loaded, task, split, perfit = planted_run()
+    rows = planted_steer.rows
+    examples = heldout_examples(task, split, loaded.tokenizer, variants=("plain",), k=0, retriever="bm25",
+                                chat=None, seed=0)
+    golds = np.array([float(e.target) for e in examples])
+    stage1_only = Intervention(collective=perfit.collective)  # no personal bank at all
+    expected, outputs = _hand_label_scores(loaded, [e.prompt for e in examples], stage1_only)
+    assert _value(rows, "dose", "0", "mean_pred") == pytest.approx(expected.mean(), rel=1e-5)
+    assert _value(rows, "dose", "0", "mae") == pytest.approx(np.abs(outputs - golds).mean())
+    # the personal bank moves the behaviour, so the check above can tell alpha = 0 from alpha = 1
+    assert abs(_value(rows, "dose", "1", "mean_pred") - expected.mean()) > 0.05
+    base_expected, _ = _hand_label_scores(loaded, [e.prompt for e in examples], None)
+    assert _value(rows, "reference", "base", "mean_pred") == pytest.approx(base_expected.mean(), rel=1e-5)
+    # alpha = 1: evaluate's PerFit predictions (same held-out queries)
+    evaluated = evaluate_methods(loaded, task, split, perfit, EvalConfig(methods=("perfit",)))
+    frame = evaluated.predictions
+    assert sorted(frame.query_id) == sorted(e.query_id for e in examples)
+    assert _value(rows, "dose", "1", "mean_pred") == pytest.approx(frame.expected.mean(), rel=1e-5)
+    err = frame.output.astype(float) - frame.gold.astype(float)
+    assert _value(rows, "dose", "1", "mae") == pytest.approx(np.abs(err).mean())
+
+
+def _promoting_bank(loaded, users, donor, label, strength=1000.0):
+    """A PerFit at the last block whose only non-zero edit is ``donor``'s: ``strength`` times a
+    unit direction u that raises ``label``'s logit over the other ratings' (u = w_label - mean_l w_l
+    of the output embeddings). Stage 1 and every other user edit nothing. The edit swamps the
+    last prompt token's hidden state, so after the final norm every prompt edited by the donor's
+    slot gets the same label distribution, tilted toward ``label``."""
+    from perfit_probe.interventions import PerFit
+
+    tok = loaded.tokenizer
+    emb = loaded.model.get_output_embeddings().weight.detach().float()
+    ids = [tok(" " + x, add_special_tokens=False)["input_ids"][0] for x in "12345"]
+    target = ids["12345".index(label)]
+    u = emb[target] - emb[ids].mean(0)
+    u = u / u.norm()
+    assert int((emb[ids] @ u).argmax()) == "12345".index(label)  # u favours the label among ratings
+    spec = BankSpec("loreft", ("blocks.3.hook_resid_post",), "l1", 1, loaded.d_model)
+    collective = InterventionBank.initialised(spec, ["collective"], "zero", 0)
+    personal = InterventionBank.initialised(spec, list(users), "zero", 0)
+    with torch.no_grad():  # W = R = u: the edit R^T (W h + b - R h) is b u
+        i = personal.slot(donor)
+        personal.site_params[0].A[i] = u
+        personal.site_params[0].W[i] = u
+        personal.site_params[0].b[i] = strength
+    return PerFit(collective.requires_grad_(False), personal.requires_grad_(False), "sum", loaded.identity.to_dict())
+
+
+def test_user_swap_applies_the_donors_intervention():
+    """Planted: only user b's slot edits (it pushes every answer toward 5, the same way on every
+    prompt). Swapping b's slot onto another user's queries gives them b's predictions; b's queries
+    with another user's slot fall back to the bare model; swaps between two users with null slots
+    change nothing."""
+    from perfit_probe.evaluation.evaluate import heldout_examples
+
+    loaded = tiny_model("llama")
+    task, split = planted_task()
+    perfit = _promoting_bank(loaded, split.test_users, "b", "5")
+    result = steer_checks(loaded, task, split, perfit, SteerConfig(experiments=("swap",)))
+    pairs = result.pairs.set_index(["donor", "recipient"])
+    assert len(pairs) == 12
+    examples = heldout_examples(task, split, loaded.tokenizer, variants=("plain",), k=0, retriever="bm25",
+                                chat=None, seed=0)
+    base = {u: _hand_label_scores(loaded, [e.prompt for e in examples if e.user_id == u], None)[0].mean()
+            for u in split.test_users}
+    planted = pairs.loc[("a", "b"), "own_pred"]  # b's slot on b's queries
+    assert planted > max(base.values()) + 0.3  # tilted toward 5 (a tiny random model's logits are small)
+    for (donor, recipient), row in pairs.iterrows():
+        if recipient == "b":
+            assert row.own_pred == pytest.approx(planted, abs=1e-5)
+        else:
+            assert row.own_pred == pytest.approx(base[recipient], abs=1e-4)
+        if donor == "b":  # the donor's slot, not the recipient's
+            assert row.swap_pred == pytest.approx(planted, abs=1e-5)
+        else:  # a null slot on anyone's queries: the bare model
+            assert row.swap_pred == pytest.approx(base[recipient], abs=1e-4)
+    # behaviour = the mean planted (history) rating; distances to the donor's by hand
+    mu = {u: float(r) for u, r in PLANTED.items()}
+    for (donor, recipient), row in pairs.iterrows():
+        assert (row.donor_mean, row.recipient_mean) == (mu[donor], mu[recipient])
+        assert row.own_distance == pytest.approx(abs(row.own_pred - mu[donor]))
+        assert row.swap_distance == pytest.approx(abs(row.swap_pred - mu[donor]))
+    own_d = {k: abs(r.own_pred - mu[k[0]]) for k, r in pairs.iterrows()}
+    swap_d = {k: abs(r.swap_pred - mu[k[0]]) for k, r in pairs.iterrows()}
+    rows = result.rows
+    assert _value(rows, "swap", "pairs", "n_pairs") == 12
+    assert _value(rows, "swap", "pairs", "distance_reduction") == pytest.approx(
+        np.mean([own_d[k] - swap_d[k] for k in own_d]))
+    # b's slot moves every recipient toward b's 5s
+    assert all(swap_d[("b", r)] < own_d[("b", r)] for r in "acd")
 
 
 def test_personal_subspace_recovers_a_planted_subspace():
@@ -91,20 +210,73 @@ def test_personal_subspace_recovers_a_planted_subspace():
         personal_subspace(torch.zeros(3, 1, 20))
 
 
-def test_random_bank_matches_rank_and_edit_norms():
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post",), "l1", 3, 16)
+def _hand_rotation(a: np.ndarray) -> np.ndarray:
+    """Gram-Schmidt on the rows of ``a`` (the orthonormal R a LoReFT parameter A stands for)."""
+    rows = []
+    for v in a.astype(np.float64):
+        for r in rows:
+            v = v - (v @ r) * r
+        rows.append(v / np.linalg.norm(v))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["loreft", "lobireft"])
+def test_random_bank_has_the_stated_rank_and_edit_size(kind):
+    """Per user: a random orthonormal R, W - R and b random with the Frobenius norms of that user's
+    W_u - R_u and b_u (computed here from the raw parameters); the edits span r dimensions and have
+    the same mean squared size on isotropic inputs, in another subspace."""
+    rank, d = 3, 16
+    spec = BankSpec(kind, ("blocks.1.hook_resid_post",), "l1", rank, d)
     bank = InterventionBank.initialised(spec, ["a", "b"], "random", 0).requires_grad_(False)
+    with torch.no_grad():  # make the two users' edit sizes differ
+        bank.site_params[0].b[1].mul_(7.0)
+        if kind == "loreft":
+            bank.site_params[0].W[1].mul_(5.0)
     fake = random_bank(bank, seed=1)
+    real_p, fake_p = bank.site_params[0], fake.site_params[0]
+    h = torch.randn(4000, 1, d, generator=torch.Generator().manual_seed(0))
     for i in range(2):
-        r_fake = fake.rotation(0)[i]
-        torch.testing.assert_close(r_fake @ r_fake.T, torch.eye(3), atol=1e-5, rtol=0)
-        real_diff = bank.site_params[0].W[i] - bank.rotation(0)[i]
-        fake_diff = fake.site_params[0].W[i] - r_fake
-        assert float(fake_diff.norm()) == pytest.approx(float(real_diff.norm()), rel=1e-4)
-        assert float(fake.site_params[0].b[i].norm()) == pytest.approx(float(bank.site_params[0].b[i].norm()), rel=1e-5)
-        assert abs(float((r_fake * bank.rotation(0)[i]).sum())) < 3  # not the same subspace
+        a_real = real_p.A[i].numpy()
+        r_real = _hand_rotation(a_real)
+        a_fake = fake_p.A[i].numpy()
+        np.testing.assert_allclose(a_fake @ a_fake.T, np.eye(rank), atol=1e-5)  # orthonormal rows
+        np.testing.assert_allclose(_hand_rotation(a_fake), a_fake, atol=1e-5)  # so R = A
+        assert float(np.linalg.norm(fake_p.b[i].numpy())) == pytest.approx(float(np.linalg.norm(real_p.b[i].numpy())), rel=1e-5)
+        if kind == "loreft":
+            real_diff = np.linalg.norm(real_p.W[i].numpy() - r_real)
+            fake_diff = np.linalg.norm(fake_p.W[i].numpy() - a_fake)
+            assert fake_diff == pytest.approx(real_diff, rel=1e-4)
+        # a different subspace: overlap ||R_fake R_real^T||_F^2 well below r
+        assert float(np.square(a_fake @ r_real.T).sum()) < rank - 0.5
+        slots = torch.full((len(h),), i, dtype=torch.long)
+        e_real = bank.edit(0, h, slots)[:, 0].double()
+        e_fake = fake.edit(0, h, slots)[:, 0].double()
+        # the edits live in the r-dimensional row space of R_fake
+        expected_rank = rank if kind == "loreft" else 1  # lobireft's edit R^T b is one constant vector
+        assert torch.linalg.matrix_rank(e_fake, rtol=1e-4).item() == expected_rank
+        proj = torch.from_numpy(a_fake.T @ a_fake).double()
+        torch.testing.assert_close(e_fake @ proj, e_fake, atol=1e-4, rtol=0)
+        # E ||e||^2 = ||W - R||_F^2 + ||b||^2 on N(0, I) inputs (||b||^2 for lobireft): the same
+        # for the real and the fake bank
+        size_real, size_fake = e_real.square().sum(1).mean(), e_fake.square().sum(1).mean()
+        assert float(size_fake) == pytest.approx(float(size_real), rel=0.1)
+    assert fake.keys == bank.keys and not any(p.requires_grad for p in fake.parameters())
     mapping = derangement(["a", "b", "c", "d"], seed=0)
     assert sorted(mapping.values()) == ["a", "b", "c", "d"] and all(k != v for k, v in mapping.items())
+
+
+def test_random_bank_control_uses_that_bank(planted_steer):
+    """The control's random_bank row is PerFit's evaluation with ``random_bank(personal, seed)``."""
+    from perfit_probe.evaluation.evaluate import EvalConfig, evaluate_methods
+    from perfit_probe.interventions import PerFit
+
+    loaded, task, split, perfit = planted_run()
+    fake = PerFit(perfit.collective, random_bank(perfit.personal, FAST.seed), perfit.stacking, perfit.model)
+    frame = evaluate_methods(loaded, task, split, fake, EvalConfig(methods=("perfit",))).predictions
+    rows = planted_steer.rows
+    assert _value(rows, "control", "random_bank", "mean_pred") == pytest.approx(frame.expected.mean(), rel=1e-5)
+    err = frame.output.astype(float) - frame.gold.astype(float)
+    assert _value(rows, "control", "random_bank", "mae") == pytest.approx(np.abs(err).mean())
 
 
 def test_history_behaviour_for_ratings_and_labels():
