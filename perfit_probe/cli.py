@@ -24,6 +24,7 @@ COMMANDS = {
     "fit": "train PerFit interventions (stage 1 collective, stage 2 per user)",
     "evaluate": "evaluate a fitted run against baselines with the LaMP metrics",
     "steer": "causal checks: user swap, subspace ablation, dose response, control",
+    "interpret": "steer with the measured shifts; align and read out the learned interventions",
 }
 
 
