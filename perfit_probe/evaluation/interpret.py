@@ -169,7 +169,8 @@ class InterpretResult:
     alignment: pd.DataFrame
     """``site, bank, user_id, group, k, rank, d_model, overlap, null_overlap, percentile, min_angle_deg``."""
     energy: pd.DataFrame
-    """``site, user_id, share, chance``."""
+    """``site, user_id, share, chance, edit_energy`` (``share`` is NaN where a user's personal edit
+    is zero, e.g. when stage-2 model selection kept stage 1 alone)."""
     lens_tokens: pd.DataFrame
     """``site, direction, user_id, sign, rank, token, shift``."""
     lens_labels: pd.DataFrame
@@ -424,8 +425,8 @@ def _edit_energy(ctx: _Context, site: str, bank_site: int, basis: np.ndarray) ->
         pair[0] += inside
         pair[1] += float((edit ** 2).sum())
     chance = basis.shape[0] / basis.shape[1]
-    return [{"site": site, "user_id": u, "share": (a / b) if b > 0 else float("nan"), "chance": chance}
-            for u, (a, b) in totals.items()]
+    return [{"site": site, "user_id": u, "share": (a / b) if b > 0 else float("nan"), "chance": chance,
+             "edit_energy": b} for u, (a, b) in totals.items()]
 
 
 # ---------------------------------------------------------------------- 3. read-outs
