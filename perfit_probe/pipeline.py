@@ -8,6 +8,11 @@ embedded defaults (``demo_config``). Unknown sections or keys are refused with a
 error, so a typo never silently falls back to a default.
 
 The run directory ends with ``report.md``, which links every stage's report, table and figure.
+
+``run_seeds`` runs the same pipeline once per seed (``seed_config``: the seed of the task,
+the split and every stage), each into ``OUT/seed{s}/``, then writes the spread of every
+headline number across seeds into ``OUT/seeds_summary.{csv,md,json}``
+(``perfit_probe.seed_summary``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.rundir import RunDir, atomic_write_text, seed_everything
@@ -237,6 +242,58 @@ def run_pipeline(
                                  "peak_rss_gib": peak_rss_gib()})
     atomic_write_text(run.path / "report.md", render_report(run))
     return run
+
+
+def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
+    """A copy of ``config`` whose task and every stage run with ``seed`` (a stage section's own
+    ``seed`` is replaced too, so one number sets them all)."""
+    sections = {stage: {**getattr(config, stage), **({"seed": seed} if "seed" in getattr(config, stage) else {})}
+                for stage in STAGES}
+    return dataclasses.replace(config, model=dict(config.model), task={**config.task, "seed": seed}, **sections)
+
+
+def run_seeds(
+    config: PipelineConfig,
+    out: Path | str,
+    seeds: Sequence[int],
+    *,
+    loaded=None,
+    progress: bool = True,
+    announce: Callable[[str], None] | None = None,
+) -> tuple[dict[int, RunDir], dict[str, Path]]:
+    """Run the pipeline once per seed into ``out/seed{s}`` and summarise the runs across seeds.
+
+    Returns the run directory of each seed and the paths of ``seeds_summary.csv``/``.md``/``.json``
+    (keys ``csv``, ``md``, ``json``) written into ``out``. The model is loaded once and shared.
+    """
+    from perfit_probe.models import load_model
+    from perfit_probe.seed_summary import seed_summary, write_seed_summary
+
+    say = announce or log.info
+    seeds = [int(seed) for seed in seeds]
+    if not seeds:
+        raise ConfigError("give at least one seed (--seeds 0,1,2)")
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"seeds {seeds} repeat a seed: each seed gets its own run directory")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
+    configs = {seed: seed_config(config, seed) for seed in seeds}
+    for seeded in configs.values():
+        stage_configs(seeded)  # validates every section before any work
+    if loaded is None:
+        say(f"loading model {config.model['name']!r}")
+        loaded = load_model(config.model["name"], dtype=config.model.get("dtype", "float32"),
+                            device=config.model.get("device", "cpu"))
+    runs = {}
+    for index, seed in enumerate(seeds):
+        say(f"== seed {seed} ({index + 1}/{len(seeds)}) into {out / f'seed{seed}'}")
+        runs[seed] = run_pipeline(configs[seed], out / f"seed{seed}", loaded=loaded, progress=progress,
+                                  announce=announce)
+    summary = seed_summary({seed: run.metrics() for seed, run in runs.items()})
+    paths = write_seed_summary(summary, out, {seed: run.path for seed, run in runs.items()})
+    say(f"summary of {len(seeds)} seeds: {paths['md']}")
+    return runs, paths
 
 
 def _run_stage(stage: str, config: Any, out: Path, loaded, progress: bool) -> None:

@@ -7,8 +7,8 @@ from datetime import datetime
 from pathlib import Path
 
 from perfit_probe.commands.common import csv_items
-from perfit_probe.commands.run import execute
-from perfit_probe.pipeline import STAGES, demo_config
+from perfit_probe.commands.run import add_seed_arguments, execute, execute_seeds
+from perfit_probe.pipeline import STAGES, demo_config, seed_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default=None, help="task instead of movielens (e.g. synthetic)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo-<time>)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_seed_arguments(parser, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -29,10 +29,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading model {args.model!r}", flush=True)
     loaded = load_model(args.model, device=args.device)
     config = demo_config(n_users=args.users, model=args.model, device=args.device, n_layers=loaded.n_layers)
-    config.task["seed"] = args.seed
     if args.task:
         config.task["name"] = args.task
     config.stages = csv_items(args.stages)
     config.__post_init__()
     out = args.out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return execute(config, out, progress=not args.no_progress, loaded=loaded)
+    if args.seeds is not None:
+        return execute_seeds(config, out, args.seeds, progress=not args.no_progress, loaded=loaded)
+    return execute(seed_config(config, args.seed), out, progress=not args.no_progress, loaded=loaded)

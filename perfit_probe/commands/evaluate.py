@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-targets", type=csv_items, default=(), help="module names (default: q_proj,v_proj)")
     lora.add_argument("--lora-task-lr", type=float, default=1e-4, help="OPPU's shared task LoRA: learning rate")
     lora.add_argument("--lora-task-epochs", type=int, default=2, help="OPPU's shared task LoRA: epochs")
+    lora.add_argument("--lora-val-per-user", type=int, default=None,
+                      help="history examples per user held out to pick each per-user LoRA's epoch (0 = none) "
+                           "(default: the fit's --val-per-user, the same examples PerFit's stage 2 holds out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -41,7 +44,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     lora_task = replace(lora, lr=args.lora_task_lr, epochs=args.lora_task_epochs)
     return EvalConfig(methods=args.methods, decoding=args.decoding, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, k=args.k,
-                      use_stemmer=args.stemmer, lora=lora, lora_task=lora_task, seed=args.seed)
+                      use_stemmer=args.stemmer, lora=lora, lora_task=lora_task, seed=args.seed,
+                      val_per_user=args.lora_val_per_user)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,11 +7,16 @@ Methods compared (one row each in ``RUN/eval/results.csv`` and ``results.md``):
 - ``stage1``: the collective (stage-1) intervention on the plain prompt;
 - ``perfit``: collective + the user's personal intervention (stage 1 + 2) on the plain prompt;
 - ``lora``: a rank-8 q/v LoRA per user, directly on the base model, trained on the user's
-  history examples (all of them; see ``perfit_probe.evaluation.lora``);
+  history examples (see ``perfit_probe.evaluation.lora``);
 - ``lora_task``: OPPU's shared *task* LoRA alone, trained on the train users' queries (PerFit
   stage 1's data) and merged into the base, the LoRA analogue of ``stage1``;
 - ``oppu``: full OPPU, the per-user LoRA trained and applied on top of that task model, the
   LoRA analogue of ``perfit``;
+- equal budgets: with ``val_per_user`` > 0 (by default the fit's, so PerFit and the LoRAs
+  select alike) the per-user LoRAs of ``lora`` and ``oppu`` hold out exactly the examples
+  PerFit's stage 2 holds out (``perfit_probe.interventions.fit.validation_indices``), train on
+  the rest, and keep the epoch with the lowest loss on them (epoch 0: a zero adapter, i.e. the
+  base model for ``lora``, the task model for ``oppu``); the epochs are in ``lora_selection.csv``;
 - the trivial, model-free baselines of ``perfit_probe.evaluation.baselines`` (``user_mean``,
   ``user_median``, ``user_majority``, ``global_majority``, ``global_mean``, ``bm25_top1``),
   each where it applies to the task kind (the others are skipped with a log line).
@@ -110,6 +115,13 @@ class EvalConfig:
     """Hyperparameters of OPPU's shared task LoRA (``lora_task`` and ``oppu``)."""
     seed: int = 0
     """Seed of prompt construction and LoRA training (and of the bootstrap in ``write_results``)."""
+    val_per_user: int | None = None
+    """Model selection of the per-user LoRAs (``lora``, ``oppu``): this many of each test user's
+    history examples are held out and the user keeps its best epoch on them, epoch 0 being no
+    adapter (None: the fit's ``val_per_user`` in ``run_evaluate``, so the budgets match; 0: no
+    selection, every example trained on for all epochs)."""
+    val_seed: int | None = None
+    """Seed of the held-out choice (None: the fit's seed in ``run_evaluate``, else ``seed``)."""
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     """Bootstrap and permutation settings of the intervals and differences in ``write_results``."""
 
@@ -121,6 +133,8 @@ class EvalConfig:
             raise ConfigError(f"unknown decoding {self.decoding!r}: choose from {DECODINGS}")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"k={self.k} must be >= 1: the rag prompt needs history items")
+        if self.val_per_user is not None and self.val_per_user < 0:
+            raise ConfigError(f"val_per_user={self.val_per_user} must be >= 0 (0: no model selection)")
 
     def with_fit(self, recorded: dict) -> EvalConfig:
         """Prompt options left unset (None) take the fit's ``recorded`` values, then the defaults.
@@ -155,6 +169,8 @@ class EvalResult:
     """One row per method x held-out query: user, query, gold, output (, expected)."""
     lora_adapters: dict[str, UserLora] = field(default_factory=dict)
     """The trained LoRA adapter of each test user (when ``lora`` ran)."""
+    lora_selection: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """Model selection of the per-user LoRAs (``selection_frame``), ``lora`` and ``oppu`` rows."""
 
 
 def resolve_decoding(decoding: str, kind: str) -> str:
@@ -260,7 +276,7 @@ def evaluate_methods(
         raise ConfigError("held-out queries without gold outputs cannot be scored")
     opts = dict(decoding=mode, chat=config.chat, batch_size=config.batch_size,
                 max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens)
-    rows, pred_frames, adapters = [], [], {}
+    rows, pred_frames, adapters, selections = [], [], {}, []
     collective_params = perfit.collective.spec.params_per_slot() if perfit is not None else 0
     oppu = {}
     if {"lora_task", "oppu"} & set(config.methods):
@@ -278,8 +294,11 @@ def evaluate_methods(
         info = {"method": method, "params_per_user": 0, "shared_params": 0, "train_s_per_user": 0.0}
         if method == "lora":
             preds, adapters, info = _lora_predictions(loaded, task, split, chosen, config, opts, progress, personal)
+            selections.append(selection_frame("lora", adapters))
         elif method in oppu:
-            preds, info = oppu[method]
+            preds, info, user_adapters = oppu[method]
+            if user_adapters:
+                selections.append(selection_frame(method, user_adapters))
         elif method in BASELINES:
             preds = _baseline_predictions(method, task, split, chosen, personal)
             if preds is None:
@@ -306,28 +325,42 @@ def evaluate_methods(
         log.info("%s: %s", method, {m: round(row[m], 4) for m in METRICS[spec.kind]})
     table = pd.DataFrame.from_records(rows)
     return EvalResult(table, pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame(),
-                      adapters)
+                      adapters, pd.concat(selections, ignore_index=True) if selections else pd.DataFrame())
 
 
 def _fit_on(baseline: LoraBaseline, key: str, examples: list[Example], config: EvalConfig, *,
-            seed: int) -> UserLora:
-    """A LoRA adapter trained on ``examples`` (prompt -> gold continuation)."""
+            seed: int, validation: Sequence[Example] = ()) -> UserLora:
+    """A LoRA adapter trained on ``examples`` (prompt -> gold continuation), its epoch chosen
+    on ``validation`` (the same form) when given."""
     tok = baseline.loaded.tokenizer
     return baseline.fit_user(key, [e.prompt for e in examples],
-                             [continuation(e.target, tok, config.chat) for e in examples], seed=seed)
+                             [continuation(e.target, tok, config.chat) for e in examples], seed=seed,
+                             val_prompts=[e.prompt for e in validation],
+                             val_targets=[continuation(e.target, tok, config.chat) for e in validation])
 
 
 def _lora_predictions(loaded, task, split, chosen, config, opts, progress, personal, desc="LoRA per user"):
-    """Train one LoRA per test user on its personal examples (as PerFit's stage 2), predict its held-out queries."""
+    """Train one LoRA per test user on its personal examples (as PerFit's stage 2), predict its held-out queries.
+
+    With ``config.val_per_user`` > 0 the examples PerFit's stage 2 validates on
+    (``validation_indices`` with ``config.val_seed``) are held out and pick the user's epoch.
+    """
     from tqdm.auto import tqdm
+
+    from perfit_probe.interventions.fit import validation_indices
 
     history = personal_examples(loaded.tokenizer, task, split, split.test_users, personal, k=config.k,
                                 retriever=config.retriever, chat=config.chat, seed=config.seed)
     baseline = LoraBaseline(loaded, config.lora)
+    n_val = config.val_per_user or 0
+    val_seed = config.seed if config.val_seed is None else config.val_seed
     outputs: dict[tuple[str, str], tuple[str, float | None]] = {}
     adapters = {}
     for i, uid in enumerate(tqdm(split.test_users, desc=desc, disable=not progress)):
-        adapter = _fit_on(baseline, uid, history[uid], config, seed=config.seed + i)
+        examples = history[uid]
+        held = set(validation_indices(uid, len(examples), n_val, val_seed))
+        adapter = _fit_on(baseline, uid, [e for j, e in enumerate(examples) if j not in held], config,
+                          seed=config.seed + i, validation=[e for j, e in enumerate(examples) if j in held])
         adapters[uid] = adapter
         mine = [e for e in chosen if e.user_id == uid]
         with baseline.applied(adapter) as adapted:
@@ -347,7 +380,7 @@ def _lora_predictions(loaded, task, split, chosen, config, opts, progress, perso
 
 def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, personal, *, per_user: bool) -> dict:
     """OPPU: a task LoRA on the train users' queries, merged; then (``per_user``) one LoRA per
-    test user on top. Returns ``{"lora_task": (preds, info), "oppu": (preds, info)}``."""
+    test user on top. Returns ``{"lora_task": (preds, info, {}), "oppu": (preds, info, user adapters)}``."""
     users = [task.user(u) for u in split.train_users]
     train = build_examples(users, task.spec, loaded.tokenizer, variants=("plain",), chat=config.chat,
                            seed=config.seed)
@@ -361,13 +394,84 @@ def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, perso
         preds = predict(task_model, [e.prompt for e in chosen], task.spec, stage="none", **opts)
         out["lora_task"] = (preds, {"method": "lora_task", "params_per_user": 0,
                                     "shared_params": adapter.n_trainable, "train_s_per_user": 0.0,
-                                    "train_s_shared": adapter.train_s})
+                                    "train_s_shared": adapter.train_s}, {})
         if per_user:
-            preds, _, info = _lora_predictions(task_model, task, split, chosen, config, opts, progress, personal,
-                                               desc="OPPU per user")
+            preds, user_adapters, info = _lora_predictions(task_model, task, split, chosen, config, opts, progress,
+                                                           personal, desc="OPPU per user")
             out["oppu"] = (preds, {**info, "method": "oppu", "shared_params": adapter.n_trainable,
-                                   "train_s_shared": adapter.train_s})
+                                   "train_s_shared": adapter.train_s}, user_adapters)
     return out
+
+
+SELECTION_COLUMNS = ["method", "user_id", "epoch", "n_train", "n_val", "val_loss", "selected"]
+"""Columns of ``lora_selection.csv``."""
+
+
+def selection_frame(method: str, adapters: dict[str, UserLora]) -> pd.DataFrame:
+    """The per-user LoRAs' model selection: one row per user x measured epoch (0 = no adapter)
+    with its validation loss and ``selected`` on the kept one; a user without validation
+    examples has one row, its last epoch, with no loss."""
+    rows = []
+    for uid, adapter in adapters.items():
+        common = {"method": method, "user_id": uid, "n_train": adapter.n_examples, "n_val": adapter.n_val}
+        if not adapter.val_losses:
+            rows.append({**common, "epoch": adapter.epoch, "val_loss": float("nan"), "selected": True})
+        for epoch, loss in enumerate(adapter.val_losses):
+            rows.append({**common, "epoch": epoch, "val_loss": loss, "selected": epoch == adapter.epoch})
+    return pd.DataFrame.from_records(rows, columns=SELECTION_COLUMNS)
+
+
+def selection_summary(frame: pd.DataFrame) -> dict:
+    """Per method: users, users with validation, the kept epochs' counts and mean, and the mean
+    validation loss before training, after the last epoch and as kept (users with validation)."""
+    out = {}
+    for method, rows in frame.groupby("method", sort=False):
+        kept = rows[rows["selected"].astype(bool)]
+        validated = rows[rows["n_val"] > 0]
+        summary = {"users": int(rows["user_id"].nunique()), "users_validated": int(validated["user_id"].nunique()),
+                   "val_per_user": int(rows["n_val"].max()),
+                   "kept_epoch_counts": {str(k): int(v) for k, v in kept["epoch"].value_counts().sort_index().items()},
+                   "kept_epoch_mean": float(kept["epoch"].mean())}
+        if not validated.empty:
+            last = validated.loc[validated.groupby("user_id")["epoch"].idxmax()]
+            summary.update(val_loss_start=float(validated[validated["epoch"] == 0]["val_loss"].mean()),
+                           val_loss_last=float(last["val_loss"].mean()),
+                           val_loss_kept=float(kept[kept["n_val"] > 0]["val_loss"].mean()))
+        out[str(method)] = summary
+    return out
+
+
+def describe_lora_selection(summary: dict) -> str:
+    """The ``results.md`` section on the per-user LoRAs' model selection."""
+    lines = ["## Model selection of the per-user LoRAs (equal budgets)", ""]
+    for method, s in summary.items():
+        kept = ", ".join(f"{n} at epoch {epoch}" for epoch, n in s["kept_epoch_counts"].items())
+        if not s["users_validated"]:
+            lines.append(f"- {method}: no model selection (val_per_user 0): every user trained on all its "
+                         f"history examples for all epochs ({kept}).")
+            continue
+        start = "the base model" if method == "lora" else "the task model"
+        lines.append(f"- {method}: {s['val_per_user']} history examples per user held out (the ones PerFit's "
+                     f"stage 2 holds out), {s['users_validated']} of {s['users']} users selected; kept {kept} "
+                     f"(epoch 0 = no adapter, i.e. {start}); validation loss {s['val_loss_start']:.3f} before "
+                     f"training, {s['val_loss_last']:.3f} after the last epoch, {s['val_loss_kept']:.3f} as kept.")
+    return "\n".join(lines + ["", "Per user and epoch: `lora_selection.csv`.", ""])
+
+
+def write_lora_selection(result: EvalResult, directory: Path) -> dict:
+    """Write ``lora_selection.csv`` and add its section to ``results.md`` (after ``write_results``);
+    returns ``selection_summary`` (empty when no per-user LoRA ran)."""
+    from perfit_probe.rundir import atomic_write_text
+
+    if result.lora_selection.empty:
+        return {}
+    directory = Path(directory)
+    atomic_write_text(directory / "lora_selection.csv", result.lora_selection.to_csv(index=False))
+    summary = selection_summary(result.lora_selection)
+    results = directory / "results.md"
+    text = results.read_text(encoding="utf-8") if results.is_file() else ""
+    atomic_write_text(results, text.rstrip("\n") + "\n\n" + describe_lora_selection(summary))
+    return summary
 
 
 def _baseline_predictions(method: str, task: TaskData, split: Split, chosen: list[Example],
@@ -536,24 +640,51 @@ def load_fitted_run(run_dir: Path, loaded: LoadedModel) -> FittedRun:
     return FittedRun(task, split, perfit, options, personal, _fit_costs(Path(run_dir), len(split.test_users)))
 
 
+def fit_selection(run_dir: Path) -> tuple[int, int]:
+    """The fit's stage-2 model selection: ``(val_per_user, seed)`` from ``RUN/perfit/params.json``
+    (the fit's config), the seed else from ``task.json``; ``(0, 0)`` for fits that recorded none."""
+    from perfit_probe.interventions.artifact import perfit_dir
+    from perfit_probe.rundir import read_json
+
+    directory = perfit_dir(Path(run_dir))
+    params = directory / "params.json"
+    recorded = read_json(params).get("config", {}) if params.is_file() else {}
+    seed = recorded.get("seed")
+    if seed is None and (directory / "task.json").is_file():
+        seed = (read_json(directory / "task.json").get("load") or {}).get("seed")
+    return int(recorded.get("val_per_user") or 0), int(seed or 0)
+
+
 def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalConfig(), *,
                  progress: bool = False, figures: bool = True) -> EvalResult:
     """``perfit-probe evaluate``: evaluate a fitted run and write ``RUN/eval/`` (and, with
     ``figures``, the interval figures of ``perfit_probe.plotting.eval_figures`` in ``RUN/figures/``).
 
     The ``rag`` prompts use the fit's ``k``/``retriever``/``chat`` where ``config`` leaves them
-    unset (None); an explicit value always wins.
+    unset (None); an explicit value always wins. So do the per-user LoRAs' ``val_per_user`` and
+    ``val_seed`` (the fit's stage-2 selection, ``fit_selection``): by default they hold out the
+    examples PerFit validated on and keep their best epoch, recorded in ``eval/lora_selection.csv``,
+    a section of ``results.md`` and ``lora_selection`` in ``metrics.json``.
     """
     from perfit_probe.rundir import RunDir
 
     run = RunDir.open(run_dir)
     fitted = load_fitted_run(run.path, loaded)
     config = config.with_fit(fitted.prompt_options)
+    val_per_user, val_seed = fit_selection(run.path)
+    if config.val_per_user is not None and config.val_per_user != val_per_user:
+        log.warning("LoRA model selection on %d examples per user, PerFit's stage 2 on %d: the budgets differ",
+                    config.val_per_user, val_per_user)
+    config = replace(config, val_per_user=val_per_user if config.val_per_user is None else config.val_per_user,
+                     val_seed=val_seed if config.val_seed is None else config.val_seed)
     run.add_stage("evaluate", config)
     with run.timed("evaluate"):
         result = evaluate_methods(loaded, fitted.task, fitted.split, fitted.perfit, config,
                                   personal=fitted.personal, perfit_costs=fitted.costs, progress=progress)
     write_results(result, run.sub("eval"), fitted.task.spec, config=config)
+    selection = write_lora_selection(result, run.sub("eval"))
+    if selection:
+        run.add_metrics("lora_selection", selection)
     if figures:
         from perfit_probe.plotting.eval_figures import save_eval_figures
 

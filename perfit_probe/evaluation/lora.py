@@ -11,6 +11,14 @@ into the base; the per-user adapters then sit on that task model. Both are avail
 ``fit_user`` on the train users' examples gives the task adapter, and ``merged(adapter)``
 makes the task model for as long as the context lasts.
 
+Model selection (as PerFit's stage 2, ``perfit_probe.interventions.train``): given validation
+examples, ``fit_user`` measures their loss (next-token cross-entropy averaged over all their
+target tokens, dropout off) before training (epoch 0: no adapter, i.e. the model the adapter
+sits on) and after each epoch, and keeps the adapter of the epoch with the lowest loss (the
+earliest on ties); epoch 0 is kept as a zero adapter (every weight 0: the adapted model *is*
+the model it sits on). Measuring changes nothing in training (no random numbers are drawn),
+so a kept epoch ``e`` is exactly the adapter after ``e`` epochs of the run without validation.
+
 ``LoraBaseline`` is the fitter: ``fit_user`` injects a fresh adapter with ``peft``, trains it,
 copies out the adapter weights into a small ``UserLora`` artifact and removes the adapter
 again (``unload``), so the base model is left exactly as it was. ``applied(adapter)`` is a
@@ -93,6 +101,12 @@ class UserLora:
     """Training examples the user had."""
     losses: tuple[float, ...] = field(default_factory=tuple)
     """Mean training loss of each epoch."""
+    val_losses: tuple[float, ...] = field(default_factory=tuple)
+    """Validation loss before training and after each epoch (empty: no validation examples)."""
+    epoch: int | None = None
+    """Epochs of training in the kept ``state`` (0: the zero adapter; all epochs without validation)."""
+    n_val: int = 0
+    """Validation examples the epoch was chosen on."""
 
 
 def resolve_targets(model: nn.Module, targets: Sequence[str] = ()) -> list[str]:
@@ -153,6 +167,13 @@ def _load_adapter(model: nn.Module, adapter: UserLora) -> None:
                           f"(unexpected weights {unexpected[:2]})")
 
 
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy (on the CPU) of the injected peft ``model``'s adapter weights."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
 class LoraBaseline:
     """Trains and applies one LoRA adapter per user on a frozen base model."""
 
@@ -187,8 +208,12 @@ class LoraBaseline:
             base.requires_grad_(False)
 
     def fit_user(self, user_id: str, prompts: Sequence[str], targets: Sequence[str], *,
-                 seed: int = 0) -> UserLora:
-        """Train a fresh adapter on one user's ``(prompt, target)`` history examples."""
+                 seed: int = 0, val_prompts: Sequence[str] = (), val_targets: Sequence[str] = ()) -> UserLora:
+        """Train a fresh adapter on one user's ``(prompt, target)`` history examples.
+
+        With ``val_prompts``/``val_targets``: keep the epoch (0 = zero adapter) with the lowest
+        loss on them (see the module docstring).
+        """
         from peft import get_peft_model_state_dict
 
         if not prompts:
@@ -196,6 +221,7 @@ class LoraBaseline:
         c = self.config
         tok = self.loaded.tokenizer
         rows = encode_supervised(tok, prompts, targets, c.max_length)
+        val_rows = encode_supervised(tok, val_prompts, val_targets, c.max_length) if val_prompts else []
         gen = torch.Generator().manual_seed(seed)
         n_batches = math.ceil(len(rows) / c.batch_size)
         start = time.perf_counter()
@@ -210,8 +236,14 @@ class LoraBaseline:
                 for name, module in model.named_modules():
                     if "lora_dropout" in name:
                         module.train()
-                losses = []
-                for _epoch in range(c.epochs):
+                losses, val_losses, kept, kept_epoch = [], [], None, c.epochs
+                if val_rows:
+                    with model.disable_adapter():
+                        val_losses.append(self._loss(model, val_rows))
+                    kept = {k: torch.zeros_like(v, device="cpu")
+                            for k, v in get_peft_model_state_dict(model).items()}
+                    kept_epoch = 0
+                for epoch in range(c.epochs):
                     order = torch.randperm(len(rows), generator=gen).tolist()
                     total, count = 0.0, 0
                     for b in range(n_batches):
@@ -227,10 +259,38 @@ class LoraBaseline:
                         total += float(loss.detach())
                         count += 1
                     losses.append(total / count)
-                state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+                    if val_rows:
+                        val_losses.append(self._loss(model, val_rows))
+                        if val_losses[-1] < val_losses[kept_epoch]:
+                            kept_epoch = epoch + 1
+                            kept = _state(model)
+                state = kept if kept is not None else _state(model)
         train_s = time.perf_counter() - start
-        log.debug("LoRA for user %s: %d examples, loss %s, %.1f s", user_id, len(rows), losses, train_s)
-        return UserLora(user_id, state, n_trainable, train_s, len(rows), tuple(losses))
+        log.debug("LoRA for user %s: %d examples, loss %s, validation %s, kept epoch %d, %.1f s", user_id,
+                  len(rows), losses, val_losses, kept_epoch, train_s)
+        return UserLora(user_id, state, n_trainable, train_s, len(rows), tuple(losses), tuple(val_losses),
+                        kept_epoch, len(val_rows))
+
+    @torch.no_grad()
+    def _loss(self, model: nn.Module, rows: list[Encoded]) -> float:
+        """Next-token cross-entropy of ``rows``' targets under ``model``, averaged over all their
+        target tokens; LoRA dropout off while measuring (no random numbers are drawn)."""
+        dropouts = [m for name, m in model.named_modules() if "lora_dropout" in name]
+        modes = [m.training for m in dropouts]
+        for module in dropouts:
+            module.eval()
+        total, tokens = 0.0, 0.0
+        try:
+            for b in range(0, len(rows), self.config.batch_size):
+                batch = collate(rows[b:b + self.config.batch_size], self.loaded.tokenizer.pad_token_id,
+                                padding_side="right", device=self.loaded.device)
+                logp, mask = continuation_logprobs(model, batch)
+                total -= float(logp.sum())
+                tokens += float(mask.sum())
+        finally:
+            for module, mode in zip(dropouts, modes):
+                module.train(mode)
+        return total / tokens
 
     @contextmanager
     def applied(self, adapter: UserLora) -> Iterator[LoadedModel]:

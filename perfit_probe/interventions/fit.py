@@ -260,15 +260,27 @@ def stage1_examples(loaded: LoadedModel, task: TaskData, split: Split, config: F
                           retriever=config.retriever, chat=config.chat, seed=config.seed)
 
 
+def validation_indices(user: str, n_examples: int, n_val: int, seed: int) -> list[int]:
+    """Positions (ascending) of the ``n_val`` of a user's ``n_examples`` personal training
+    examples that are held out for model selection: the first ``min(n_val, n_examples - 1)``
+    of a permutation seeded by ``(seed, user)``, so every user keeps a training example.
+
+    The one definition of the choice: PerFit's stage 2 (``validation_split``) and the per-user
+    LoRA baselines (``perfit_probe.evaluation.evaluate``) hold out the same examples.
+    """
+    k = min(n_val, n_examples - 1)
+    if k <= 0:
+        return []
+    order = torch.randperm(n_examples, generator=slot_generator(seed, f"{user}/validation")).tolist()
+    return sorted(order[:k])
+
+
 def validation_split(examples: dict[str, list[Encoded]], n_val: int,
                      seed: int) -> tuple[dict[str, list[Encoded]], dict[str, list[Encoded]]]:
-    """Hold ``n_val`` examples of each user out (a choice seeded by (seed, user), at most all
-    but one, so every user keeps a training example); returns (train, validation)."""
+    """Hold ``n_val`` examples of each user out (``validation_indices``); returns (train, validation)."""
     train, val = {}, {}
     for user, rows in examples.items():
-        k = min(n_val, len(rows) - 1)
-        order = torch.randperm(len(rows), generator=slot_generator(seed, f"{user}/validation")).tolist()
-        held = set(order[:k])
+        held = set(validation_indices(user, len(rows), n_val, seed))
         train[user] = [r for i, r in enumerate(rows) if i not in held]
         val[user] = [r for i, r in enumerate(rows) if i in held]
     return train, val
