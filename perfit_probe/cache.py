@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from perfit_probe import cache_store as store
 from perfit_probe.backends import ActivationBackend, get_backend
 from perfit_probe.cache_store import ActivationCache
-from perfit_probe.data.records import VARIANTS, Example
+from perfit_probe.data.records import DEFAULT_VARIANTS, Example
 from perfit_probe.errors import CacheError, ConfigError, DataError
 from perfit_probe.sites import Site, batch_positions, gather_positions, parse_positions, parse_sites
 
@@ -365,8 +365,10 @@ class CacheConfig:
     """Number of users to load (``None``: all)."""
     max_queries: int | None = 8
     """At most this many queries per user (seeded choice); ``None``: all."""
-    variants: tuple[str, ...] = VARIANTS
-    """Prompt variants to cache: ``plain``, ``enhanced``, ``control``."""
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    """Prompt variants to cache, among ``VARIANTS``: ``plain``, ``enhanced``, ``control`` (the
+    default) and the format-matched controls ``other_user``, ``format_random``, ``permuted``
+    (``perfit_probe.data.controls``; one more forward pass per query each)."""
     k: int = 4
     """History items retrieved into an enhanced prompt."""
     retriever: str = "bm25"
@@ -463,6 +465,10 @@ def run_cache(
     wall = time.perf_counter() - start
     deltas = compute_deltas(cache, meta={"task": report.get("task"), "seed": config.seed})
     deltas.save(out / "deltas")
+    if config.examples is None:  # what each prompt added, for the analysis's text baselines
+        from perfit_probe.data.controls import history_frame
+
+        atomic_write_text(out / "deltas" / "history.csv", history_frame(examples).to_csv(index=False))
     frame = delta_frame(deltas)
     atomic_write_text(out / "deltas" / "deltas.csv", frame.to_csv(index=False))
     last = cache.manifest["runs"][-1]

@@ -7,8 +7,13 @@ For user *u* and site *l*, with ``h_l(x)`` the cached hidden state of prompt *x*
     delta_u = n_u - m_u          (personalization shift)
     control_u = c_u - m_u        (random-text control shift, same added token length)
 
+The format-matched controls of ``perfit_probe.data.controls`` (``other_user``,
+``format_random``, ``permuted``), when cached, give ``variant_deltas[v] = mean_q h_l(v(q)) - m_u``
+the same way.
+
 Per-query deltas ``h_l(enhanced(q)) - h_l(plain(q))`` are kept too: the analyses need them for
-between- versus within-user variance and for identifying a user from held-out shifts.
+between- versus within-user variance and for identifying a user from held-out shifts; likewise
+``h_l(v(q)) - h_l(plain(q))`` for each cached control variant (``variant_query_deltas``).
 
 ``Deltas`` is the artifact the cache stage writes and the analysis stage reads; it saves to
 ``deltas.safetensors`` (tensors) plus ``deltas.json`` (ids, sites, metadata).
@@ -28,6 +33,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from perfit_probe.data.records import CONTROL_VARIANTS
 from perfit_probe.errors import CacheError
 from perfit_probe.rundir import atomic_write_text
 from perfit_probe.sites import parse_site
@@ -63,6 +69,12 @@ class Deltas:
     """Query id of each row of ``query_delta``."""
     meta: dict = field(default_factory=dict)
     """Provenance: task, positions, model identity, counts."""
+    variant_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Variant name (of ``CONTROL_VARIANTS``) -> ``[n_users, n_sites, d_model]``:
+    mean(variant) - mean(plain), for the control variants that were cached for every user."""
+    variant_query_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Variant name -> ``[n_queries, n_sites, d_model]``: variant - plain per query, rows as in
+    ``query_delta``, for the variants cached for every one of those queries."""
 
     def __post_init__(self) -> None:
         n_users, n_sites = len(self.user_ids), len(self.sites)
@@ -73,6 +85,13 @@ class Deltas:
             )
         if self.query_delta is not None and len(self.query_user_ids) != self.query_delta.shape[0]:
             raise CacheError("deltas: query_user_ids does not match query_delta rows")
+        for name, value in self.variant_deltas.items():
+            if tuple(value.shape) != tuple(self.enhanced.shape):
+                raise CacheError(f"deltas: variant {name!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(self.enhanced.shape)}")
+        for name, value in self.variant_query_deltas.items():
+            if self.query_delta is None or tuple(value.shape) != tuple(self.query_delta.shape):
+                raise CacheError(f"deltas: per-query deltas of variant {name!r} do not match query_delta")
 
     @property
     def d_model(self) -> int:
@@ -97,6 +116,10 @@ class Deltas:
             value = getattr(self, name)
             if value is not None:
                 tensors[name] = value.float().contiguous()
+        for name, value in self.variant_deltas.items():
+            tensors[f"variant.{name}"] = value.float().contiguous()
+        for name, value in self.variant_query_deltas.items():
+            tensors[f"variant_query.{name}"] = value.float().contiguous()
         tmp = directory / f".{TENSOR_FILE}.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(directory / TENSOR_FILE)
@@ -131,6 +154,10 @@ class Deltas:
             query_user_ids=meta.get("query_user_ids", []),
             query_ids=meta.get("query_ids", []),
             meta=meta.get("meta", {}),
+            variant_deltas={k.removeprefix("variant."): v for k, v in tensors.items()
+                            if k.startswith("variant.")},
+            variant_query_deltas={k.removeprefix("variant_query."): v for k, v in tensors.items()
+                                  if k.startswith("variant_query.")},
         )
 
 
@@ -139,10 +166,11 @@ def compute_deltas(cache: ActivationCache, *, sites=None, meta: dict | None = No
 
     Streams over the cache's shards (one in memory at a time), accumulating in float64.
     Multi-token position specs are mean-pooled over their valid tokens first. Users without
-    both plain and enhanced rows are left out (with a warning); ``control`` is computed when
-    every kept user has control rows. Per-query deltas cover the queries cached with both
-    the plain and the enhanced variant, in the order of their plain prompts in the list that
-    was cached.
+    both plain and enhanced rows are left out (with a warning); ``control`` (and each of the
+    ``CONTROL_VARIANTS`` in ``variant_deltas``) is computed when every kept user has rows of
+    it. Per-query deltas cover the queries cached with both the plain and the enhanced
+    variant, in the order of their plain prompts in the list that was cached; a control
+    variant's per-query deltas are kept when every one of those queries has it.
     """
     from perfit_probe.cache_store import pool_values
 
@@ -150,7 +178,7 @@ def compute_deltas(cache: ActivationCache, *, sites=None, meta: dict | None = No
     index = cache.index.sort_values("example")
     users = list(dict.fromkeys(index["user_id"]))
     user_pos = {u: i for i, u in enumerate(users)}
-    variants = ("plain", "enhanced", "control")
+    variants = ("plain", "enhanced", "control") + CONTROL_VARIANTS
     sums = torch.zeros(len(variants), len(users), len(names), cache.d_model, dtype=torch.float64)
     counts = torch.zeros(len(variants), len(users), dtype=torch.long)
     keyed = index.set_index(["user_id", "query_id"])
@@ -159,6 +187,10 @@ def compute_deltas(cache: ActivationCache, *, sites=None, meta: dict | None = No
     pairs = [key for key in plain_keys if key in enh_keys]
     query_pos = {key: i for i, key in enumerate(pairs)}
     query_sum = torch.zeros(len(pairs), len(names), cache.d_model, dtype=torch.float64)
+    present = set(index["variant"])
+    extra = [v for v in CONTROL_VARIANTS if v in present]
+    extra_sum = {v: torch.zeros_like(query_sum) for v in extra}
+    extra_hits = {v: torch.zeros(len(pairs), dtype=torch.long) for v in extra}
     for rows, tensors in cache.iter_shards(names):
         stacked = torch.stack([tensors[n] for n in names], dim=1).double()
         values = pool_values(stacked, tensors.get("valid"))
@@ -170,13 +202,19 @@ def compute_deltas(cache: ActivationCache, *, sites=None, meta: dict | None = No
             who = torch.tensor([user_pos[u] for u in rows["user_id"][sel]], dtype=torch.long)
             sums[v].index_add_(0, who, picked)
             counts[v].index_add_(0, who, torch.ones_like(who))
-            if variant in ("plain", "enhanced"):
+            if variant in ("plain", "enhanced") or variant in extra_sum:
                 keys = list(zip(rows["user_id"][sel], rows["query_id"][sel]))
                 hit = [i for i, key in enumerate(keys) if key in query_pos]
                 if hit:
-                    sign = 1.0 if variant == "enhanced" else -1.0
                     dest = torch.tensor([query_pos[keys[i]] for i in hit], dtype=torch.long)
-                    query_sum.index_add_(0, dest, sign * picked[hit])
+                    if variant == "plain":  # subtracted from every per-query difference
+                        for acc in (query_sum, *extra_sum.values()):
+                            acc.index_add_(0, dest, -picked[hit])
+                    elif variant == "enhanced":
+                        query_sum.index_add_(0, dest, picked[hit])
+                    else:
+                        extra_sum[variant].index_add_(0, dest, picked[hit])
+                        extra_hits[variant].index_add_(0, dest, torch.ones_like(dest))
     keep = ((counts[0] > 0) & (counts[1] > 0)).nonzero().flatten()
     if len(keep) == 0:
         raise CacheError(f"no user of {cache.path} has both plain and enhanced prompts cached: "
@@ -194,10 +232,20 @@ def compute_deltas(cache: ActivationCache, *, sites=None, meta: dict | None = No
     kept_users = [users[i] for i in keep.tolist()]
     kept = set(kept_users)
     qrows = [i for i, key in enumerate(pairs) if key[0] in kept]
+    variant_deltas, variant_query = {}, {}
+    for v in extra:
+        vi = variants.index(v)
+        if bool((counts[vi, keep] > 0).all()):
+            variant_deltas[v] = (means[vi] - means[0]).float()
+        else:
+            log.warning("%s prompts are missing for some users: no %s deltas", v, v)
+        if qrows and bool((extra_hits[v][qrows] > 0).all()):
+            variant_query[v] = extra_sum[v][qrows].float()
     info = {"positions": cache.positions, "storage_dtype": cache.config["storage_dtype"],
             "model": cache.model, "cache": str(cache.path),
             "n_plain": counts[0, keep].tolist(), "n_enhanced": counts[1, keep].tolist(),
-            "n_control": counts[2, keep].tolist()}
+            "n_control": counts[2, keep].tolist(),
+            **{f"n_{v}": counts[variants.index(v), keep].tolist() for v in extra}}
     info.update(meta or {})
     return Deltas(
         user_ids=kept_users,
@@ -209,16 +257,20 @@ def compute_deltas(cache: ActivationCache, *, sites=None, meta: dict | None = No
         query_user_ids=[pairs[i][0] for i in qrows],
         query_ids=[pairs[i][1] for i in qrows],
         meta=info,
+        variant_deltas=variant_deltas,
+        variant_query_deltas=variant_query,
     )
 
 
 def delta_frame(deltas: Deltas) -> pd.DataFrame:
     """Tidy frame, one row per user and site: ``user_id, site, layer, n_queries, delta_norm,
-    control_norm, plain_norm`` (L2 norms; ``control_norm`` is NaN without control deltas)."""
+    control_norm, plain_norm`` (L2 norms; ``control_norm`` is NaN without control deltas),
+    then ``{variant}_norm`` for each control variant in ``variant_deltas``."""
     n_queries = pd.Series(deltas.query_user_ids, dtype=object).value_counts()
     delta_norm = deltas.enhanced.norm(dim=-1)
     control_norm = deltas.control.norm(dim=-1) if deltas.control is not None else None
     plain_norm = deltas.mean_plain.norm(dim=-1) if deltas.mean_plain is not None else None
+    variant_norms = {v: value.norm(dim=-1) for v, value in deltas.variant_deltas.items()}
     rows = []
     for u, user in enumerate(deltas.user_ids):
         for s, site in enumerate(deltas.sites):
@@ -230,5 +282,6 @@ def delta_frame(deltas: Deltas) -> pd.DataFrame:
                 "delta_norm": float(delta_norm[u, s]),
                 "control_norm": float(control_norm[u, s]) if control_norm is not None else float("nan"),
                 "plain_norm": float(plain_norm[u, s]) if plain_norm is not None else float("nan"),
+                **{f"{v}_norm": float(norm[u, s]) for v, norm in variant_norms.items()},
             })
     return pd.DataFrame(rows)

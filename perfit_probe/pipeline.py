@@ -76,12 +76,17 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
     placed at fixed fractions of the depth (for SmolLM2's 30 layers: cache at layers
     2, 5, ..., 20, interventions at 8 and 14), so the same demo runs on any model.
     """
+    from perfit_probe.data.records import VARIANTS
+
     cache_sites = sorted({min(n_layers - 1, round(n_layers * f)) for f in (0.07, 0.17, 0.27, 0.37, 0.47, 0.57, 0.67)})
     fit_layers = tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in (0.27, 0.47)}))
     return PipelineConfig(
         model={"name": model, "dtype": "float32", "device": device},
         task={"name": "movielens", "n_users": n_users, "seed": 0, "k": 4, "retriever": "bm25"},
-        cache={"max_queries": 8, "sites": [str(layer) for layer in cache_sites], "batch_size": 16},
+        # Every prompt variant, the format-matched controls of claims 1-2 included (one more
+        # forward pass per query each).
+        cache={"max_queries": 8, "sites": [str(layer) for layer in cache_sites], "batch_size": 16,
+               "variants": list(VARIANTS)},
         analyze={"n_boot": 100, "n_perm": 100},
         # Stage 1 on the train users' queries; stage 2 on each test user's 12 latest rated movies
         # other than its 8 held-out queries (OPPU's protocol), 3 of them picking its stage-2

@@ -7,26 +7,51 @@ mean enhanced and plain hidden states) at each site:
   directions with the deltas' norms;
 - ``control``: the random-text control deltas ``c_u - m_u`` (same added length, no history);
 - ``shuffled``: ``n_u - m_{pi(u)}`` for a random derangement ``pi``: a user's enhanced mean
-  paired with another user's plain mean.
+  paired with another user's plain mean. It equals ``delta_u + (m_u - m_{pi(u)})``: mean-centred,
+  it differs from the centred deltas only by the spread of the users' plain means, so it is
+  close to the deltas by construction and no yardstick for centred ranks;
+- ``other_user``, ``format_random``, ``permuted``: deltas of the format-matched control prompts
+  (``perfit_probe.data.controls``), when they were cached.
 
-Confidence intervals are percentile bootstraps over users. The default is Rubin's Bayesian
-bootstrap (random positive user weights, no user dropped); the classic bootstrap (users drawn
-with replacement) is available. Both leave about ``n/2`` effective users per resample, so for
-spread-out sources (nulls, isotropic noise) the rank of a resample falls below the full-sample
-rank and rank intervals sit low; for a few dominant directions they are accurate. Read them as
-the stability of a statistic across user samples, not as coverage of a population rank.
+Repeated null draws (``null_rank_draws``): ranks of ``n_draws`` independent draws of a
+Gaussian null, against which the observed rank gets a p-value (``rank_p_value``):
+
+- ``gaussian_null`` (isotropic, matched norms, as above);
+- ``anisotropic_null``: ``N(0, S)`` with ``S`` the users' sample covariance of the deltas
+  (``anisotropic_null``). It keeps the second-order spread of the personal shifts and drops
+  both the collective shift (the mean) and any structure beyond the covariance. Uncentred, a
+  rank of the deltas far below it says the low rank comes from the shared mean direction;
+  centred, the null reproduces the deltas' own spectrum up to sampling noise, so its p-value
+  should not be small: it is a calibration check, not evidence of low rank.
+
+Confidence intervals are percentile intervals of the statistic over bootstrap resamples of
+users. The default is Rubin's Bayesian bootstrap (random positive user weights, no user
+dropped); the classic bootstrap (users drawn with replacement) is available. Both leave about
+``n/2`` effective users per resample, so for spread-out sources (isotropic noise, the
+controls when they are not low-rank) the rank of a resample falls below the full-sample rank
+and a rank interval can sit wholly below its point estimate; for a few dominant directions
+they are accurate. The analysis flags every interval that misses its point estimate
+(``ci_contains_value``) and the report says why. Read them as the stability of a statistic
+across user samples, not as coverage of a population rank. The Gaussian nulls get no
+bootstrap: their interval is the spread of repeated null draws.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from perfit_probe.analysis.shift import cumulative_energy, rank_at_energy
+from perfit_probe.analysis.shift import cumulative_energy, energy_spectrum, rank_at_energy
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 
-SOURCES = ("deltas", "gaussian_null", "control", "shuffled")
+CONTROL_SOURCES = ("other_user", "format_random", "permuted")
+"""Sources from the opt-in control prompt variants (``Deltas.variant_deltas``)."""
+
+SOURCES = ("deltas", "gaussian_null", "control", "shuffled") + CONTROL_SOURCES
 """Every source the analysis can compare, the real deltas first."""
+
+NULLS = ("gaussian_null", "anisotropic_null")
+"""Nulls drawn repeatedly for a rank p-value (``null_rank_draws``)."""
 
 _CHUNK_BYTES = 256 * 2**20
 
@@ -68,7 +93,74 @@ def source_matrices(deltas: Deltas, site: int, rng: np.random.Generator) -> dict
         out["control"] = deltas.control[:, site].double().numpy()
     if deltas.mean_plain is not None and len(x) >= 2:
         out["shuffled"], _ = shuffled_deltas(x, deltas.mean_plain[:, site].double().numpy(), rng)
+    for name in CONTROL_SOURCES:
+        if name in deltas.variant_deltas:
+            out[name] = deltas.variant_deltas[name][:, site].double().numpy()
     return out
+
+
+def anisotropic_null(x: np.ndarray, rng: np.random.Generator, n_draws: int | None = None) -> np.ndarray:
+    """Draws of ``n`` rows from ``N(0, S)``, ``S = Xc^T Xc / (n - 1)`` the sample covariance of ``x``.
+
+    Sampled exactly without forming ``S``: ``Z Xc / sqrt(n - 1)`` with ``Z`` standard normal
+    ``[n, n]`` (each row ``z^T Xc / sqrt(n-1)`` has covariance ``Xc^T Xc / (n-1)``). Returns
+    ``[n, d]``, or ``[n_draws, n, d]`` when ``n_draws`` is given. What it tests: see the module
+    docstring.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    if n < 2:
+        raise ConfigError("the anisotropic null needs at least two users")
+    root = (x - x.mean(0)) / np.sqrt(n - 1)
+    z = rng.standard_normal((1 if n_draws is None else n_draws, n, n))
+    draws = z @ root
+    return draws[0] if n_draws is None else draws
+
+
+def _null_draws(x: np.ndarray, kind: str, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "gaussian_null":
+        g = rng.standard_normal((n_draws, *x.shape))
+        norms = np.linalg.norm(x, axis=1)[None, :, None]
+        return g / np.maximum(np.linalg.norm(g, axis=2, keepdims=True), 1e-300) * norms
+    if kind == "anisotropic_null":
+        return anisotropic_null(x, rng, n_draws)
+    raise ConfigError(f"unknown null {kind!r}: choose from {NULLS}")
+
+
+def null_rank_draws(
+    x: np.ndarray, kind: str, n_draws: int, rng: np.random.Generator,
+    centers: tuple[bool, ...], taus: tuple[float, ...],
+) -> dict[bool, np.ndarray]:
+    """``{center: [n_draws, len(taus)]}``: ``r(tau)`` of ``n_draws`` independent draws of the
+    null ``kind`` (``NULLS``) for ``x``; each draw is analysed both uncentred and centred."""
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    chunk = max(1, _CHUNK_BYTES // (8 * n * d))
+    out: dict[bool, list[np.ndarray]] = {c: [] for c in centers}
+    for start in range(0, n_draws, chunk):
+        draws = _null_draws(x, kind, min(chunk, n_draws - start), rng)
+        for center in centers:
+            cum = cumulative_energy(energy_spectrum(draws, center))
+            out[center].append(np.stack([rank_at_energy(cum, tau) for tau in taus], axis=1))
+    return {c: np.concatenate(v) if v else np.zeros((0, len(taus)), dtype=int) for c, v in out.items()}
+
+
+def rank_p_value(observed: float, draws: np.ndarray) -> float:
+    """``(1 + #{draws <= observed}) / (1 + n_draws)``: how often a null draw has a rank at most
+    the observed one (small: the observed rank is lower than the null's). With ties (ranks are
+    integers) the p-value is conservative: ``P(p <= a) <= a`` under the null."""
+    draws = np.asarray(draws)
+    return float((1 + np.sum(draws <= observed)) / (1 + len(draws)))
+
+
+def rank_p_value_randomized(observed: float, draws: np.ndarray, rng: np.random.Generator) -> float:
+    """``(1 + #{draws < observed} + K) / (1 + n_draws)`` with ``K`` uniform on ``0..#{draws ==
+    observed}``: ties broken at random, so that under the null (the observed rank exchangeable
+    with the draws) the p-value is exactly uniform on ``{1, ..., n_draws + 1} / (n_draws + 1)``.
+    Never above ``rank_p_value``."""
+    draws = np.asarray(draws)
+    ties = int(np.sum(draws == observed))
+    return float((1 + np.sum(draws < observed) + rng.integers(0, ties + 1)) / (1 + len(draws)))
 
 
 BOOTSTRAPS = ("bayesian", "classic")

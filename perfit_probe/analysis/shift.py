@@ -5,7 +5,10 @@ For stacked delta vectors ``X`` (``n`` users x ``d`` features), optionally mean-
 
     energy(k) = sum_{j<=k} s_j^2 / ||Xc||_F^2          (cumulative explained variance)
     r(tau)    = min { k : energy(k) >= tau }           (rank at energy share tau)
-    per_mille(tau) = 1000 * r(tau) / min(n, d)         (share of the maximum possible rank)
+    per_mille(tau) = 1000 * r(tau) / max_rank          (share of the maximum possible rank)
+
+with ``max_rank = min(n, d)``, or ``min(n - 1, d)`` when centred (centring removes one
+dimension: ``n`` centred rows span at most ``n - 1``).
 
 The total energy ``||Xc||_F^2`` is computed exactly, so ``energy(k)`` is exact even when only
 the leading components are estimated (randomized SVD). Whether the paper centred its deltas is
@@ -77,7 +80,8 @@ class ShiftPCA:
     ``fit(X)`` with ``X`` of shape ``[n, d]`` learns ``components_`` (``[k, d]``, orthonormal
     rows), ``singular_values_`` (``[k]``), ``explained_variance_ratio_`` (``s_j^2`` over the
     total energy, exact even when truncated), ``mean_`` (zeros when ``center=False``),
-    ``total_energy_``, ``max_rank_ = min(n, d)``. Signs are fixed so that the largest-magnitude
+    ``total_energy_``, ``max_rank_`` (``min(n, d)``; ``min(n - 1, d)`` centred, at least 1).
+    Signs are fixed so that the largest-magnitude
     entry of each component is positive (the exact and randomized solvers then agree).
     """
 
@@ -126,7 +130,7 @@ class ShiftPCA:
             u, vt = svd_flip(u, vt, u_based_decision=False)
         self.svd_used_ = mode
         self.n_samples_, self.n_features_in_ = n, d
-        self.max_rank_ = max_rank
+        self.max_rank_ = max(1, min(n - 1, d)) if self.center else max_rank
         self.components_ = vt
         self.singular_values_ = s
         self.n_components_ = len(s)
@@ -158,7 +162,7 @@ class ShiftPCA:
         return rank
 
     def rank_per_mille(self, tau: float) -> float:
-        """``1000 * r(tau) / min(n, d)``."""
+        """``1000 * r(tau) / max_rank_`` (``n - 1`` replaces ``n`` when centred)."""
         return 1000.0 * self.rank_at(tau) / self.max_rank_
 
     def transform(self, x: np.ndarray) -> np.ndarray:

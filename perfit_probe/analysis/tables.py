@@ -1,11 +1,20 @@
 """The shift analysis of a ``Deltas`` artifact as tidy tables (``analyze_deltas``).
 
-For every site it computes, for the real deltas and each null of ``perfit_probe.analysis.nulls``:
-ranks ``r(tau)`` and per-mille ranks, centred and uncentred, with bootstrap intervals; the
-cumulative energy curves; the collective-versus-personal statistics of
+For every site it computes, for the real deltas and each source of ``perfit_probe.analysis.nulls``
+(nulls and cached controls): ranks ``r(tau)`` and per-mille ranks, centred and uncentred, with
+intervals; the cumulative energy curves; the collective-versus-personal statistics of
 ``perfit_probe.analysis.collective`` (plus, from the per-query deltas, the F ratio and user
-identification). It also keeps the small arrays the figures need (PC1-PC2 projections,
-user x user cosines), so that figures are pure functions of the saved tables.
+identification). Beyond these (``EXTRA_TABLES``):
+
+- ``null_tests``: the deltas' rank against ``n_null_draws`` draws of each Gaussian null
+  (isotropic and anisotropic), with a p-value;
+- ``controls``: the real history against each control (``perfit_probe.analysis.controls``);
+- ``identification``: user identification from hidden-state shifts (real, and under each
+  control variant) next to text baselines on the prompt's added history
+  (``perfit_probe.analysis.text_baseline``).
+
+It also keeps the small arrays the figures need (PC1-PC2 projections, user x user cosines), so
+that figures are pure functions of the saved tables.
 """
 
 from __future__ import annotations
@@ -23,8 +32,11 @@ from perfit_probe.analysis.collective import (
     COLLECTIVE_STATISTICS, cosine_matrix, collective_summary, identify_users,
     per_user_collective, variance_ratio,
 )
+from perfit_probe.analysis.controls import CONTROL_COLUMNS, compare_to_control
 from perfit_probe.analysis.nulls import (
-    BOOTSTRAPS, SOURCES, bootstrap_ranks, bootstrap_weights, percentile_interval, source_matrices,
+    BOOTSTRAPS, CONTROL_SOURCES, NULLS, SOURCES, bootstrap_ranks, bootstrap_weights,
+    null_rank_draws, percentile_interval, rank_p_value, rank_p_value_randomized,
+    source_matrices,
 )
 from perfit_probe.analysis.shift import ShiftPCA
 from perfit_probe.deltas import Deltas
@@ -69,6 +81,11 @@ class AnalysisConfig:
     """Seed of nulls, bootstraps, permutations and classifiers."""
     progress: bool = False
     """Show a progress bar over sites."""
+    n_null_draws: int = 200
+    """Independent draws of each Gaussian null (``nulls.NULLS``) for the rank p-values and the
+    null intervals (0: a single draw, no p-values)."""
+    alpha: float = 0.05
+    """Significance level that words the directions of the controls table and the report."""
     blas_threads: int | None = 1
     """BLAS threads while analysing. The work is many small SVDs and eigen-decompositions,
     which multi-threaded BLAS slows down (20x measured on a busy 2-core machine); ``None``
@@ -82,8 +99,10 @@ class AnalysisConfig:
             raise ConfigError("analysis centers is empty: use (False,), (True,) or (False, True)")
         if self.bootstrap not in BOOTSTRAPS:
             raise ConfigError(f"unknown bootstrap {self.bootstrap!r}: choose from {BOOTSTRAPS}")
-        if self.n_boot < 0 or self.n_perm < 0:
-            raise ConfigError("n_boot and n_perm must be >= 0")
+        if self.n_boot < 0 or self.n_perm < 0 or self.n_null_draws < 0:
+            raise ConfigError("n_boot, n_perm and n_null_draws must be >= 0")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"alpha={self.alpha} must lie in (0, 1)")
 
 
 TABLES = {
@@ -96,6 +115,23 @@ TABLES = {
 }
 """Field of ``AnalysisResult`` -> CSV file name under ``RUN/analysis/``."""
 
+NULL_TEST_COLUMNS = ["site", "layer", "null", "centered", "statistic", "observed", "null_median",
+                     "null_low", "null_high", "p_value", "p_value_randomized", "n_draws"]
+IDENTIFICATION_COLUMNS = ["site", "layer", "features", "accuracy", "chance", "uniform_chance",
+                          "p_value", "n_users", "n_train", "n_test"]
+TEXT_SITE = "prompt_text"
+"""``site`` of the text-baseline rows of ``identification`` (they do not depend on a site;
+their ``layer`` is -1)."""
+
+EXTRA_TABLES = {
+    "null_tests": "null_tests.csv",
+    "controls": "controls.csv",
+    "identification": "identification.csv",
+}
+"""Tables added by the controls of issue 14; an analysis saved before them loads them empty."""
+_EXTRA_COLUMNS = {"null_tests": NULL_TEST_COLUMNS, "controls": CONTROL_COLUMNS,
+                  "identification": IDENTIFICATION_COLUMNS}
+
 
 @dataclass(frozen=True)
 class AnalysisResult:
@@ -103,7 +139,9 @@ class AnalysisResult:
 
     ranks: pd.DataFrame
     """site, layer, source, centered, statistic (``rank@tau``, ``per_mille@tau``), value,
-    ci_low, ci_high, n_users, d_model, max_rank."""
+    ci_low, ci_high, n_users, d_model, max_rank (``min(n, d)``, ``min(n - 1, d)`` centred),
+    interval (``bootstrap``: percentile interval over resampled users; ``null draws``: the
+    Gaussian null's median rank and the central range of its draws; ``none``)."""
     collective: pd.DataFrame
     """site, layer, source, statistic, value, ci_low, ci_high, p_value."""
     curves: pd.DataFrame
@@ -118,13 +156,25 @@ class AnalysisResult:
     """site, layer, user_a, user_b, cosine (figure sites only)."""
     meta: dict = field(default_factory=dict)
     """Provenance: config, counts, the deltas' metadata."""
+    null_tests: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=NULL_TEST_COLUMNS))
+    """site, layer, null, centered, statistic (``rank@tau``), observed (the deltas' rank),
+    null_median, null_low, null_high (central ``ci_level`` range of the draws), p_value
+    (``nulls.rank_p_value``, conservative with tied ranks), p_value_randomized (ties broken at
+    random, ``nulls.rank_p_value_randomized``), n_draws."""
+    controls: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONTROL_COLUMNS))
+    """One row per site x control: ``perfit_probe.analysis.controls.CONTROL_COLUMNS``."""
+    identification: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=IDENTIFICATION_COLUMNS))
+    """site, layer, features (``hidden_state``, ``hidden_state_{variant}``, or a text feature
+    set at ``site == TEXT_SITE``), accuracy, chance, uniform_chance, p_value, n_users,
+    n_train, n_test."""
 
     def save(self, directory: Path) -> list[Path]:
         """Write every frame as CSV into ``directory``; returns the paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, filename in TABLES.items():
+        for name, filename in {**TABLES, **EXTRA_TABLES}.items():
             path = directory / filename
             atomic_write_text(path, getattr(self, name).to_csv(index=False))
             paths.append(path)
@@ -141,6 +191,10 @@ class AnalysisResult:
             if not path.is_file():
                 raise ConfigError(f"{path} not found: run `perfit-probe analyze RUN_DIR` first")
             frames[name] = pd.read_csv(path, dtype={"user_id": str, "user_a": str, "user_b": str})
+        for name, filename in EXTRA_TABLES.items():
+            path = directory / filename
+            frames[name] = (pd.read_csv(path) if path.is_file()
+                            else pd.DataFrame(columns=_EXTRA_COLUMNS[name]))
         meta_path = directory / "analysis.json"
         meta = read_json(meta_path) if meta_path.is_file() else {}
         return cls(meta=meta, **frames)
@@ -173,19 +227,25 @@ class AnalysisResult:
         return out
 
 
-def analyze_deltas(deltas: Deltas, config: AnalysisConfig | None = None) -> AnalysisResult:
-    """Run the whole shift analysis on ``deltas`` (see the module docstring)."""
+def analyze_deltas(
+    deltas: Deltas, config: AnalysisConfig | None = None, history: pd.DataFrame | None = None
+) -> AnalysisResult:
+    """Run the whole shift analysis on ``deltas`` (see the module docstring).
+
+    ``history`` (``perfit_probe.data.controls.history_frame``, as saved in
+    ``RUN/deltas/history.csv``) enables the text baselines of user identification.
+    """
     config = config or AnalysisConfig()
     with threadpool_limits(limits=config.blas_threads, user_api="blas"):
-        return _analyze(deltas, config)
+        return _analyze(deltas, config, history)
 
 
-def _analyze(deltas: Deltas, config: AnalysisConfig) -> AnalysisResult:
+def _analyze(deltas: Deltas, config: AnalysisConfig, history: pd.DataFrame | None) -> AnalysisResult:
     n_users, d_model = len(deltas.user_ids), deltas.d_model
     if n_users < 2:
         raise ConfigError(f"shift analysis needs at least 2 users, the deltas have {n_users}")
     figure_sites = _figure_sites(deltas, config)
-    rows: dict[str, list] = {name: [] for name in TABLES}
+    rows: dict[str, list] = {name: [] for name in {**TABLES, **EXTRA_TABLES}}
     skipped: set[str] = set()
     q_all = deltas.query_delta.double().numpy() if deltas.query_delta is not None else None
     q_labels = np.asarray(deltas.query_user_ids)
@@ -193,19 +253,36 @@ def _analyze(deltas: Deltas, config: AnalysisConfig) -> AnalysisResult:
         site = deltas.sites[index]
         key = {"site": site, "layer": _layer(site, index)}
         seq = np.random.SeedSequence([config.seed, index])
-        g_null, g_boot, g_perm = (np.random.default_rng(s) for s in seq.spawn(3))
+        g_null, g_boot, g_perm, g_draws = (np.random.default_rng(s) for s in seq.spawn(4))
         mats = source_matrices(deltas, index, g_null)
         skipped |= {s for s in config.sources if s not in mats}
         mats = {s: m for s, m in mats.items() if s in config.sources or s == "deltas"}
         weights = bootstrap_weights(n_users, config.n_boot, g_boot, config.bootstrap)
+        draws = {}
+        if config.n_null_draws:
+            for kind in NULLS:
+                if kind in config.sources or kind == "anisotropic_null":
+                    draws[kind] = null_rank_draws(mats["deltas"], kind, config.n_null_draws, g_draws,
+                                                  config.centers, config.taus)
+            rows["null_tests"] += _null_test_rows(key, mats["deltas"], draws, config, g_draws)
         for source, x in mats.items():
-            rows["ranks"] += _rank_rows(key, source, x, weights, config)
+            rows["ranks"] += _rank_rows(key, source, x, weights, config, draws.get(source))
             rows["curves"] += _curve_rows(key, source, x, config)
             rows["collective"] += _collective_rows(key, source, x, weights, config)
             users = per_user_collective(x, deltas.user_ids)
             rows["user_stats"].append(users.assign(**key, source=source))
+            if source == "control" or source in CONTROL_SOURCES:
+                rows["controls"].append({**key, "control": source,
+                                         **compare_to_control(mats["deltas"], x, config.alpha)})
         if q_all is not None and len(q_all):
-            rows["collective"] += _query_rows(key, q_all[:, index], q_labels, g_perm, config)
+            query_rows, ident = _query_rows(key, q_all[:, index], q_labels, g_perm, config)
+            rows["collective"] += query_rows
+            if ident is not None:
+                rows["identification"].append(_ident_row(key, "hidden_state", ident))
+            for variant, q_var in deltas.variant_query_deltas.items():
+                ident = _identify(key, q_var[:, index].double().numpy(), q_labels, config)
+                if ident is not None:
+                    rows["identification"].append(_ident_row(key, f"hidden_state_{variant}", ident))
         if site in figure_sites:
             x = mats["deltas"]
             rows["projection"].append(_projection(key, x, deltas, q_all, index, config))
@@ -214,11 +291,17 @@ def _analyze(deltas: Deltas, config: AnalysisConfig) -> AnalysisResult:
             rows["user_cosine"].append(pd.DataFrame({
                 **key, "user_a": np.repeat(ids, n_users), "user_b": np.tile(ids, n_users),
                 "cosine": cos.ravel()}))
+    rows["identification"] += _text_rows(deltas, history, config)
+    not_cached = sorted(skipped & set(CONTROL_SOURCES))  # opt-in cache variants: no warning
+    skipped -= set(CONTROL_SOURCES)
     if skipped:
         log.warning("nulls skipped (inputs missing from the deltas): %s", sorted(skipped))
+    if not_cached:
+        log.info("control variants not cached (add them to the cache's variants): %s", not_cached)
     meta = {
         "config": config, "n_users": n_users, "d_model": d_model, "sites": list(deltas.sites),
         "taus": list(config.taus), "figure_sites": figure_sites, "skipped_sources": sorted(skipped),
+        "controls_not_cached": not_cached,
         "n_queries": 0 if q_all is None else len(q_all), "deltas_meta": deltas.meta,
     }
     return AnalysisResult(
@@ -231,6 +314,9 @@ def _analyze(deltas: Deltas, config: AnalysisConfig) -> AnalysisResult:
                                                "ratio1", "ratio2"]),
         user_cosine=_frame(rows["user_cosine"], ["site", "layer", "user_a", "user_b", "cosine"]),
         meta=to_jsonable(meta),
+        null_tests=pd.DataFrame(rows["null_tests"], columns=NULL_TEST_COLUMNS),
+        controls=pd.DataFrame(rows["controls"], columns=CONTROL_COLUMNS),
+        identification=pd.DataFrame(rows["identification"], columns=IDENTIFICATION_COLUMNS),
     )
 
 
@@ -262,17 +348,29 @@ def _figure_sites(deltas: Deltas, config: AnalysisConfig) -> list[str]:
 
 
 def _rank_rows(
-    key: dict, source: str, x: np.ndarray, weights: np.ndarray, config: AnalysisConfig
+    key: dict, source: str, x: np.ndarray, weights: np.ndarray, config: AnalysisConfig,
+    draws: dict[bool, np.ndarray] | None = None,
 ) -> list[dict]:
+    """Rank rows of one source. With ``draws`` (a Gaussian null drawn ``n_null_draws`` times)
+    the value is the draws' median rank and the interval their central ``ci_level`` range;
+    otherwise the point estimate and a percentile bootstrap interval over users."""
     n, d = x.shape
-    max_rank = min(n, d)
     rows = []
     for centered in config.centers:
         pca = ShiftPCA(center=centered, svd=config.svd, random_state=config.seed).fit(x)
-        boot = bootstrap_ranks(x, weights, centered, config.taus)
-        low, high = percentile_interval(boot, config.ci_level)
+        max_rank = pca.max_rank_
+        if draws is not None:
+            null = draws[centered]
+            points = np.quantile(null, 0.5, axis=0, method="lower")
+            low, high = percentile_interval(null, config.ci_level)
+            interval = "null draws"
+        else:
+            points = [pca.rank_at(tau) for tau in config.taus]
+            boot = bootstrap_ranks(x, weights, centered, config.taus)
+            low, high = percentile_interval(boot, config.ci_level)
+            interval = "bootstrap" if len(weights) else "none"
         for j, tau in enumerate(config.taus):
-            rank = pca.rank_at(tau)
+            rank = points[j]
             for stat, value, lo, hi in (
                 (f"rank@{tau:g}", rank, low[j], high[j]),
                 (f"per_mille@{tau:g}", 1000.0 * rank / max_rank, 1000.0 * low[j] / max_rank,
@@ -280,8 +378,61 @@ def _rank_rows(
             ):
                 rows.append({**key, "source": source, "centered": centered, "statistic": stat,
                              "value": float(value), "ci_low": float(lo), "ci_high": float(hi),
-                             "n_users": n, "d_model": d, "max_rank": max_rank})
+                             "n_users": n, "d_model": d, "max_rank": max_rank, "interval": interval})
     return rows
+
+
+def _null_test_rows(
+    key: dict, x: np.ndarray, draws: dict, config: AnalysisConfig, rng: np.random.Generator
+) -> list[dict]:
+    rows = []
+    for centered in config.centers:
+        pca = ShiftPCA(center=centered, svd=config.svd, random_state=config.seed).fit(x)
+        for kind, by_center in draws.items():
+            null = by_center[centered]
+            low, high = percentile_interval(null, config.ci_level)
+            for j, tau in enumerate(config.taus):
+                observed = pca.rank_at(tau)
+                rows.append({**key, "null": kind, "centered": centered, "statistic": f"rank@{tau:g}",
+                             "observed": float(observed),
+                             "null_median": float(np.quantile(null[:, j], 0.5, method="lower")),
+                             "null_low": float(low[j]), "null_high": float(high[j]),
+                             "p_value": rank_p_value(observed, null[:, j]),
+                             "p_value_randomized": rank_p_value_randomized(observed, null[:, j], rng),
+                             "n_draws": len(null)})
+    return rows
+
+
+def _ident_row(key: dict, features: str, ident) -> dict:
+    return {**key, "features": features, "accuracy": ident.accuracy, "chance": ident.chance,
+            "uniform_chance": ident.uniform_chance, "p_value": ident.p_value,
+            "n_users": ident.n_users, "n_train": ident.n_train, "n_test": ident.n_test}
+
+
+def _identify(key: dict, q: np.ndarray, labels: np.ndarray, config: AnalysisConfig):
+    try:
+        return identify_users(q, labels, heldout_fraction=config.heldout_fraction,
+                              classifier=config.classifier, seed=config.seed)
+    except ConfigError as exc:
+        log.warning("%s: no user identification: %s", key["site"], exc)
+        return None
+
+
+def _text_rows(deltas: Deltas, history: pd.DataFrame | None, config: AnalysisConfig) -> list[dict]:
+    """Identification rows of the text baselines (``TEXT_SITE``), when the history is known."""
+    from perfit_probe.analysis.text_baseline import text_identification
+
+    if history is None or deltas.query_delta is None or not len(deltas.query_user_ids):
+        return []
+    try:
+        idents = text_identification(history, deltas.query_user_ids, deltas.query_ids,
+                                     heldout_fraction=config.heldout_fraction,
+                                     classifier=config.classifier, seed=config.seed)
+    except ConfigError as exc:
+        log.warning("no text baselines of user identification: %s", exc)
+        return []
+    key = {"site": TEXT_SITE, "layer": -1}
+    return [_ident_row(key, name, ident) for name, ident in idents.items()]
 
 
 def _curve_rows(key: dict, source: str, x: np.ndarray, config: AnalysisConfig) -> list[dict]:
@@ -314,7 +465,8 @@ def _collective_rows(
 
 def _query_rows(
     key: dict, q: np.ndarray, labels: np.ndarray, rng: np.random.Generator, config: AnalysisConfig
-) -> list[dict]:
+) -> tuple[list[dict], object]:
+    """F-ratio and identification rows of the per-query deltas, and the ``Identification``."""
     rows = []
     base = {**key, "source": "deltas", "ci_low": np.nan, "ci_high": np.nan}
     try:
@@ -324,17 +476,14 @@ def _query_rows(
                  {**base, "statistic": "within_ms", "value": vr.within, "p_value": np.nan}]
     except ConfigError as exc:
         log.warning("%s: no F ratio: %s", key["site"], exc)
-    try:
-        ident = identify_users(q, labels, heldout_fraction=config.heldout_fraction,
-                               classifier=config.classifier, seed=config.seed)
+    ident = _identify(key, q, labels, config)
+    if ident is not None:
         rows += [{**base, "statistic": "id_accuracy", "value": ident.accuracy, "p_value": ident.p_value},
                  {**base, "statistic": "id_chance", "value": ident.chance, "p_value": np.nan},
                  {**base, "statistic": "id_uniform_chance", "value": ident.uniform_chance,
                   "p_value": np.nan},
                  {**base, "statistic": "id_n_test", "value": float(ident.n_test), "p_value": np.nan}]
-    except ConfigError as exc:
-        log.warning("%s: no user identification: %s", key["site"], exc)
-    return rows
+    return rows, ident
 
 
 def _projection(

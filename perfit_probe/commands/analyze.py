@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples over users (0: none)")
     parser.add_argument("--bootstrap", choices=BOOTSTRAPS, default="bayesian")
     parser.add_argument("--n-perm", type=int, default=200, help="permutations for the F-ratio p-value")
+    parser.add_argument("--n-null-draws", type=int, default=200,
+                        help="draws of each Gaussian null (isotropic, anisotropic) for rank p-values")
+    parser.add_argument("--alpha", type=float, default=0.05,
+                        help="significance level wording the controls' directions in the report")
     parser.add_argument("--classifier", choices=CLASSIFIERS, default="centroid",
                         help="user-identification classifier")
     parser.add_argument("--heldout-fraction", type=float, default=0.3,
@@ -49,7 +53,8 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
                     if args.figure_sites else None)
     return AnalysisConfig(
         taus=taus, centers=_CENTERS[args.center], sources=sources, n_boot=args.n_boot,
-        bootstrap=args.bootstrap, n_perm=args.n_perm, classifier=args.classifier,
+        bootstrap=args.bootstrap, n_perm=args.n_perm, n_null_draws=args.n_null_draws,
+        alpha=args.alpha, classifier=args.classifier,
         heldout_fraction=args.heldout_fraction, svd=args.svd, figure_sites=figure_sites,
         seed=args.seed, progress=args.progress,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from perfit_probe.cache import CacheConfig, run_cache
 from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
-from perfit_probe.data.records import VARIANTS
+from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS
 from perfit_probe.rundir import seed_everything
 
 
@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="JSON-lines file of ready prompts (user_id, query_id, variant, prompt); replaces --task")
     data.add_argument("--users", type=int, default=20, help="number of users (0: all)")
     data.add_argument("--max-queries", type=int, default=8, help="queries per user at most (0: all)")
-    data.add_argument("--variants", type=lambda t: list(csv_items(t)), default=list(VARIANTS), help="comma-separated prompt variants")
+    data.add_argument("--variants", type=lambda t: list(csv_items(t)), default=list(DEFAULT_VARIANTS),
+                      help=f"comma-separated prompt variants among {','.join(VARIANTS)} "
+                           f"(default {','.join(DEFAULT_VARIANTS)})")
     data.add_argument("--k", type=int, default=4, help="history items retrieved into enhanced prompts")
     data.add_argument("--retriever", default="bm25", help="history retriever")
     data.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,

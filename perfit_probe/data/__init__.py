@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from perfit_probe.data.records import VARIANTS, Example, ProfileItem, Query, TaskData, TaskSpec, User
+from perfit_probe.data.records import (
+    CONTROL_VARIANTS, DEFAULT_VARIANTS, VARIANTS, Example, ProfileItem, Query, TaskData, TaskSpec, User,
+)
 from perfit_probe.data.tasks import TASK_NAMES, canonical_task_name, task_spec
 from perfit_probe.errors import DataError
 
-__all__ = ["TASK_NAMES", "VARIANTS", "Example", "ProfileItem", "Query", "TaskData", "TaskSpec",
-           "User", "load_task", "task_spec"]
+__all__ = ["CONTROL_VARIANTS", "DEFAULT_VARIANTS", "TASK_NAMES", "VARIANTS", "Example", "ProfileItem",
+           "Query", "TaskData", "TaskSpec", "User", "load_task", "task_spec"]
 
 
 def load_task(

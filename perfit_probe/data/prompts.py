@@ -10,7 +10,10 @@ For a user, a query and a task spec:
 - ``control``: the same layout with the history block replaced by neutral filler words drawn
   deterministically from a built-in list, with exactly as many tokens (under the given
   tokenizer, without special tokens) as the history block it replaces (the paper's
-  random-text control: same length, no personal content).
+  random-text control: same length, no personal content);
+- ``other_user``, ``format_random``, ``permuted``: the history template filled with another
+  user's retrieved items, random items with random outputs, or the user's own items with
+  their outputs permuted (format-matched controls, see ``perfit_probe.data.controls``).
 
 The body is then wrapped in the tokenizer's chat template as one user turn with the
 generation prompt (``chat=True``; ``chat=None`` means "when the tokenizer has a chat
@@ -27,7 +30,8 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from perfit_probe.data.records import VARIANTS, Example, ProfileItem, Query, TaskSpec, User
+from perfit_probe.data import controls as ctl
+from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS, Example, ProfileItem, Query, TaskSpec, User
 from perfit_probe.data.retrieval import ProfileIndex
 from perfit_probe.data.splits import stable_rank
 from perfit_probe.errors import ConfigError, DataError
@@ -255,7 +259,7 @@ def build_examples(
     spec: TaskSpec,
     tokenizer,
     *,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
     k: int = 4,
     retriever: str = "bm25",
     chat: bool | None = None,
@@ -263,34 +267,66 @@ def build_examples(
 ) -> list[Example]:
     """One ``Example`` per user x query x variant, in that order (variants in the given order).
 
-    Retrieval runs once per (user, query) and is shared by ``enhanced`` and ``control``; both
-    record the retrieved item ids in ``Example.history_ids``.
+    Retrieval runs once per (user, query) and is shared by ``enhanced``, ``control`` and
+    ``permuted``; every non-plain variant records the ids of the items its history block
+    shows in ``Example.history_ids`` and the text it adds in ``Example.added_text``. The
+    ``CONTROL_VARIANTS`` draw on all of ``users`` (donors for ``other_user``, the item pool of
+    ``format_random``), so the same users give the same prompts.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown prompt variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
     if "control" in variants and tokenizer is None:
         raise ConfigError("the control variant needs a tokenizer to match token lengths")
-    needs_history = any(v in variants for v in ("enhanced", "control"))
+    needs_history = any(v != "plain" for v in variants)
     chat = use_chat(tokenizer, chat)
+    donors = ctl.donor_assignment([u.id for u in users], seed) if "other_user" in variants else {}
+    by_id = {u.id: u for u in users}
+    donor_index: dict[str, ProfileIndex] = {}
+    pool, outputs = ctl.output_pool(users, spec) if "format_random" in variants else ([], [])
+    if "permuted" in variants:
+        ctl.output_field(spec)
+    n_unpermuted = n_queries = 0
     examples = []
     for user in users:
         index = ProfileIndex(user, spec.retrieval_fields) if needs_history else None
         if needs_history and not user.profile:
             log.warning("user %s has an empty profile: enhanced/control prompts equal plain ones", user.id)
+        if user.id in donors and donors[user.id] not in donor_index:
+            donor_index[donors[user.id]] = ProfileIndex(by_id[donors[user.id]], spec.retrieval_fields)
         for query in user.queries:
-            added = None
-            if needs_history:
-                added = added_texts(spec, user, query, tokenizer if "control" in variants else None,
-                                    k=k, retriever=retriever, seed=seed, index=index)
+            n_queries += 1
+            items = index.retrieve(query, k, retriever, seed) if needs_history else []
+            ids = tuple(item.id for item in items)
+            history = history_text(spec, items)
             for variant in variants:
                 if variant == "plain":
-                    body, ids = _body(spec, query), ()
+                    added, shown = "", ()
                 elif variant == "enhanced":
-                    body, ids = _body(spec, query, added.history), added.item_ids
+                    added, shown = history, ids
+                elif variant == "control":
+                    added = control_text(history, tokenizer, seed=f"{seed}/{user.id}/{query.id}")
+                    shown = ids
                 else:
-                    body, ids = _body(spec, query, added.control), added.item_ids
+                    if variant == "other_user":
+                        picked = donor_index[donors[user.id]].retrieve(query, k, retriever, seed)
+                    elif variant == "format_random":
+                        picked = ctl.format_random_items(pool, outputs, items, spec, user, query, seed,
+                                                         length=lambda item: len(render_item(spec, item)))
+                    else:
+                        picked, changed = ctl.permute_outputs(items, spec, f"{user.id}/{query.id}", seed)
+                        n_unpermuted += not changed
+                    added, shown = history_text(spec, picked), tuple(item.id for item in picked)
                 examples.append(Example(user_id=user.id, query_id=query.id, variant=variant,
-                                        prompt=finish_prompt(body, tokenizer, chat),
-                                        target=query.output, history_ids=ids))
+                                        prompt=finish_prompt(_body(spec, query, added), tokenizer, chat),
+                                        target=query.output, history_ids=shown, added_text=added))
+    if "other_user" in variants:
+        log.info("other_user variant: each user's history is retrieved from a donor's profile "
+                 "(seed %d): %s", seed, ", ".join(f"{u}<-{d}" for u, d in list(donors.items())[:8])
+                 + (" ..." if len(donors) > 8 else ""))
+    if "permuted" in variants and n_unpermuted:
+        log.warning("permuted variant: for %d of %d queries all retrieved items have the same %r "
+                    "(or only one item was retrieved): nothing to permute, so their permuted "
+                    "prompt equals the enhanced one", n_unpermuted, n_queries, spec.example_output)
     return examples
+

@@ -11,8 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-VARIANTS = ("plain", "enhanced", "control")
-"""Prompt variants: task input alone; with retrieved history; with random text of equal length."""
+DEFAULT_VARIANTS = ("plain", "enhanced", "control")
+"""Variants cached by default: task input alone; with retrieved history; with neutral random
+text of the history's token length."""
+
+CONTROL_VARIANTS = ("other_user", "format_random", "permuted")
+"""Opt-in controls for the shift claims, each the history template filled with something else:
+another user's retrieved history (``other_user``), random items with random outputs from all
+users' profiles (``format_random``), the user's own retrieved items with their outputs
+permuted among them (``permuted``). See ``perfit_probe.data.controls``."""
+
+VARIANTS = DEFAULT_VARIANTS + CONTROL_VARIANTS
+"""Every prompt variant ``build_examples`` can make."""
 
 TASK_KINDS = ("classification", "rating", "generation")
 
@@ -127,4 +137,8 @@ class Example:
     """Gold output text (without end-of-text token)."""
     history_ids: tuple[str, ...] = ()
     """Ids of the profile items retrieved into the prompt (``enhanced``; also ``control``,
-    whose random text replaces exactly these items)."""
+    whose random text replaces exactly these items; for the ``CONTROL_VARIANTS``, the items
+    their history block shows: the donor's, the random ones, the user's own)."""
+    added_text: str = ""
+    """The text the variant puts before the task input (history block, control text; empty
+    for ``plain``): what text baselines of the analysis read."""

@@ -24,6 +24,9 @@ SOURCE_STYLE = {
     "gaussian_null": {"color": "#7f7f7f", "label": "Gaussian, matched norms"},
     "control": {"color": "#ff7f0e", "label": "random-text control"},
     "shuffled": {"color": "#2ca02c", "label": "user-shuffled"},
+    "other_user": {"color": "#d62728", "label": "other-user history"},
+    "format_random": {"color": "#9467bd", "label": "format-matched random history"},
+    "permuted": {"color": "#8c564b", "label": "rating-permuted history"},
 }
 
 
