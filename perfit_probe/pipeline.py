@@ -33,7 +33,7 @@ from perfit_probe.rundir import RunDir, atomic_write_text, seed_everything
 
 log = logging.getLogger(__name__)
 
-STAGES = ("cache", "analyze", "fit", "evaluate", "steer")
+STAGES = ("cache", "analyze", "fit", "evaluate", "steer", "interpret")
 """Stages in the order they run; each reads what the earlier ones wrote."""
 
 
@@ -58,6 +58,8 @@ class PipelineConfig:
     """Overrides of ``perfit_probe.evaluation.evaluate.EvalConfig``."""
     steer: dict = field(default_factory=dict)
     """Overrides of ``perfit_probe.evaluation.steer.SteerConfig``."""
+    interpret: dict = field(default_factory=dict)
+    """Overrides of ``perfit_probe.evaluation.interpret.InterpretConfig``."""
 
     def __post_init__(self) -> None:
         self.stages = tuple(self.stages)
@@ -178,6 +180,7 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     from perfit_probe.analysis.tables import AnalysisConfig
     from perfit_probe.cache import CacheConfig
     from perfit_probe.evaluation.evaluate import EvalConfig
+    from perfit_probe.evaluation.interpret import InterpretConfig
     from perfit_probe.evaluation.steer import SteerConfig
     from perfit_probe.interventions.fit import FitConfig
 
@@ -196,6 +199,7 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
                                   {**common, **prompts, "dtype": model.get("dtype", "float32")}),
         "evaluate": build_stage_config(EvalConfig, "evaluate", config.evaluate, {"seed": seed, **prompts}),
         "steer": build_stage_config(SteerConfig, "steer", config.steer, {"seed": seed}),
+        "interpret": build_stage_config(InterpretConfig, "interpret", config.interpret, {"seed": seed}),
     }
 
 
@@ -322,6 +326,10 @@ def _run_stage(stage: str, config: Any, out: Path, loaded, progress: bool) -> No
         from perfit_probe.evaluation.steer import run_steer
 
         run_steer(out, loaded, config)
+    elif stage == "interpret":
+        from perfit_probe.evaluation.interpret import run_interpret
+
+        run_interpret(out, loaded, config)
 
 
 def _section(path: Path, title: str, depth: int = 1) -> list[str]:
@@ -364,6 +372,7 @@ def render_report(run: RunDir) -> str:
 
         frame = pd.read_csv(steer)
         lines += ["## Causal steering checks", "", "```", frame.to_string(index=False, max_rows=80), "```", ""]
+    lines += _section(run.path / "interpret" / "report.md", "From shift to steering and back")
     figures = sorted((run.path / "figures").glob("*.png")) if (run.path / "figures").is_dir() else []
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
@@ -412,7 +421,8 @@ def summary_lines(run: RunDir) -> list[str]:
     pipe = metrics.get("pipeline", {})
     out.append(f"total {pipe.get('total_wall_s', 0):.0f} s, peak memory {pipe.get('peak_rss_gib', 0):.2f} GiB")
     where = [("report", "report.md"), ("shift analysis", "analysis/report.md"),
-             ("evaluation", "eval/results.md"), ("steering", "steer/steer.csv"), ("figures", "figures"),
+             ("evaluation", "eval/results.md"), ("steering", "steer/steer.csv"),
+             ("interpretation", "interpret/report.md"), ("figures", "figures"),
              ("PerFit artifacts", "perfit"), ("configs and versions", "run.json")]
     out += [f"{label}: {path / rel}" for label, rel in where if (path / rel).exists()]
     return out

@@ -58,7 +58,7 @@ def test_demo_runs_every_stage_through_the_cli(demo_run, tmp_path, capsys):
     for path in STAGE_FILES:
         assert (out / path).exists(), path
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["pipeline"]["stage_wall_s"]) == {"cache", "analyze", "fit", "evaluate", "steer"}
+    assert set(metrics["pipeline"]["stage_wall_s"]) == {"cache", "analyze", "fit", "evaluate", "steer", "interpret"}
     results = pd.read_csv(out / "eval" / "results.csv")
     assert list(results["method"]) == ["base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", "user_mean",
                                        "user_median", "user_majority", "global_majority", "global_mean", "bm25_top1"]
