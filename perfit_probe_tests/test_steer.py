@@ -55,6 +55,16 @@ def test_user_swap_moves_outputs_toward_the_donor(planted_steer):
     # oracle for one pair: donor b (rating 5) on recipient a (rating 1) raises a's mean prediction
     ab = pairs[(pairs.donor == "b") & (pairs.recipient == "a")].iloc[0]
     assert ab.swap_pred > ab.own_pred and ab.donor_mean == 5.0 and ab.recipient_mean == 1.0
+    # tests over the 4 recipients: exact sign-flip p (16 patterns; at best 2/16 two-sided), intervals
+    n_toward = _value(rows, "swap", "pairs", "n_toward_donor")
+    assert n_toward == round(12 * _value(rows, "swap", "pairs", "toward_donor_share"))
+    assert _value(rows, "swap", "pairs", "toward_donor_pred_share_p") == pytest.approx(2 / 16)
+    assert _value(rows, "swap", "pairs", "n_perm") == 16
+    low, high = (_value(rows, "swap", "pairs", f"toward_donor_share_ci_{s}") for s in ("low", "high"))
+    assert low <= _value(rows, "swap", "pairs", "toward_donor_share") <= high
+    assert _value(rows, "swap", "pairs", "shift_gap_correlation_p") < 0.01
+    assert _value(rows, "swap", "pairs", "shift_gap_correlation_ci_low") > 0.5
+    assert planted_steer.verdicts[0].startswith(f"user swap: {int(n_toward)} of 12 pairs move toward")
 
 
 def test_ablation_dose_and_control(planted_steer):
@@ -65,12 +75,28 @@ def test_ablation_dose_and_control(planted_steer):
     # ablating the personal subspace hurts more than ablating a random one of the same size
     assert _value(rows, "ablation", "perfit_ablate_personal", "gain_removed") > \
         _value(rows, "ablation", "perfit_ablate_random", "gain_removed") + 0.25
+    # ... and than every one of 50 random ones: top percentile, empirical p = 1 / 51
+    table = planted_steer.random_subspaces
+    assert len(table) == 50 == _value(rows, "ablation", "random_subspaces", "n")
+    assert table.seed.tolist() == list(range(50))
+    assert _value(rows, "ablation", "perfit_ablate_personal", "random_percentile") == 100.0
+    assert _value(rows, "ablation", "perfit_ablate_personal", "random_p") == pytest.approx(1 / 51)
+    assert _value(rows, "ablation", "perfit_ablate_random", "gain_removed") == table.gain_removed.iloc[0]
+    assert _value(rows, "ablation", "random_subspaces", "metric_lost_mean") == pytest.approx(table.metric_lost.mean())
+    assert _value(rows, "ablation", "perfit_ablate_personal", "metric_lost") == pytest.approx(
+        _value(rows, "ablation", "perfit_ablate_personal", "mae") - perfit_mae)
     k = int(_value(rows, "ablation", "subspace", "k"))
     assert planted_steer.basis.shape == (k, 32)
     torch.testing.assert_close(planted_steer.basis @ planted_steer.basis.T, torch.eye(k), atol=1e-5, rtol=0)
     # dose: MAE falls with alpha on [0, 1] (the end points are checked against independent
     # computations in test_dose_end_points_equal_independent_predictions)
     assert _value(rows, "dose", "spearman_0_1", "mae") < 0
+    for alpha in ("0", "0.5", "1", "2"):  # intervals over the 4 test users hold the estimate
+        for metric in ("mae", "mean_pred"):
+            assert _value(rows, "dose", alpha, f"{metric}_ci_low") <= _value(rows, "dose", alpha, metric) + 1e-9
+            assert _value(rows, "dose", alpha, metric) <= _value(rows, "dose", alpha, f"{metric}_ci_high") + 1e-9
+    assert _value(rows, "dose", "best", "alpha") in (0.5, 1.0, 2.0)
+    assert _value(rows, "dose", "best", "mae") == min(_value(rows, "dose", a, "mae") for a in ("0", "0.5", "1", "2"))
     # control: neither a norm-matched random bank nor shuffled users give PerFit's gain
     assert _value(rows, "control", "random_bank", "mae") > perfit_mae
     assert _value(rows, "control", "shuffled_users", "mae") > perfit_mae
@@ -318,6 +344,8 @@ def test_run_evaluate_and_run_steer_write_the_run_directory(tmp_path, monkeypatc
     steer = run_steer(run.path, loaded, SteerConfig(alphas=(0.0, 1.0), experiments=("swap", "dose")))
     saved = pd.read_csv(run.path / "steer" / "steer.csv", dtype={"setting": str})
     assert len(saved) == len(steer.rows)
+    verdict_lines = (run.path / "steer" / "verdicts.md").read_text().splitlines()
+    assert verdict_lines == [f"- {line}" for line in steer.verdicts] and len(verdict_lines) == 4  # swap x 3, dose
     figures = sorted(p.name for p in (run.path / "figures").iterdir())
     assert figures == ["eval_differences.png", "eval_intervals.png", "steer_dose.png", "steer_swap.png"]
     # figures regenerate from the CSVs alone

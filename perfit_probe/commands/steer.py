@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the personal edits' energy the ablated subspace holds")
     parser.add_argument("--ablate-max-k", type=int, default=16)
     parser.add_argument("--ablate-mode", choices=("hidden", "edit"), default="hidden")
+    parser.add_argument("--n-random-subspaces", type=int, default=SteerConfig().n_random_subspaces,
+                        help="random subspaces of the ablation's control distribution")
+    parser.add_argument("--n-boot", type=int, default=SteerConfig().n_boot, help="bootstrap resamples of the users")
+    parser.add_argument("--n-perm", type=int, default=SteerConfig().n_perm, help="permutations of the swap tests")
     parser.add_argument("--decoding", choices=("auto", "constrained", "greedy"), default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-figures", action="store_true", help="write the CSVs only")
@@ -32,7 +36,8 @@ def config_from_args(args: argparse.Namespace) -> SteerConfig:
     """The ``SteerConfig`` that parsed arguments describe."""
     return SteerConfig(experiments=args.experiments, alphas=args.alphas, max_pairs=args.max_pairs,
                        ablate_energy=args.ablate_energy, ablate_max_k=args.ablate_max_k,
-                       ablate_mode=args.ablate_mode, decoding=args.decoding, batch_size=args.batch_size,
+                       ablate_mode=args.ablate_mode, n_random_subspaces=args.n_random_subspaces,
+                       n_boot=args.n_boot, n_perm=args.n_perm, decoding=args.decoding, batch_size=args.batch_size,
                        seed=args.seed)
 
 
@@ -44,5 +49,7 @@ def run(args: argparse.Namespace) -> int:
     shown = result.rows[result.rows.experiment != "reference"]
     for row in shown.itertuples():
         print(f"  {row.experiment:>9} {row.setting:>24} {row.metric:>24} = {row.value:.4g}")
+    for line in result.verdicts:
+        print(f"  {line}")
     print(f"wrote {args.run_dir / 'steer' / 'steer.csv'}")
     return 0

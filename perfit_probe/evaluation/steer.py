@@ -16,19 +16,36 @@ label distribution, a behaviour summary more sensitive than the discrete predict
     reduction of the distance, and (ratings) the correlation of the shift ``p_AB - p_BB`` with
     the gap ``mu_A - mu_B``. Since a small model compresses its ratings toward the middle,
     the share is also reported against the donor's *predicted* behaviour (``p_AA``, ``P_AA``:
-    the model with A's intervention on A's own queries), ``toward_donor_pred_share``. Swaps
-    need a label set (classification or rating tasks).
+    the model with A's intervention on A's own queries), ``toward_donor_pred_share``. Each
+    share, the distance reduction and the correlation get a user-blocked p-value (``_p``) and
+    a 95% interval of a bootstrap over recipients (``_ci_low``, ``_ci_high``), and the counts
+    ``n_toward_donor``, ``n_toward_donor_pred`` (``perfit_probe.evaluation.steer_stats``).
+    Swaps need a label set (classification or rating tasks).
 (b) **ablation**: the *personal subspace* is spanned by the top principal directions (no
     centring) of the users' mean personal edits ``mean_q e_p,u(h_q)`` at each intervention site
     (``e_p = phi_p(h) - h`` on the un-intervened hidden states ``h`` at the intervention
     positions; one row per user and site). ``k`` is the smallest number of directions holding
     ``ablate_energy`` of their squared norm (at most ``ablate_max_k``). The subspace is
     projected out at the intervention sites and positions (``ablate_mode``: ``hidden`` removes
-    it from the edited hidden state, ``edit`` from the edit only). A random ``k``-dimensional
-    subspace is the control. ``gain_removed = (m_perfit - m_ablated) / (m_perfit - m_stage1)``.
+    it from the edited hidden state, ``edit`` from the edit only). The control is
+    ``n_random_subspaces`` seeded random ``k``-dimensional subspaces (seeds ``seed + i``; the
+    first is the row ``perfit_ablate_random``). ``metric_lost`` is the metric's change toward
+    worse (``m_ablated - m_perfit`` for MAE, ``m_perfit - m_ablated`` for accuracy),
+    ``gain_removed = metric_lost / |gain|`` with ``gain`` PerFit's improvement over stage 1.
+    Reported: the real subspace's ``metric_lost``, ``gain_removed``, its ``random_percentile``
+    and one-sided empirical ``random_p`` among the random ones, the random ones' mean and
+    2.5/97.5 percentiles (setting ``random_subspaces``), and one row per random subspace
+    (``SteerResult.random_subspaces``, ``ablation_random.csv``). With single-token labels
+    (ratings) the variants share the un-edited prompt prefix and run many to a forward pass
+    (``perfit_probe.evaluation.shared_prefix``): with the demo's last-2-position interventions
+    (a SmolLM2-shaped model, prompts of ~90-135 tokens, measured on 1 thread) 8 variants of 8
+    prompts cost about 0.3 of an ordinary pass over those prompts, so the 50 random subspaces
+    cost about 3 passes (prefix included) instead of 50, and the 13 dose scales about 1.5.
 (c) **dose**: the personal edit scaled by ``alpha`` (``h + e_c + alpha e_p`` for ``sum``
-    stacking); Spearman correlation of the metric with alpha over ``[0, 1]`` and the whole
-    range.
+    stacking), alpha in 0, 0.25, ..., 3 by default; at each alpha the metric and mean
+    prediction with 95% intervals of a bootstrap over test users (``_ci_low``, ``_ci_high``),
+    the best alpha with its bootstrap interval (setting ``best``), and the Spearman
+    correlation of the metric with alpha over ``[0, 1]`` and the whole range.
 (d) **control**: a *random bank* with, per user and site, a random orthonormal ``R``
     (``A``), and ``W - R`` and ``b`` random with the Frobenius norms of that user's
     ``W_u - R_u`` and ``b_u`` (same rank and edit size, no learned content); and the personal
@@ -39,7 +56,7 @@ label distribution, a behaviour summary more sensitive than the discrete predict
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -51,8 +68,12 @@ from perfit_probe.data.records import TaskData
 from perfit_probe.data.profile_examples import PersonalData, training_queries
 from perfit_probe.data.splits import Split, history_user
 from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.evaluate import Predictions, heldout_examples, predict, resolve_decoding
+from perfit_probe.data.prompts import continuation
+from perfit_probe.evaluation.evaluate import Predictions, heldout_examples, label_values, predict, resolve_decoding
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, primary_metric, score_task
+from perfit_probe.evaluation.shared_prefix import score_label_variants, single_token_labels
+from perfit_probe.evaluation.steer_stats import dose_intervals, random_percentile, summary, swap_tests, verdicts
+from perfit_probe.evaluation.uncertainty import Scorer, query_statistics
 from perfit_probe.interventions import PerFit
 from perfit_probe.interventions.batching import collate, encode
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
@@ -71,8 +92,8 @@ class SteerConfig:
 
     experiments: tuple[str, ...] = EXPERIMENTS
     """Which checks to run."""
-    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-    """Scales of the personal edit for the dose response."""
+    alphas: tuple[float, ...] = tuple(i / 4 for i in range(13))
+    """Scales of the personal edit for the dose response (0, 0.25, ..., 3)."""
     max_pairs: int = 60
     """At most this many (donor, recipient) pairs in the swap (a seeded sample of all pairs)."""
     ablate_energy: float = 0.9
@@ -81,6 +102,19 @@ class SteerConfig:
     """Largest ablated subspace."""
     ablate_mode: str = "hidden"
     """``hidden`` (project out of the edited hidden state) or ``edit`` (out of the edit only)."""
+    n_random_subspaces: int = 50
+    """Random subspaces of the ablation's control distribution (the demo keeps 50: with
+    single-token labels they share the prompt prefix and cost about 3 ordinary passes)."""
+    n_boot: int = 2000
+    """Bootstrap resamples of the users (swap: recipients; dose: test users)."""
+    n_perm: int = 10000
+    """Sign patterns / donor permutations of the swap tests (exact over all 2^n_recipients
+    sign patterns when that is <= n_perm)."""
+    level: float = 0.95
+    """Coverage of the intervals."""
+    rows_per_pass: int = 64
+    """Rows of one forward pass when variants share a prompt prefix (each row copies its
+    prompt's key/value cache)."""
     decoding: str = "auto"
     """Decoding of the metric rows (see ``perfit_probe.evaluation.evaluate``)."""
     chat: bool | None = None
@@ -100,6 +134,13 @@ class SteerConfig:
             raise ConfigError(f"unknown experiment(s) {unknown}: choose from {', '.join(EXPERIMENTS)}")
         if not 0 < self.ablate_energy <= 1:
             raise ConfigError(f"ablate_energy={self.ablate_energy} must be in (0, 1]")
+        if self.n_random_subspaces < 1 or self.n_boot < 1 or self.n_perm < 1 or self.rows_per_pass < 1:
+            raise ConfigError(f"n_random_subspaces={self.n_random_subspaces}, n_boot={self.n_boot}, "
+                              f"n_perm={self.n_perm} and rows_per_pass={self.rows_per_pass} must be >= 1")
+        if not 0 < self.level < 1:
+            raise ConfigError(f"level={self.level} must be between 0 and 1")
+        if not self.alphas:
+            raise ConfigError("alphas must hold at least one scale")
 
 
 @dataclass
@@ -112,6 +153,11 @@ class SteerResult:
     """One row per (donor, recipient): behaviour and distances (empty without a swap)."""
     basis: torch.Tensor | None = None
     """The ablated personal subspace ``[k, d]`` (orthonormal rows), when ablation ran."""
+    random_subspaces: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """One row per random control subspace: ``subspace, seed, <metric>, mean_pred, metric_lost,
+    gain_removed`` (empty without ablation)."""
+    verdicts: list[str] = field(default_factory=list)
+    """One-line verdicts of the checks (``steer_stats.verdicts``)."""
 
 
 class _Runner:
@@ -144,6 +190,35 @@ class _Runner:
                        user_ids=self.owners if user_ids is None else user_ids, stage=stage, scale=scale,
                        ablate_basis=ablate_basis, ablate_mode=c.ablate_mode, batch_size=c.batch_size,
                        max_new_tokens=c.max_new_tokens, max_prompt_tokens=c.max_prompt_tokens)
+
+    def variants(self, scales: Sequence[float], bases: torch.Tensor | None = None) -> list[Predictions]:
+        """PerFit predictions under each variant (scale ``scales[v]``, ablating ``bases[v]`` if given).
+
+        Variants share the prompt prefix (``shared_prefix``) under constrained decoding with
+        single-token labels; otherwise each runs as an ordinary pass.
+        """
+        c = self.config
+        labels = [continuation(label, self.loaded.tokenizer, c.chat) for label in self.spec.labels or ()]
+        if self.mode != "constrained" or single_token_labels(self.loaded.tokenizer, labels) is None:
+            return [self.predict(scale=float(s), ablate_basis=None if bases is None else bases[v])
+                    for v, s in enumerate(scales)]
+        logp = score_label_variants(self.loaded, self.prompts, labels, perfit=self.perfit, user_ids=self.owners,
+                                    scales=[float(s) for s in scales], ablate_bases=bases,
+                                    ablate_mode=c.ablate_mode, batch_size=c.batch_size,
+                                    rows_per_pass=c.rows_per_pass, max_prompt_tokens=c.max_prompt_tokens)
+        values = label_values(self.spec)
+        return [Predictions([self.spec.labels[i] for i in lp.argmax(1).tolist()], lp,
+                            None if values is None else lp.softmax(1).double().numpy() @ values) for lp in logp]
+
+    def query_stats(self, preds: Predictions):
+        """Per-query statistics of the headline metric (and ``mean_pred``) for the user bootstrap."""
+        frame = pd.DataFrame({"user_id": self.owners, "query_id": [str(i) for i in range(len(self.owners))],
+                              "gold": self.golds, "output": preds.outputs})
+        stats = query_statistics(frame, Scorer(self.spec.kind, tuple(self.spec.labels) if self.spec.labels else None))
+        if preds.expected is not None:
+            stats.stats["mean_pred"] = np.stack([np.asarray(preds.expected, dtype=np.float64),
+                                                 np.ones(len(frame))], 1)
+        return stats
 
     def rows(self, experiment: str, setting: str, preds: Predictions) -> list[dict]:
         scores = score_task(self.spec.kind, self.golds, preds.outputs, self.spec.labels)
@@ -243,6 +318,9 @@ def user_swap(runner: _Runner) -> tuple[list[dict], pd.DataFrame]:
         shift = pairs_frame.swap_pred - pairs_frame.own_pred
         corr = float(np.corrcoef(gap, shift)[0, 1]) if gap.std() > 0 and shift.std() > 0 else float("nan")
         out.append({"experiment": "swap", "setting": "pairs", "metric": "shift_gap_correlation", "value": corr})
+    c = runner.config
+    out += swap_tests(pairs_frame, np.random.default_rng([c.seed, 1]), n_boot=c.n_boot, n_perm=c.n_perm,
+                      level=c.level)
     return out, pairs_frame
 
 
@@ -302,27 +380,60 @@ def random_subspace(k: int, d: int, seed: int) -> torch.Tensor:
     return orthonormal_rows(torch.randn(k, d, generator=gen))
 
 
-def subspace_ablation(runner: _Runner, stage1_rows: list[dict], perfit_rows: list[dict]) -> tuple[list[dict], torch.Tensor]:
-    """Experiment (b); see the module docstring."""
+def subspace_ablation(runner: _Runner, stage1_rows: list[dict],
+                      perfit_rows: list[dict]) -> tuple[list[dict], torch.Tensor, pd.DataFrame]:
+    """Experiment (b); see the module docstring. Returns rows, the basis and the random subspaces' table."""
     c = runner.config
     edits = personal_edit_means(runner.loaded, runner.perfit, runner.prompts, runner.owners,
                                 batch_size=c.batch_size, max_prompt_tokens=c.max_prompt_tokens)
     basis, cum = personal_subspace(edits, c.ablate_energy, c.ablate_max_k)
-    k = basis.shape[0]
-    rand = random_subspace(k, basis.shape[1], c.seed)
+    k, d = basis.shape
+    seeds = [c.seed + i for i in range(c.n_random_subspaces)]
+    bases = torch.stack([basis] + [random_subspace(k, d, s) for s in seeds])
+    preds = runner.variants([1.0] * len(bases), bases)
     rows = [dict(r, experiment="ablation") for r in stage1_rows + perfit_rows]
-    rows += runner.rows("ablation", "perfit_ablate_personal", runner.predict(ablate_basis=basis))
-    rows += runner.rows("ablation", "perfit_ablate_random", runner.predict(ablate_basis=rand))
+    rows += runner.rows("ablation", "perfit_ablate_personal", preds[0])
+    rows += runner.rows("ablation", "perfit_ablate_random", preds[1])
     m = runner.metric
-    gain = _value(rows, "perfit", m) - _value(rows, "stage1", m)
-    for setting in ("perfit_ablate_personal", "perfit_ablate_random"):
-        lost = _value(rows, "perfit", m) - _value(rows, setting, m)
-        rows.append({"experiment": "ablation", "setting": setting, "metric": "gain_removed",
-                     "value": float(lost / gain) if gain != 0 else float("nan")})
+    sign = -1.0 if HIGHER_IS_BETTER[m] else 1.0  # metric_lost > 0: worse than PerFit
+    m_perfit = _value(rows, "perfit", m)
+    gain = sign * (_value(rows, "stage1", m) - m_perfit)
+
+    def effects(p: Predictions) -> dict:
+        scored = runner.rows("ablation", "", p)
+        value = scored[0]["value"]
+        lost = sign * (value - m_perfit)
+        out = {m: value, "metric_lost": lost, "gain_removed": lost / gain if gain != 0 else float("nan")}
+        if len(scored) > 1:
+            out["mean_pred"] = scored[1]["value"]
+        return out
+
+    real = effects(preds[0])
+    table = pd.DataFrame([{"subspace": i, "seed": s, **effects(p)} for i, (s, p) in enumerate(zip(seeds, preds[1:]))])
+    rows.append({"experiment": "ablation", "setting": "perfit_ablate_personal", "metric": "metric_lost",
+                 "value": float(real["metric_lost"])})
+    for setting, value in (("perfit_ablate_personal", real["gain_removed"]),
+                           ("perfit_ablate_random", float(table.gain_removed.iloc[0]))):
+        rows.append({"experiment": "ablation", "setting": setting, "metric": "gain_removed", "value": float(value)})
+    where = random_percentile(real["metric_lost"], table.metric_lost)
+    rows += [{"experiment": "ablation", "setting": "perfit_ablate_personal", "metric": "random_percentile",
+              "value": where["percentile"]},
+             {"experiment": "ablation", "setting": "perfit_ablate_personal", "metric": "random_p",
+              "value": where["p_value"]}]
+    if "mean_pred" in real:
+        m_shift = abs(real["mean_pred"] - _value(rows, "perfit", "mean_pred"))
+        r_shift = (table.mean_pred - _value(rows, "perfit", "mean_pred")).abs()
+        rows.append({"experiment": "ablation", "setting": "perfit_ablate_personal",
+                     "metric": "mean_pred_shift_percentile", "value": random_percentile(m_shift, r_shift)["percentile"]})
+    rows.append({"experiment": "ablation", "setting": "random_subspaces", "metric": "n", "value": float(len(table))})
+    for column in [m, "mean_pred", "metric_lost", "gain_removed"]:
+        if column in table.columns:
+            rows += [{"experiment": "ablation", "setting": "random_subspaces", "metric": f"{column}_{stat}",
+                      "value": value} for stat, value in summary(table[column], c.level).items()]
     rows.append({"experiment": "ablation", "setting": "subspace", "metric": "k", "value": float(k)})
     rows.append({"experiment": "ablation", "setting": "subspace", "metric": "energy",
                  "value": float(cum[k - 1])})
-    return rows, basis
+    return rows, basis, table
 
 
 # ---------------------------------------------------------------------- (c) dose, (d) control
@@ -330,14 +441,21 @@ def dose_response(runner: _Runner) -> list[dict]:
     """Experiment (c); see the module docstring."""
     from scipy.stats import spearmanr
 
-    rows = []
-    for alpha in runner.config.alphas:
-        rows += runner.rows("dose", f"{alpha:g}", runner.predict(scale=float(alpha)))
-    for metric in {r["metric"] for r in rows}:
-        values = [(float(r["setting"]), r["value"]) for r in rows if r["metric"] == metric]
+    c = runner.config
+    alphas = sorted({float(a) for a in c.alphas})
+    rows, stats = [], {}
+    for alpha, preds in zip(alphas, runner.variants(alphas)):
+        rows += runner.rows("dose", f"{alpha:g}", preds)
+        stats[alpha] = runner.query_stats(preds)
+    base_metrics = sorted({r["metric"] for r in rows})
+    rows += dose_intervals(stats, runner.metric, HIGHER_IS_BETTER[runner.metric], np.random.default_rng([c.seed, 2]),
+                           n_boot=c.n_boot, level=c.level)
+    for metric in base_metrics:
+        values = [(float(r["setting"]), r["value"]) for r in rows
+                  if r["metric"] == metric and r["setting"] != "best" and not r["setting"].startswith("spearman")]
         for name, chosen in (("spearman_0_1", [v for v in values if v[0] <= 1]), ("spearman_all", values)):
-            alphas, vals = zip(*chosen) if chosen else ((), ())
-            rho = spearmanr(alphas, vals).statistic if len(set(vals)) > 1 and len(alphas) > 2 else float("nan")
+            xs, vals = zip(*chosen) if chosen else ((), ())
+            rho = spearmanr(xs, vals).statistic if len(set(vals)) > 1 and len(xs) > 2 else float("nan")
             rows.append({"experiment": "dose", "setting": name, "metric": metric, "value": float(rho)})
     return rows
 
@@ -408,8 +526,9 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
     if "swap" in config.experiments:
         swap_rows, pairs = user_swap(runner)
         rows += swap_rows
+    random_table = pd.DataFrame()
     if "ablation" in config.experiments:
-        ablation_rows, basis = subspace_ablation(runner, stage1, full)
+        ablation_rows, basis, random_table = subspace_ablation(runner, stage1, full)
         rows += ablation_rows
     if "dose" in config.experiments:
         rows += dose_response(runner)
@@ -418,12 +537,17 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
     frame = pd.DataFrame.from_records(rows, columns=COLUMNS)
     log.info("steer: %d rows (%s higher is better: %s)", len(frame), runner.metric,
              HIGHER_IS_BETTER[runner.metric])
-    return SteerResult(frame, pairs, basis)
+    return SteerResult(frame, pairs, basis, random_table, verdicts(frame))
 
 
 def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(), *,
               figures: bool = True) -> SteerResult:
-    """``perfit-probe steer``: run the checks on a fitted run; write ``RUN/steer/`` and ``RUN/figures/``."""
+    """``perfit-probe steer``: run the checks on a fitted run; write ``RUN/steer/`` and ``RUN/figures/``.
+
+    ``RUN/steer/``: ``steer.csv`` (tidy rows), ``swap_pairs.csv`` (one row per pair),
+    ``ablation_random.csv`` (one row per random subspace), ``personal_subspace.safetensors``
+    and ``verdicts.md`` (one line per check, for the report).
+    """
     from dataclasses import replace
 
     from safetensors.torch import save_file
@@ -443,6 +567,10 @@ def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(),
     atomic_write_text(out / "swap_pairs.csv", result.pairs.to_csv(index=False))
     if result.basis is not None:
         save_file({"basis": result.basis.contiguous()}, str(out / "personal_subspace.safetensors"))
+        atomic_write_text(out / "ablation_random.csv", result.random_subspaces.to_csv(index=False))
+    atomic_write_text(out / "verdicts.md", "".join(f"- {line}\n" for line in result.verdicts))
+    for line in result.verdicts:
+        log.info("%s", line)
     summary = {f"{r.experiment}/{r.setting}/{r.metric}": r.value for r in result.rows.itertuples()}
     run.add_metrics("steer", summary)
     if figures:

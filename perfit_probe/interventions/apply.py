@@ -10,7 +10,9 @@ row's scale, the two stack as
 
 and with the collective alone as ``h + s * e_c(h)``. Optionally a subspace with orthonormal
 basis ``Q [k, d]`` is projected out at the selected positions, from the edited hidden state
-(``x - Q^T Q x``, mode ``hidden``) or from the edit alone (mode ``edit``).
+(``x - Q^T Q x``, mode ``hidden``) or from the edit alone (mode ``edit``). A stack of bases
+``[G, k, d]`` ablates a different subspace in each row: ``set_batch(..., ablate_index=)``
+names each row's basis (many random control subspaces in one forward pass).
 
 Edits happen only in the *prompt pass*: the forward call whose sequence length is that of
 the batch given to :meth:`Intervention.set_batch` (a one-token prompt is edited once).
@@ -82,6 +84,8 @@ class Intervention:
         self.position_clamp = position_clamp if position_clamp is not None else READ_CLAMP
         check_clamp(self.position_clamp)
         self.ablate_mode = ablate_mode
+        if ablate_basis is not None and ablate_basis.dim() not in (2, 3):
+            raise ConfigError(f"ablate_basis must be [k, d] or [G, k, d], got {tuple(ablate_basis.shape)}")
         self.ablate_q = None if ablate_basis is None else orthonormal_rows(ablate_basis.detach().float())
         self._state: dict | None = None
 
@@ -91,15 +95,23 @@ class Intervention:
         prompt_mask: torch.Tensor,
         slots: torch.Tensor | None = None,
         scale: float | Sequence[float] | torch.Tensor = 1.0,
+        ablate_index: torch.Tensor | None = None,
     ) -> None:
         """Prepare the next prompt pass: ``prompt_mask [B, T]`` is 1 on prompt tokens.
 
         ``slots [B]`` are personal-bank slot indices (required when a personal bank is set);
-        ``scale`` multiplies the outermost edit (the personal one when present), per row.
+        ``scale`` multiplies the outermost edit (the personal one when present), per row;
+        ``ablate_index [B]`` picks each row's basis from a stacked ``ablate_basis [G, k, d]``
+        (required with one, refused without).
         """
         batch = prompt_mask.shape[0]
         if self.personal is not None and slots is None:
             raise ConfigError("a personal intervention needs one user slot per row")
+        per_row = self.ablate_q is not None and self.ablate_q.dim() == 3
+        if per_row != (ablate_index is not None):
+            raise ConfigError("ablate_index (one basis per row) goes with a stacked ablate_basis [G, k, d] only")
+        if ablate_index is not None and tuple(ablate_index.shape) != (batch,):
+            raise ConfigError(f"ablate_index needs one basis per row ({batch}), got {tuple(ablate_index.shape)}")
         scale_t = torch.as_tensor(scale, dtype=torch.float32)
         if scale_t.ndim == 0:
             scale_t = scale_t.expand(batch)
@@ -115,6 +127,7 @@ class Intervention:
             "last": last.to(device),
             "slots": None if slots is None else slots.to(device),
             "scale": scale_t.to(device),
+            "ablate_index": None if ablate_index is None else ablate_index.long().to(device),
             "done": set(),
         }
 
@@ -124,9 +137,10 @@ class Intervention:
 
     # ------------------------------------------------------------------ the maths
     def delta(self, site: int, h: torch.Tensor, slots: torch.Tensor | None, scale: torch.Tensor,
-              last: torch.Tensor | None = None) -> torch.Tensor:
+              last: torch.Tensor | None = None, ablate_index: torch.Tensor | None = None) -> torch.Tensor:
         """Total edit at site number ``site`` for selected hidden states ``h [B, k, d]`` (fp32);
-        ``last [B, k]`` marks the last-s positions (needed by banks with separate first/last units)."""
+        ``last [B, k]`` marks the last-s positions (needed by banks with separate first/last units);
+        ``ablate_index [B]`` each row's basis of a stacked ``ablate_basis``."""
         s = scale.view(-1, 1, 1).to(h.dtype)
         zero_slots = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
         out = torch.zeros_like(h)
@@ -139,7 +153,13 @@ class Intervention:
         if self.ablate_q is not None:
             q = self.ablate_q.to(h.device, h.dtype)
             target = h + out if self.ablate_mode == "hidden" else out
-            out = out - torch.einsum("bkr,rd->bkd", torch.einsum("bkd,rd->bkr", target, q), q)
+            if q.dim() == 3:
+                if ablate_index is None:
+                    raise ConfigError("a stacked ablate_basis [G, k, d] needs ablate_index (one basis per row)")
+                q = q[ablate_index.to(h.device)]
+                out = out - torch.einsum("bkr,brd->bkd", torch.einsum("bkd,brd->bkr", target, q), q)
+            else:
+                out = out - torch.einsum("bkr,rd->bkd", torch.einsum("bkd,rd->bkr", target, q), q)
         return out
 
     def _edit_hidden(self, site: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -157,7 +177,7 @@ class Intervention:
             )
         gather_index = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         picked = hidden.gather(1, gather_index).float()
-        delta = self.delta(site, picked, state["slots"], state["scale"], state["last"])
+        delta = self.delta(site, picked, state["slots"], state["scale"], state["last"], state["ablate_index"])
         delta = delta * valid.unsqueeze(-1).to(delta.dtype)
         full = torch.zeros(hidden.shape, dtype=delta.dtype, device=hidden.device)
         full = full.scatter_add(1, gather_index, delta)
