@@ -373,7 +373,10 @@ def render_report(run: RunDir) -> str:
         import pandas as pd
 
         frame = pd.read_csv(steer)
-        lines += ["## Causal steering checks", "", "```", frame.to_string(index=False, max_rows=80), "```", ""]
+        verdicts = run.path / "steer" / "verdicts.md"
+        lines += ["## Causal steering checks", ""]
+        lines += [verdicts.read_text().strip(), ""] if verdicts.is_file() else []
+        lines += ["```", frame.to_string(index=False, max_rows=400), "```", ""]
     lines += _section(run.path / "interpret" / "report.md", "From shift to steering and back")
     figures = sorted((run.path / "figures").glob("*.png")) if (run.path / "figures").is_dir() else []
     if figures:
