@@ -187,12 +187,12 @@ def test_run_json_records_the_seed_config_and_model(demo_run):
     assert info["command"] == "pipeline" and info["seed"] == 0
     resolved = info["config"]["resolved"]
     assert {stage: resolved[stage]["seed"] for stage in resolved} == dict.fromkeys(
-        ("cache", "analyze", "fit", "evaluate", "steer"), 0)
+        ("cache", "analyze", "fit", "evaluate", "steer", "interpret"), 0)
     assert resolved["fit"]["n_users"] == resolved["cache"]["n_users"] == 8
     assert resolved["fit"]["task"] == resolved["cache"]["task"] == "synthetic"
     assert info["config"]["pipeline"]["task"] == {"name": "synthetic", "n_users": 8, "seed": 0, "k": 4,
                                                   "retriever": "bm25"}
-    assert [stage["command"] for stage in info["stages"]] == ["cache", "analyze", "fit", "evaluate", "steer"]
+    assert [stage["command"] for stage in info["stages"]] == ["cache", "analyze", "fit", "evaluate", "steer", "interpret"]
     # each stage recorded the config it ran with, equal to the resolved one
     for stage in info["stages"][1:]:
         assert stage["config"] == resolved[stage["command"]], stage["command"]

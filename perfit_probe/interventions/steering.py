@@ -45,7 +45,7 @@ class AdditiveSteering(Intervention):
         self.vectors = vectors.detach().float()
 
     def delta(self, site: int, h: torch.Tensor, slots: torch.Tensor | None, scale: torch.Tensor,
-              last: torch.Tensor | None = None) -> torch.Tensor:
+              last: torch.Tensor | None = None, ablate_index: torch.Tensor | None = None) -> torch.Tensor:
         if slots is None:
             raise ConfigError("additive steering needs one vector slot per row")
         vec = self.vectors.to(h.device, h.dtype)[slots.to(h.device), site]  # [B, d]
