@@ -251,8 +251,21 @@ def run_pipeline(
     run.update_info(command="pipeline", config={"pipeline": config, "resolved": resolved})
     run.add_metrics("pipeline", {"stage_wall_s": timings, "total_wall_s": total,
                                  "peak_rss_gib": peak_rss_gib()})
+    write_claims(run, resolved["fit"].task)
     atomic_write_text(run.path / "report.md", render_report(run))
     return run
+
+
+def write_claims(run: RunDir, task: str) -> None:
+    """``claims.csv`` and ``claims.md``: the verdicts ``perfit_probe.claims`` computes from the run's files."""
+    from perfit_probe.claims import claim_table, claims_markdown
+    from perfit_probe.data.tasks import task_spec
+
+    frame = claim_table(run.path, kind=task_spec(task).kind)
+    verdicts = run.path / "steer" / "verdicts.md"
+    atomic_write_text(run.path / "claims.csv", frame.to_csv(index=False))
+    atomic_write_text(run.path / "claims.md", claims_markdown(frame, verdicts.read_text() if verdicts.is_file() else ""))
+    run.add_metrics("claims", {f"{row.claim}/{row.scope}": row.verdict for row in frame.itertuples()})
 
 
 def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
@@ -361,6 +374,9 @@ def render_report(run: RunDir) -> str:
         f"peak memory {pipe.get('peak_rss_gib', float('nan')):.2f} GiB",
         "",
     ]
+    claims = run.path / "claims.md"
+    if claims.is_file():
+        lines += [claims.read_text(), ""]
     cache = metrics.get("cache")
     if cache:
         lines += [f"- cache: {cache.get('n_users')} users, {cache.get('n_queries')} queries, "
@@ -425,7 +441,9 @@ def summary_lines(run: RunDir) -> list[str]:
         out.append(f"  user swap: {steer['swap/pairs/toward_donor_share']:.0%} of pairs move toward the donor")
     pipe = metrics.get("pipeline", {})
     out.append(f"total {pipe.get('total_wall_s', 0):.0f} s, peak memory {pipe.get('peak_rss_gib', 0):.2f} GiB")
-    where = [("report", "report.md"), ("shift analysis", "analysis/report.md"),
+    claims = metrics.get("claims") or {}
+    out += [f"  claim {key}: {verdict}" for key, verdict in claims.items()]
+    where = [("report", "report.md"), ("verdicts", "claims.md"), ("shift analysis", "analysis/report.md"),
              ("evaluation", "eval/results.md"), ("steering", "steer/steer.csv"),
              ("interpretation", "interpret/report.md"), ("figures", "figures"),
              ("PerFit artifacts", "perfit"), ("configs and versions", "run.json")]

@@ -65,6 +65,11 @@ def test_demo_runs_every_stage_through_the_cli(demo_run, tmp_path, capsys):
     assert (out / "eval" / "differences.csv").is_file() and (out / "figures" / "eval_intervals.png").is_file()
     report = (out / "report.md").read_text()
     assert "Shift analysis" in report and "Evaluation" in report and "figures/" in report
+    # the verdicts are generated from the run's statistics and lead the report
+    claims = pd.read_csv(out / "claims.csv")
+    assert set(claims["claim"].astype(str)) == {"1", "2", "3"}
+    assert all(sentence in report for sentence in claims["sentence"])
+    assert metrics["claims"] == {f"{r.claim}/{r.scope}": r.verdict for r in claims.itertuples()}
     assert "## PerFit training" in report and "stage-2 model selection" in report
     # the report shows the evaluation table's numbers, each with its interval
     for row in results.itertuples():

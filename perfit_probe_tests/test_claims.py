@@ -1,0 +1,75 @@
+"""Verdicts on the claims come from the run's statistics: hand-made tables with known answers."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from perfit_probe.claims import claim_table, claims_markdown
+
+
+def _write(run, name: str, rows: list[dict]) -> None:
+    path = run / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def _nulls(p_values):
+    return [{"site": f"s{i}", "layer": i, "null": "gaussian_null", "centered": c, "statistic": "rank@0.9",
+             "observed": 1.0, "null_median": 7.0, "null_low": 6.0, "null_high": 8.0, "p_value": p,
+             "p_value_randomized": p, "n_draws": 200} for i, p in enumerate(p_values) for c in (False, True)]
+
+
+def _diff(method, against, reference, estimate, lo, hi, p):
+    return {"method": method, "against": against, "reference": reference, "metric": "mae", "estimate": estimate,
+            "ci_low": lo, "ci_high": hi, "p_value": p, "n_perm": 1000, "exact": False, "level": 0.95,
+            "n_boot": 2000, "n_users": 12, "n_queries": 96}
+
+
+def test_claim1_counts_the_sites_below_the_gaussian_null(tmp_path):
+    _write(tmp_path, "analysis/null_tests.csv", _nulls([0.005, 0.3]))
+    table = claim_table(tmp_path).set_index("scope")
+    assert table.loc["uncentred", "verdict"] == "partly" and table.loc["uncentred", "value"] == 1
+    _write(tmp_path, "analysis/null_tests.csv", _nulls([0.005, 0.01]))
+    assert set(claim_table(tmp_path)["verdict"]) == {"holds"}
+
+
+def test_claim2_personal_shift_must_beat_the_prompt_text(tmp_path):
+    def ident(hidden, text):
+        return [{"site": "s0", "layer": 0, "features": "hidden_state", "accuracy": hidden, "chance": 0.05,
+                 "uniform_chance": 0.05, "p_value": 1e-4, "n_users": 20, "n_train": 60, "n_test": 20},
+                {"site": "prompt_text", "layer": -1, "features": "item_ids", "accuracy": text, "chance": 0.05,
+                 "uniform_chance": 0.05, "p_value": 1e-9, "n_users": 20, "n_train": 60, "n_test": 20}]
+
+    _write(tmp_path, "analysis/identification.csv", ident(0.4, 0.85))
+    row = claim_table(tmp_path).set_index("scope").loc["personal"]
+    assert row.verdict == "confounded by prompt text" and row.reference == 0.85
+    _write(tmp_path, "analysis/identification.csv", ident(0.9, 0.85))
+    assert claim_table(tmp_path).set_index("scope").loc["personal", "verdict"] == "holds"
+
+
+def test_claim3_needs_both_the_interval_and_the_permutation_test(tmp_path):
+    _write(tmp_path, "eval/results.csv", [{"method": m, "params_per_user": p, "mae": 0.8}
+                                          for m, p in (("perfit", 9224), ("oppu", 460800), ("user_median", 0))])
+    rows = [_diff("oppu", "reference", "perfit", 0.04, -0.1, 0.2, 0.6),
+            _diff("perfit", "best_baseline", "user_median", 0.2, 0.05, 0.35, 0.01)]
+    _write(tmp_path, "eval/differences.csv", rows)
+    table = claim_table(tmp_path, kind="rating").set_index("scope")
+    assert table.loc["vs oppu", "verdict"] == "no detectable difference"
+    assert "beyond 0.200 are excluded" in table.loc["vs oppu", "sentence"]
+    assert table.loc["vs best trivial baseline", "verdict"] == "the trivial baseline user_median beats PerFit"
+    # an interval that excludes 0 with a permutation p above alpha decides nothing
+    rows[1] = _diff("perfit", "best_baseline", "user_median", 0.2, 0.05, 0.35, 0.12)
+    _write(tmp_path, "eval/differences.csv", rows)
+    assert claim_table(tmp_path, kind="rating").set_index("scope").loc[
+        "vs best trivial baseline", "verdict"] == "no detectable difference"
+    # PerFit lower MAE than OPPU, decided
+    rows[0] = _diff("oppu", "reference", "perfit", 0.3, 0.1, 0.5, 0.002)
+    _write(tmp_path, "eval/differences.csv", rows)
+    assert claim_table(tmp_path, kind="rating").set_index("scope").loc["vs oppu", "verdict"] == "PerFit better"
+    text = claims_markdown(claim_table(tmp_path, kind="rating"), "- dose: best alpha 1")
+    assert text.count("\n- ") >= 3 and "best alpha 1" in text
+
+
+def test_no_files_no_verdicts(tmp_path):
+    assert claim_table(tmp_path).empty
+    assert "no stage output" in claims_markdown(claim_table(tmp_path))
