@@ -92,6 +92,18 @@ def test_bad_position_specs():
             parse_positions(bad)
 
 
+def _padding_mask(lengths: list[int], side: str) -> torch.Tensor:
+    """Attention mask of prompts of ``lengths`` tokens, padded on ``side``."""
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if side == "left":
+            mask[i, width - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return mask
+
+
 @pytest.mark.parametrize("clamp,expected", [
     # prompts of 5, 2, 7 and 1 tokens, spec f1+l2: (first-p offsets, last-s offsets) per row
     ("cover", [([0], [3, 4]), ([0], [1]), ([0], [5, 6]), ([], [0])]),
@@ -101,12 +113,7 @@ def test_bad_position_specs():
 def test_batch_positions_under_padding(side, clamp, expected):
     lengths = [5, 2, 7, 1]
     width = max(lengths)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        if side == "left":
-            mask[i, width - n:] = 1
-        else:
-            mask[i, :n] = 1
+    mask = _padding_mask(lengths, side)
     spec = parse_positions("f1+l2")
     index, valid = batch_positions(spec, mask, clamp)
     last = batch_last_mask(spec, mask, clamp)
@@ -132,12 +139,7 @@ def test_batch_positions_equal_pyreft_under_padding(pyreft, side, share_weights)
     each prompt alone, shifted by the row's padding; the last-s mask marks pyreft's second list."""
     lengths = list(range(1, 13))
     width = max(lengths)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        if side == "left":
-            mask[i, width - n:] = 1
-        else:
-            mask[i, :n] = 1
+    mask = _padding_mask(lengths, side)
     for text in SPECS:
         spec = parse_positions(text)
         index, valid = batch_positions(spec, mask, "pyreft")

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from perfit_probe.evaluation.baselines import BASELINES
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER
 from perfit_probe.evaluation.uncertainty import DIFFERENCE_COLUMNS, INTERVAL_COLUMNS
+from perfit_probe.plotting import save_figures
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +110,6 @@ def plot_differences(differences: pd.DataFrame, metric: str | None = None) -> Fi
 def save_eval_figures(eval_dir: Path, figures_dir: Path, dpi: int = 120) -> list[Path]:
     """Read ``eval_dir``'s ``uncertainty.csv``/``differences.csv`` and write the PNGs into ``figures_dir``."""
     intervals, differences = read_uncertainty(eval_dir)
-    figures_dir = Path(figures_dir)
-    figures_dir.mkdir(parents=True, exist_ok=True)
     makers = {"eval_intervals": (lambda: plot_intervals(intervals), not intervals.empty),
               "eval_differences": (lambda: plot_differences(differences), not differences.empty)}
-    written = []
-    for name, (make, available) in makers.items():
-        if not available:
-            log.info("no %s data: figure skipped", name)
-            continue
-        path = figures_dir / f"{name}.png"
-        make().savefig(path, dpi=dpi)
-        written.append(path)
-    return written
+    return save_figures(makers, figures_dir, dpi)

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from perfit_probe.plotting import save_figures
+
 log = logging.getLogger(__name__)
 
 FIGURES = ("interpret_kl", "interpret_angles", "interpret_monitor")
@@ -92,19 +94,10 @@ def plot_monitor(monitoring: pd.DataFrame) -> Figure:
 
 def save_interpret_figures(interpret_dir: Path, figure_dir: Path) -> list[Path]:
     """Write the figures whose data exist; return their paths."""
-    figure_dir = Path(figure_dir)
-    figure_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     kl, angles = read_frame(interpret_dir, "kl"), read_frame(interpret_dir, "angles")
     monitoring = read_frame(interpret_dir, "monitoring")
-    jobs = [("interpret_kl", plot_kl, kl), ("interpret_angles", plot_angles, angles)]
-    if not monitoring.empty and monitoring.gold.notna().any():
-        jobs.append(("interpret_monitor", plot_monitor, monitoring))
-    for name, plot, frame in jobs:
-        if frame.empty:
-            log.info("no data for %s", name)
-            continue
-        path = figure_dir / f"{name}.png"
-        plot(frame).savefig(path, dpi=120)
-        written.append(path)
-    return written
+    makers = {"interpret_kl": (lambda: plot_kl(kl), not kl.empty),
+              "interpret_angles": (lambda: plot_angles(angles), not angles.empty),
+              "interpret_monitor": (lambda: plot_monitor(monitoring),
+                                    not monitoring.empty and monitoring.gold.notna().any())}
+    return save_figures(makers, figure_dir, 120)

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from perfit_probe.plotting import save_figures
+
 log = logging.getLogger(__name__)
 
 STEER_FILE = "steer.csv"
@@ -204,18 +206,8 @@ def save_steer_figures(steer_dir: Path, figures_dir: Path, dpi: int = 120) -> li
     """Read ``steer_dir``'s CSVs and write the steering PNGs into ``figures_dir``."""
     rows, pairs = read_steer(steer_dir)
     random = read_random_subspaces(steer_dir)
-    figures_dir = Path(figures_dir)
-    figures_dir.mkdir(parents=True, exist_ok=True)
     makers = {"steer_swap": (lambda: plot_swap(pairs, rows), not pairs.empty),
               "steer_ablation": (lambda: plot_ablation(rows, random), "ablation" in set(rows.experiment)),
               "steer_dose": (lambda: plot_dose(rows), "dose" in set(rows.experiment)),
               "steer_control": (lambda: plot_control(rows), "control" in set(rows.experiment))}
-    written = []
-    for name, (make, available) in makers.items():
-        if not available:
-            log.info("no %s results: figure skipped", name)
-            continue
-        path = figures_dir / f"{name}.png"
-        make().savefig(path, dpi=dpi)
-        written.append(path)
-    return written
+    return save_figures(makers, figures_dir, dpi)
