@@ -72,7 +72,7 @@ class PipelineConfig:
 
 
 def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", n_layers: int = 30) -> PipelineConfig:
-    """The embedded demo: SmolLM2 on MovieLens ratings, sized for ~13 min on 2 CPU cores.
+    """The embedded demo: SmolLM2 on MovieLens ratings, sized for under 15 min on 2 CPU cores.
 
     Costs are set by users x queries x prompt length; ``--users`` scales them. Sites are
     placed at fixed fractions of the depth (for SmolLM2's 30 layers: cache at layers
@@ -92,13 +92,13 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         analyze={"n_boot": 100, "n_perm": 100},
         # Stage 1 on the train users' queries; stage 2 on each test user's 12 latest rated movies
         # other than its 8 held-out queries (OPPU's protocol), 3 of them picking its stage-2
-        # epoch (0 = stage 1 alone).
+        # epoch (0 = stage 1 alone); 2 stage-2 epochs, as the paper and OPPU's per-user step.
         fit={"max_queries": 16, "n_heldout": 8, "max_profile_examples": 12, "layers": fit_layers,
-             "positions": "l2", "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 3,
+             "positions": "l2", "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 2,
              "batch_size": 8, "max_prompt_tokens": 160, "val_per_user": 3},
-        # OPPU's per-user LoRA at its rank 8 on q/v; its lr (1e-4 on a 7B model) barely moves a
-        # 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
-        evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 3},
+        # OPPU's per-user LoRA at its rank 8 on q/v and its 2 epochs; its lr (1e-4 on a 7B model)
+        # barely moves a 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
+        evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 2},
                   "lora_task": {"lr": 1e-3, "epochs": 2}},
         # The default dose grid (alpha 0, 0.25, ..., 3) and 50 random ablation subspaces share the
         # prompt prefix (single-token ratings): about 4.5 passes over the prompts in all.
