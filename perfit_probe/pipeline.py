@@ -87,22 +87,23 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         task={"name": "movielens", "n_users": n_users, "seed": 0, "k": 4, "retriever": "bm25"},
         # Every prompt variant, the format-matched controls of claims 1-2 included (one more
         # forward pass per query each).
-        cache={"max_queries": 8, "sites": [str(layer) for layer in cache_sites], "batch_size": 16,
+        cache={"max_queries": 6, "sites": [str(layer) for layer in cache_sites], "batch_size": 16,
                "variants": list(VARIANTS)},
         analyze={"n_boot": 100, "n_perm": 100},
         # Stage 1 on the train users' queries; stage 2 on each test user's 12 latest rated movies
-        # other than its 8 held-out queries (OPPU's protocol), 3 of them picking its stage-2
+        # other than its 6 held-out queries (OPPU's protocol), 3 of them picking its stage-2
         # epoch (0 = stage 1 alone); 2 stage-2 epochs, as the paper and OPPU's per-user step.
-        fit={"max_queries": 16, "n_heldout": 8, "max_profile_examples": 12, "layers": fit_layers,
+        fit={"max_queries": 12, "n_heldout": 6, "max_profile_examples": 12, "layers": fit_layers,
              "positions": "l2", "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 2,
              "batch_size": 8, "max_prompt_tokens": 160, "val_per_user": 3},
         # OPPU's per-user LoRA at its rank 8 on q/v and its 2 epochs; its lr (1e-4 on a 7B model)
         # barely moves a 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
         evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 2},
                   "lora_task": {"lr": 1e-3, "epochs": 2}},
-        # The default dose grid (alpha 0, 0.25, ..., 3) and 50 random ablation subspaces share the
-        # prompt prefix (single-token ratings): about 4.5 passes over the prompts in all.
-        steer={"max_pairs": 24},
+        # Sized for the 15-minute budget: alpha 0, 0.5, ..., 3 and 20 random ablation subspaces
+        # (the defaults are a 0.25 grid and 50 subspaces).
+        steer={"max_pairs": 24, "alphas": (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0), "n_random_subspaces": 20,
+               "rows_per_pass": 16},
     )
 
 
