@@ -60,7 +60,7 @@ def test_demo_runs_every_stage_through_the_cli(demo_run, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["pipeline"]["stage_wall_s"]) == {"cache", "analyze", "fit", "evaluate", "steer", "interpret"}
     results = pd.read_csv(out / "eval" / "results.csv")
-    assert list(results["method"]) == ["base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", "user_mean",
+    assert list(results["method"]) == ["base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", "steer_delta", "user_mean",
                                        "user_median", "user_majority", "global_majority", "global_mean", "bm25_top1"]
     assert (out / "eval" / "differences.csv").is_file() and (out / "figures" / "eval_intervals.png").is_file()
     report = (out / "report.md").read_text()
@@ -273,3 +273,18 @@ def test_bad_config_files_fail_with_one_line(tmp_path):
             stage_configs(load_pipeline_config(bad))
     with pytest.raises(ConfigError, match="not found"):
         load_pipeline_config(tmp_path / "missing.toml")
+
+
+def test_notebook_speaks_the_run_language_on_a_fitted_run(demo_run, tmp_path, monkeypatch):
+    """The notebook's last section on a fitted run: PerFitRun's prompt, distributions and the KL table."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    _, out, _, _ = demo_run
+    monkeypatch.setenv("PERFIT_RUN_DIR", str(out))
+    notebook = Path(__file__).resolve().parents[1] / "analyses" / "explore_shifts.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "PERFIT_RUN_DONE user=" in text and "conditions=5" in text

@@ -10,6 +10,8 @@ Methods compared (one row each in ``RUN/eval/results.csv`` and ``results.md``):
   history examples (see ``perfit_probe.evaluation.lora``);
 - ``lora_task``: OPPU's shared *task* LoRA alone, trained on the train users' queries (PerFit
   stage 1's data) and merged into the base, the LoRA analogue of ``stage1``;
+- ``steer_delta``: training-free, each user's measured delta vector added to the plain prompt's
+  hidden state at the last token (``_steer_delta_predictions``; needs the run's cached deltas);
 - ``oppu``: full OPPU, the per-user LoRA trained and applied on top of that task model, the
   LoRA analogue of ``perfit``;
 - equal budgets: with ``val_per_user`` > 0 (by default the fit's, so PerFit and the LoRAs
@@ -54,9 +56,10 @@ import pandas as pd
 import torch
 
 from perfit_probe.data.prompts import build_examples, continuation
-from perfit_probe.data.records import Example, TaskData, TaskSpec
 from perfit_probe.data.profile_examples import PersonalData, personal_examples
+from perfit_probe.data.records import Example, TaskData, TaskSpec
 from perfit_probe.data.splits import Split, heldout_user
+from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.baselines import BASELINES, baseline_predictions, skip_reason
 from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
@@ -73,7 +76,7 @@ from perfit_probe.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", *BASELINES)
+METHODS = ("base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", "steer_delta", *BASELINES)
 DECODINGS = ("auto", "constrained", "greedy")
 _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "base": ("plain", "none"),
@@ -83,6 +86,7 @@ _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "lora": ("plain", "none"),
     "lora_task": ("plain", "none"),
     "oppu": ("plain", "none"),
+    "steer_delta": ("plain", "none"),
     **{name: ("plain", "none") for name in BASELINES},
 }
 
@@ -251,12 +255,14 @@ def evaluate_methods(
     config: EvalConfig = EvalConfig(),
     *,
     personal: PersonalData = PersonalData(),
+    deltas: Deltas | None = None,
     perfit_costs: dict | None = None,
     progress: bool = False,
 ) -> EvalResult:
     """Evaluate ``config.methods`` on the held-out queries of ``split``'s test users.
 
     ``personal``: what the per-user LoRAs train on (the fit's stage-2 data, ``RUN/perfit/task.json``).
+    ``deltas``: the run's delta vectors, for the training-free ``steer_delta`` method.
     ``perfit_costs`` may give ``stage1_train_s`` and ``stage2_train_s_per_user`` (from the fit)
     for the cost columns. Methods needing a fit are skipped (with a warning) when ``perfit``
     is None or has no personal bank.
@@ -299,6 +305,10 @@ def evaluate_methods(
             preds, info, user_adapters = oppu[method]
             if user_adapters:
                 selections.append(selection_frame(method, user_adapters))
+        elif method == "steer_delta":
+            preds = _steer_delta_predictions(loaded, spec, chosen, perfit, deltas, config)
+            if preds is None:
+                continue
         elif method in BASELINES:
             preds = _baseline_predictions(method, task, split, chosen, personal)
             if preds is None:
@@ -472,6 +482,36 @@ def write_lora_selection(result: EvalResult, directory: Path) -> dict:
     text = results.read_text(encoding="utf-8") if results.is_file() else ""
     atomic_write_text(results, text.rstrip("\n") + "\n\n" + describe_lora_selection(summary))
     return summary
+
+
+def _steer_delta_predictions(loaded: LoadedModel, spec: TaskSpec, chosen: list[Example], perfit: PerFit | None,
+                             deltas: Deltas | None, config: EvalConfig) -> Predictions | None:
+    """Training-free personalization: each row's user's delta vector (``RUN/deltas``: mean hidden state
+    with the history minus without it) added at the last prompt token of the plain prompt, at the
+    first of the fit's sites that the cache measured (any cached site without a fit), scale 1.
+    Zero trained parameters, one forward per query; None (logged) where it cannot run."""
+    from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
+
+    if deltas is None or not spec.labels:
+        log.info("skipping steer_delta: %s", "no cached deltas in the run" if deltas is None else "no label set")
+        return None
+    sites = perfit.collective.spec.sites if perfit is not None else deltas.sites
+    site = next((s for s in sites if s in deltas.sites), None)
+    users = sorted({e.user_id for e in chosen})
+    missing = [u for u in users if u not in deltas.user_ids]
+    if site is None or missing:
+        log.info("skipping steer_delta: %s", f"users {missing[:3]} have no delta" if missing else
+                 "none of the fit's sites was cached")
+        return None
+    vectors = torch.stack([deltas.enhanced[deltas.user_ids.index(u), deltas.site_index(site)] for u in users])
+    steering = AdditiveSteering(vectors.unsqueeze(1), [site])
+    labels = [continuation(label, loaded.tokenizer, config.chat) for label in spec.labels]
+    logp = steered_label_logprobs(loaded, [e.prompt for e in chosen], labels, steering=steering,
+                                  slots=[users.index(e.user_id) for e in chosen], scales=1.0,
+                                  batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens)
+    values = label_values(spec)
+    expected = None if values is None else logp.softmax(1).double().numpy() @ values
+    return Predictions([spec.labels[i] for i in logp.argmax(1).tolist()], logp, expected)
 
 
 def _baseline_predictions(method: str, task: TaskData, split: Split, chosen: list[Example],
@@ -679,8 +719,10 @@ def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalCo
                      val_seed=val_seed if config.val_seed is None else config.val_seed)
     run.add_stage("evaluate", config)
     with run.timed("evaluate"):
+        deltas = Deltas.load(run.path / "deltas") if (run.path / "deltas").is_dir() else None
         result = evaluate_methods(loaded, fitted.task, fitted.split, fitted.perfit, config,
-                                  personal=fitted.personal, perfit_costs=fitted.costs, progress=progress)
+                                  personal=fitted.personal, deltas=deltas, perfit_costs=fitted.costs,
+                                  progress=progress)
     write_results(result, run.sub("eval"), fitted.task.spec, config=config)
     selection = write_lora_selection(result, run.sub("eval"))
     if selection:
