@@ -31,11 +31,16 @@ def read_frame(directory: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"user_id": str})
 
 
+def _site_axes(frame: pd.DataFrame, width: float) -> tuple[list[str], Figure, list]:
+    """One panel per site of ``frame`` (in order of appearance), ``width`` inches each."""
+    sites = list(dict.fromkeys(frame.site))
+    fig = Figure(figsize=(width * len(sites), 3.6), layout="constrained")
+    return sites, fig, list(fig.subplots(1, len(sites), squeeze=False).ravel())
+
+
 def plot_kl(kl: pd.DataFrame) -> Figure:
     """Mean KL(p_enhanced || p_steered) against alpha, one line per steering vector, with intervals."""
-    sites = list(dict.fromkeys(kl.site))
-    fig = Figure(figsize=(4.4 * len(sites), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(sites), squeeze=False).ravel()
+    sites, fig, axes = _site_axes(kl, 4.4)
     for ax, site in zip(axes, sites):
         part = kl[kl.site == site]
         for method, rows in part.groupby("method", sort=False):
@@ -52,9 +57,7 @@ def plot_kl(kl: pd.DataFrame) -> Figure:
 
 def plot_angles(angles: pd.DataFrame) -> Figure:
     """Principal-angle spectra (stage 1; stage 2 median over users) against the random null band."""
-    sites = list(dict.fromkeys(angles.site))
-    fig = Figure(figsize=(4.4 * len(sites), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(sites), squeeze=False).ravel()
+    sites, fig, axes = _site_axes(angles, 4.4)
     for ax, site in zip(axes, sites):
         part = angles[angles.site == site]
         for (bank, group), rows in part.groupby(["bank", "group"], sort=False):
@@ -76,9 +79,7 @@ def plot_angles(angles: pd.DataFrame) -> Figure:
 
 def plot_monitor(monitoring: pd.DataFrame) -> Figure:
     """Per user: mean projection of the held-out plain states on the personal direction vs mean gold."""
-    sites = list(dict.fromkeys(monitoring.site))
-    fig = Figure(figsize=(4.2 * len(sites), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(sites), squeeze=False).ravel()
+    sites, fig, axes = _site_axes(monitoring, 4.2)
     for ax, site in zip(axes, sites):
         means = monitoring[monitoring.site == site].groupby("user_id")[["projection", "gold"]].mean()
         ax.scatter(means.projection, means.gold, color="#1f77b4")
