@@ -24,4 +24,7 @@ def execute(config: PipelineConfig, out: Path, progress: bool = True, loaded=Non
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no weight-loading bars: stderr is for errors
     return execute(load_pipeline_config(args.config), args.out, progress=not args.no_progress)

@@ -187,9 +187,14 @@ class LoraBaseline:
             base.requires_grad_(False)
 
     def fit_user(self, user_id: str, prompts: Sequence[str], targets: Sequence[str], *,
-                 seed: int = 0) -> UserLora:
-        """Train a fresh adapter on one user's ``(prompt, target)`` history examples."""
+                 seed: int = 0, progress: bool = False, desc: str | None = None) -> UserLora:
+        """Train a fresh adapter on one user's ``(prompt, target)`` history examples.
+
+        ``progress``: a progress bar over the optimisation steps, labelled ``desc`` (for long
+        trainings such as OPPU's task LoRA on every train user's queries).
+        """
         from peft import get_peft_model_state_dict
+        from tqdm.auto import tqdm
 
         if not prompts:
             raise ConfigError(f"user {user_id!r} has no history examples to train a LoRA on")
@@ -211,6 +216,8 @@ class LoraBaseline:
                     if "lora_dropout" in name:
                         module.train()
                 losses = []
+                bar = tqdm(total=n_batches * c.epochs, desc=desc or f"LoRA {user_id}", unit="step",
+                           disable=not progress, leave=False)
                 for _epoch in range(c.epochs):
                     order = torch.randperm(len(rows), generator=gen).tolist()
                     total, count = 0.0, 0
@@ -226,7 +233,10 @@ class LoraBaseline:
                         sched.step()
                         total += float(loss.detach())
                         count += 1
+                        bar.update()
                     losses.append(total / count)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.close()
                 state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
         train_s = time.perf_counter() - start
         log.debug("LoRA for user %s: %d examples, loss %s, %.1f s", user_id, len(rows), losses, train_s)

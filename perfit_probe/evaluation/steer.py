@@ -99,6 +99,14 @@ class SteerConfig:
             raise ConfigError(f"unknown experiment(s) {unknown}: choose from {', '.join(EXPERIMENTS)}")
         if not 0 < self.ablate_energy <= 1:
             raise ConfigError(f"ablate_energy={self.ablate_energy} must be in (0, 1]")
+        small = {name: getattr(self, name) for name in ("max_pairs", "ablate_max_k", "batch_size", "max_new_tokens")
+                 if getattr(self, name) < 1}
+        if small:
+            raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in small.items())}: must be at least 1")
+        if not self.alphas:
+            raise ConfigError("give at least one alpha for the dose response")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None)")
 
 
 @dataclass
