@@ -183,15 +183,10 @@ def cache_activations(
     out_dir = Path(out_dir)
     _check_examples(examples)
     site_list = parse_sites(sites if isinstance(sites, str) else list(sites), loaded.n_layers)
+    check_cache_options(positions, storage_dtype, batch_size, shard_rows, padding_side)
     spec = parse_positions(positions)
-    if spec.mode == "all":
-        raise ConfigError("positions 'all' cannot be cached (unbounded row size): use 'mean', 'last' or 'f<p>+l<s>'")
     n_slots = 1 if spec.mode == "mean" or (spec.first, spec.last) == (0, 1) else spec.first + spec.last
     dtype = store.storage_dtype(storage_dtype)
-    if padding_side not in ("left", "right"):
-        raise ConfigError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-    if batch_size < 1 or shard_rows < 1:
-        raise ConfigError(f"batch_size ({batch_size}) and shard_rows ({shard_rows}) must be at least 1")
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
     if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -275,6 +270,18 @@ def cache_activations(
         })
     _barrier(world_size)
     return ActivationCache.open(out_dir)
+
+
+def check_cache_options(positions: str, storage_dtype: str, batch_size: int, shard_rows: int,
+                        padding_side: str) -> None:
+    """``ConfigError``/``SiteError``/``CacheError`` for options ``cache_activations`` cannot use."""
+    if parse_positions(positions).mode == "all":
+        raise ConfigError("positions 'all' cannot be cached (unbounded row size): use 'mean', 'last' or 'f<p>+l<s>'")
+    store.storage_dtype(storage_dtype)
+    if padding_side not in ("left", "right"):
+        raise ConfigError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    if batch_size < 1 or shard_rows < 1:
+        raise ConfigError(f"batch_size ({batch_size}) and shard_rows ({shard_rows}) must be at least 1")
 
 
 def _check_existing(out_dir: Path, config: dict, resume: bool) -> tuple[dict | None, bool]:
@@ -424,13 +431,7 @@ class CacheConfig:
         if self.k < 1:
             raise ConfigError(f"k={self.k}: enhanced prompts need at least 1 history item (k >= 1); "
                               "with k=0 they equal the plain prompts and every delta is 0")
-        if parse_positions(self.positions).mode == "all":
-            raise ConfigError("positions 'all' cannot be cached (unbounded row size): use 'mean', 'last' or 'f<p>+l<s>'")
-        store.storage_dtype(self.storage_dtype)
-        if self.batch_size < 1 or self.shard_rows < 1:
-            raise ConfigError(f"batch_size ({self.batch_size}) and shard_rows ({self.shard_rows}) must be at least 1")
-        if self.padding_side not in ("left", "right"):
-            raise ConfigError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
+        check_cache_options(self.positions, self.storage_dtype, self.batch_size, self.shard_rows, self.padding_side)
         if self.backend not in BACKEND_NAMES:
             raise ConfigError(f"unknown backend {self.backend!r}: choose from {BACKEND_NAMES}")
         if n_layers is not None and self.sites:

@@ -65,13 +65,13 @@ class PipelineConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"unknown stage(s) {bad}: choose from {list(STAGES)}")
-        for section, types in (("model", _MODEL_TYPES), ("task", _TASK_TYPES)):
+        for section, expected in (("model", _MODEL_TYPES), ("task", _TASK_TYPES)):
             values = getattr(self, section)
             if not isinstance(values, dict):
                 raise ConfigError(f"[{section}] must be a table, got {type(values).__name__}")
-            _check_keys(section, values, tuple(types))
+            _check_keys(section, values, tuple(expected))
             for key, value in values.items():
-                _coerce(value, types[key], f"[{section}] {key}")
+                _coerce(value, expected[key], f"[{section}] {key}")
 
 
 _MODEL_TYPES = {"name": str, "dtype": str, "device": str}
@@ -172,6 +172,8 @@ def _coerce(value: Any, annotation: Any, where: str = "value") -> Any:
                 continue
         raise wrong
     if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
         if not isinstance(value, dict):
             raise wrong
         hints = typing.get_type_hints(annotation)
@@ -349,7 +351,7 @@ def _run_stage(stage: str, config: Any, out: Path, loaded, progress: bool) -> No
     elif stage == "steer":
         from perfit_probe.evaluation.steer import run_steer
 
-        run_steer(out, loaded, config)
+        run_steer(out, loaded, config, progress=progress)
 
 
 def _section(path: Path, title: str, depth: int = 1) -> list[str]:

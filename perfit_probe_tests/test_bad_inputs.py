@@ -90,7 +90,7 @@ def test_interrupted_fit_force_keeps_the_previous_fit(tmp_path, model_dir):
     out = tmp_path / "run"
     assert main(["fit", "--model", str(model_dir), *FIT, "--out", str(out)]) == 0
     before = _tree(out / "perfit")
-    assert {"split.json", "curves.csv", "stage1/intervention.safetensors", "bank/intervention.safetensors"} <= set(before)
+    assert {"split.json", "stage1/intervention.safetensors", "bank/intervention.safetensors"} <= set(before)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     args = [sys.executable, "-m", "perfit_probe.cli", "fit", "--model", str(model_dir), *FIT,
             "--epochs1", "3000", "--epochs2", "3000", "--force", "--out", str(out)]
@@ -334,7 +334,8 @@ def test_zero_sizes_fail_with_one_line(tmp_path, fitted, capsys):
 def test_toml_values_of_the_wrong_type_fail_with_one_line(tmp_path, capsys, toml, fragment):
     path = tmp_path / "bad.toml"
     model = "" if toml.startswith("[model]") else f'[model]\nname = "{tmp_path / "no-model"}"\n'
-    path.write_text(("" if toml.startswith("stages") else model) + toml + "\n" + (model if toml.startswith("stages") else ""))
+    first, last = (toml + "\n", model) if toml.startswith("stages") else (model, toml + "\n")
+    path.write_text(first + last)  # a model that fails fast, were the bad value to pass
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     err = _one_line_error(capsys, fragment)
     assert "'c', 'a'" not in err

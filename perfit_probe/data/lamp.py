@@ -15,8 +15,8 @@ Profile items must carry ``id`` and the task's profile fields (``tasks.TASKS``);
 become strings, ``null`` an empty string, extra keys are kept. Every field value must be a
 JSON string, number or ``null``: a list, object or boolean would end up in prompts as a
 Python repr, so it is refused. Bad input raises ``DataError`` naming the file, the record and
-the field (and nothing else: ``test_bad_inputs`` fuzzes the loaders). A user with an empty profile is skipped with a
-warning and counted in ``TaskData.report["skipped"]["empty_profile"]``.
+the field, never another exception. A user with an empty profile is skipped with a warning
+and counted in ``TaskData.report["skipped"]["empty_profile"]``.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ of every result and prediction file, verified before old results are merged.
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -250,6 +250,8 @@ def evaluate_methods(
     for the cost columns. Methods needing a fit are skipped (with a warning) when ``perfit``
     is None or has no personal bank.
     """
+    from tqdm.auto import tqdm
+
     spec = task.spec
     mode = resolve_decoding(config.decoding, spec.kind)
     costs = perfit_costs or {}
@@ -266,8 +268,6 @@ def evaluate_methods(
                 max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens)
     rows, pred_frames, adapters = [], [], {}
     collective_params = perfit.collective.spec.params_per_slot() if perfit is not None else 0
-    from tqdm.auto import tqdm
-
     oppu, wall_s = {}, {}
     if {"lora_task", "oppu"} & set(config.methods):
         t0 = time.perf_counter()
@@ -413,19 +413,27 @@ def _method_order(methods) -> list[str]:
     return sorted(unique, key=lambda m: (known.get(m, len(known)), unique.index(m)))
 
 
+def verify_results(directory: Path) -> None:
+    """``ArtifactError`` when a result or prediction file in ``directory`` differs from its checksum."""
+    from perfit_probe.rundir import verify_checksums
+
+    if (Path(directory) / "results.csv").is_file():
+        verify_checksums(directory, error=ArtifactError, fix=f"delete {directory} and evaluate every method again")
+
+
 def _read_previous(directory: Path, basis: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The results and predictions already in ``directory`` that share ``basis`` (verified).
 
     Empty frames when there are none or when they come from another basis (with a warning);
     ``ArtifactError`` when a result file is corrupt.
     """
-    from perfit_probe.rundir import read_json, verify_checksums
+    from perfit_probe.rundir import read_json
 
     empty = pd.DataFrame(), pd.DataFrame()
     if not (directory / "results.csv").is_file():
         return empty
+    verify_results(directory)
     fix = f"delete {directory} and evaluate every method again"
-    verify_checksums(directory, error=ArtifactError, fix=fix)
     previous = read_json(directory / "evaluation.json") if (directory / "evaluation.json").is_file() else {}
     if basis is None or previous.get("basis") != basis:
         log.warning("dropping the earlier results in %s (methods %s): they were evaluated on another fit, "
@@ -576,11 +584,10 @@ def load_fitted_run(run_dir: Path, loaded: LoadedModel) -> FittedRun:
     """Reload the task, split and fitted interventions of ``run_dir`` (checked against the model)."""
     from perfit_probe.data import load_task
     from perfit_probe.interventions.artifact import load_perfit, perfit_dir
-    from perfit_probe.interventions.fit import FIT_FILES
     from perfit_probe.rundir import read_json, verify_checksums
 
     directory = perfit_dir(Path(run_dir))
-    verify_checksums(directory, [n for n in FIT_FILES if n in ("split.json", "task.json")], error=ArtifactError,
+    verify_checksums(directory, ("split.json", "task.json"), error=ArtifactError,
                      fix="refit with `perfit-probe fit --force`")
     kwargs, options = task_load_options(read_json(directory / "task.json"))
     name = kwargs.pop("name")
@@ -607,7 +614,7 @@ def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalCo
     overrides = {k: v for k, v in fitted.prompt_options.items() if getattr(config, k) == getattr(defaults, k)}
     config = replace(config, **overrides)
     basis = evaluation_basis(config, fit=fit_fingerprint(run.path), model=loaded.identity.fingerprint)
-    _read_previous(run.path / "eval", basis)  # a corrupt earlier result fails now, not after the work
+    verify_results(run.path / "eval")  # a corrupt earlier result fails now, not after the work
     run.add_stage("evaluate", config)
     with run.timed("evaluate"):
         result = evaluate_methods(loaded, fitted.task, fitted.split, fitted.perfit, config,

@@ -394,8 +394,13 @@ def control(runner: _Runner, stage1_rows: list[dict], perfit_rows: list[dict]) -
 
 # ---------------------------------------------------------------------- entry point
 def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit,
-                 config: SteerConfig = SteerConfig()) -> SteerResult:
-    """Run the configured checks; see the module docstring for what each number means."""
+                 config: SteerConfig = SteerConfig(), *, progress: bool = False) -> SteerResult:
+    """Run the configured checks; see the module docstring for what each number means.
+
+    ``progress``: a progress bar over the reference predictions and the checks."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1 + len(config.experiments), desc="steer", unit="check", disable=not progress)
     runner = _Runner(loaded, task, split, perfit, config)
     rows: list[dict] = []
     pairs = pd.DataFrame()
@@ -404,16 +409,22 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
     full = runner.rows("reference", "perfit", runner.predict())
     base = runner.rows("reference", "base", runner.predict(stage="none"))
     rows += base + stage1 + full
+    bar.update()
     if "swap" in config.experiments:
         swap_rows, pairs = user_swap(runner)
         rows += swap_rows
+        bar.update()
     if "ablation" in config.experiments:
         ablation_rows, basis = subspace_ablation(runner, stage1, full)
         rows += ablation_rows
+        bar.update()
     if "dose" in config.experiments:
         rows += dose_response(runner)
+        bar.update()
     if "control" in config.experiments:
         rows += control(runner, stage1, full)
+        bar.update()
+    bar.close()
     frame = pd.DataFrame.from_records(rows, columns=COLUMNS)
     log.info("steer: %d rows (%s higher is better: %s)", len(frame), runner.metric,
              HIGHER_IS_BETTER[runner.metric])
@@ -421,7 +432,7 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
 
 
 def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(), *,
-              figures: bool = True) -> SteerResult:
+              figures: bool = True, progress: bool = False) -> SteerResult:
     """``perfit-probe steer``: run the checks on a fitted run; write ``RUN/steer/`` and ``RUN/figures/``."""
     from dataclasses import replace
 
@@ -436,7 +447,7 @@ def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(),
         config = replace(config, chat=fitted.prompt_options["chat"])
     run.add_stage("steer", config)
     with run.timed("steer"):
-        result = steer_checks(loaded, fitted.task, fitted.split, fitted.perfit, config)
+        result = steer_checks(loaded, fitted.task, fitted.split, fitted.perfit, config, progress=progress)
     out = run.sub("steer")
     atomic_write_text(out / "steer.csv", result.rows.to_csv(index=False))
     atomic_write_text(out / "swap_pairs.csv", result.pairs.to_csv(index=False))
