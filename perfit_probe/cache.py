@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from perfit_probe import cache_store as store
 from perfit_probe.backends import ActivationBackend, get_backend
 from perfit_probe.cache_store import ActivationCache
-from perfit_probe.data.records import DEFAULT_VARIANTS, Example
+from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS, Example
 from perfit_probe.errors import CacheError, ConfigError, DataError
 from perfit_probe.sites import Site, batch_positions, gather_positions, parse_positions, parse_sites
 
@@ -183,15 +183,10 @@ def cache_activations(
     out_dir = Path(out_dir)
     _check_examples(examples)
     site_list = parse_sites(sites if isinstance(sites, str) else list(sites), loaded.n_layers)
+    check_cache_options(positions, storage_dtype, batch_size, shard_rows, padding_side)
     spec = parse_positions(positions)
-    if spec.mode == "all":
-        raise ConfigError("positions 'all' cannot be cached (unbounded row size): use 'mean', 'last' or 'f<p>+l<s>'")
     n_slots = 1 if spec.mode == "mean" or (spec.first, spec.last) == (0, 1) else spec.first + spec.last
     dtype = store.storage_dtype(storage_dtype)
-    if padding_side not in ("left", "right"):
-        raise ConfigError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-    if batch_size < 1 or shard_rows < 1:
-        raise ConfigError(f"batch_size ({batch_size}) and shard_rows ({shard_rows}) must be at least 1")
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
     if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -213,7 +208,8 @@ def cache_activations(
         "model": loaded.identity.to_dict(),
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
     }
-    manifest = _check_existing(out_dir, config, resume)  # every rank checks before anyone writes
+    manifest, rebuild = _check_existing(out_dir, config, resume)  # every rank checks before anyone writes
+    config_sha = store.config_fingerprint(config)
     _barrier(world_size)
     if rank == 0:
         manifest = manifest or {"format_version": store.FORMAT_VERSION, "runs": []}
@@ -228,7 +224,8 @@ def cache_activations(
     mine = [s for s in range(n_shards) if s % world_size == rank]
     todo = []
     for shard in mine:
-        stored = resume and store.shard_is_stored(out_dir, shard, int(bounds.loc[shard, "count"]), int(bounds.loc[shard, "min"]))
+        stored = resume and store.shard_is_stored(out_dir, shard, int(bounds.loc[shard, "count"]),
+                                                  int(bounds.loc[shard, "min"]), config_sha if rebuild else None)
         if not stored:
             todo.append(shard)
     skipped = len(mine) - len(todo)
@@ -259,7 +256,7 @@ def cache_activations(
             tensors["row"] = torch.as_tensor(part["row"].to_numpy(copy=True), dtype=torch.long)
             if valids:
                 tensors["valid"] = torch.cat(valids).to(torch.uint8)
-            store.write_shard(out_dir, shard, tensors)
+            store.write_shard(out_dir, shard, tensors, config_sha)
     wall = time.perf_counter() - start
     computed, skipped_all, rows_done = _sum_across_ranks([len(todo), skipped, n_todo], world_size)
     _barrier(world_size)
@@ -275,13 +272,33 @@ def cache_activations(
     return ActivationCache.open(out_dir)
 
 
-def _check_existing(out_dir: Path, config: dict, resume: bool) -> dict | None:
-    """The stored manifest when resuming onto a matching cache; ``CacheError`` on any conflict."""
-    manifest = store.read_manifest(out_dir)
+def check_cache_options(positions: str, storage_dtype: str, batch_size: int, shard_rows: int,
+                        padding_side: str) -> None:
+    """``ConfigError``/``SiteError``/``CacheError`` for options ``cache_activations`` cannot use."""
+    if parse_positions(positions).mode == "all":
+        raise ConfigError("positions 'all' cannot be cached (unbounded row size): use 'mean', 'last' or 'f<p>+l<s>'")
+    store.storage_dtype(storage_dtype)
+    if padding_side not in ("left", "right"):
+        raise ConfigError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    if batch_size < 1 or shard_rows < 1:
+        raise ConfigError(f"batch_size ({batch_size}) and shard_rows ({shard_rows}) must be at least 1")
+
+
+def _check_existing(out_dir: Path, config: dict, resume: bool) -> tuple[dict | None, bool]:
+    """The stored manifest when resuming onto a matching cache, and whether the manifest is
+    being rebuilt (resuming over a malformed one); ``CacheError`` on any conflict."""
+    try:
+        manifest = store.read_manifest(out_dir)
+    except CacheError:
+        if not resume:
+            raise
+        log.warning("%s is unreadable: rebuilding it; shards computed with these settings are kept",
+                    out_dir / store.MANIFEST_FILE)
+        return None, True
     if manifest is None:
         if out_dir.exists() and any(out_dir.iterdir()):
             raise CacheError(f"{out_dir} is not empty and holds no cache manifest: remove it or choose another directory")
-        return None
+        return None, False
     if not resume:
         raise CacheError(f"an activation cache already exists in {out_dir}: pass --resume to continue it, "
                          "or choose another output directory")
@@ -292,7 +309,7 @@ def _check_existing(out_dir: Path, config: dict, resume: bool) -> dict | None:
     if differ:
         raise CacheError(f"cannot resume the cache in {out_dir}: it was made with a different "
                          f"{', '.join(differ)}; use the same settings or another output directory")
-    return manifest
+    return manifest, False
 
 
 def _finalize(out_dir: Path, manifest: dict, index: pd.DataFrame, bounds: pd.DataFrame, run: dict) -> None:
@@ -364,7 +381,8 @@ class CacheConfig:
     n_users: int | None = 20
     """Number of users to load (``None``: all)."""
     max_queries: int | None = 8
-    """At most this many queries per user (seeded choice); ``None``: all."""
+    """At most this many queries per user (seeded choice); ``None`` or 0: all the task loader
+    gives (see ``perfit_probe.data.query_cap``)."""
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     """Prompt variants to cache, among ``VARIANTS``: ``plain``, ``enhanced``, ``control`` (the
     default) and the format-matched controls ``other_user``, ``format_random``, ``permuted``
@@ -375,7 +393,7 @@ class CacheConfig:
     """History retriever of ``build_examples``."""
     chat: bool | None = None
     """Apply the tokenizer's chat template (``None``: when the tokenizer has one)."""
-    sites: list[str] | None = None
+    sites: list[str | int] | None = None
     """Sites or layer indices to cache; ``None``: ``default_sites`` (a spread of layers)."""
     positions: str = "last"
     """Position spec: ``last``, ``mean`` or ``f<p>+l<s>``."""
@@ -400,21 +418,43 @@ class CacheConfig:
     device: str = "cpu"
     """Device of the model."""
 
+    def validate(self, n_layers: int | None = None) -> None:
+        """Cheap checks of every option before anything is loaded or written (``ConfigError``);
+        with ``n_layers``, the sites too."""
+        from perfit_probe.backends import BACKEND_NAMES
+        from perfit_probe.data import query_cap
+
+        if self.n_users is not None and self.n_users < 1:
+            raise ConfigError(f"n_users={self.n_users} must be >= 1 (or 0/None for all)")
+        query_cap(self.max_queries)
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise ConfigError(f"unknown prompt variant(s) {bad}: choose from {VARIANTS}")
+        if self.k < 1:
+            raise ConfigError(f"k={self.k}: enhanced prompts need at least 1 history item (k >= 1); "
+                              "with k=0 they equal the plain prompts and every delta is 0")
+        check_cache_options(self.positions, self.storage_dtype, self.batch_size, self.shard_rows, self.padding_side)
+        if self.backend not in BACKEND_NAMES:
+            raise ConfigError(f"unknown backend {self.backend!r}: choose from {BACKEND_NAMES}")
+        if n_layers is not None and self.sites:
+            parse_sites(self.sites, n_layers)
+
 
 def build_task_examples(config: CacheConfig, tokenizer) -> tuple[list[Example], dict]:
     """Load the task, choose users and queries, build the prompts; also return a short report."""
-    from perfit_probe.data import load_task
+    from perfit_probe.data import load_task, query_cap
     from perfit_probe.data.prompts import build_examples
     from perfit_probe.data.records import User
     from perfit_probe.data.splits import stable_rank
 
     task = load_task(config.task, path=config.task_path, outputs=config.task_outputs,
                      n_users=config.n_users, seed=config.seed)
+    cap = query_cap(config.max_queries)
     users = []
     for user in task.users:
         queries = user.queries
-        if config.max_queries is not None and len(queries) > config.max_queries:
-            queries = sorted(queries, key=lambda q: stable_rank(f"{user.id}/{q.id}", config.seed))[:config.max_queries]
+        if cap is not None and len(queries) > cap:
+            queries = sorted(queries, key=lambda q: stable_rank(f"{user.id}/{q.id}", config.seed))[:cap]
         users.append(User(id=user.id, profile=user.profile, queries=list(queries)))
     examples = build_examples(users, task.spec, tokenizer, variants=tuple(config.variants), k=config.k,
                               retriever=config.retriever, chat=config.chat, seed=config.seed)
@@ -439,11 +479,12 @@ def run_cache(
     """
     from perfit_probe.deltas import compute_deltas, delta_frame
     from perfit_probe.models import load_model
-    from perfit_probe.rundir import RunDir, atomic_write_text
+    from perfit_probe.rundir import RunDir, atomic_write_text, staged_dir, write_checksums
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not config.resume:
         raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out or pass --resume")
+    config.validate()  # bad options fail before anything is loaded or written
     if loaded is None:
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     if config.examples is not None:
@@ -451,6 +492,7 @@ def run_cache(
     else:
         examples, report = build_task_examples(config, loaded.tokenizer)
     sites = parse_sites(config.sites if config.sites else default_sites(loaded.n_layers), loaded.n_layers)
+    _check_examples(examples)  # before run.json exists, so a corrected rerun needs no --resume
     _barrier(world_size)
     run = RunDir.create(out, "cache", config, config.seed, loaded.identity, exist_ok=True) if rank == 0 else None
     start = time.perf_counter()
@@ -464,13 +506,17 @@ def run_cache(
         return None
     wall = time.perf_counter() - start
     deltas = compute_deltas(cache, meta={"task": report.get("task"), "seed": config.seed})
-    deltas.save(out / "deltas")
-    if config.examples is None:  # what each prompt added, for the analysis's text baselines
-        from perfit_probe.data.controls import history_frame
-
-        atomic_write_text(out / "deltas" / "history.csv", history_frame(examples).to_csv(index=False))
     frame = delta_frame(deltas)
-    atomic_write_text(out / "deltas" / "deltas.csv", frame.to_csv(index=False))
+    with staged_dir(out / "deltas") as staged:  # earlier deltas stay until these are whole
+        deltas.save(staged)
+        atomic_write_text(staged / "deltas.csv", frame.to_csv(index=False))
+        written = ["deltas.csv"]
+        if config.examples is None:  # what each prompt added, for the analysis's text baselines
+            from perfit_probe.data.controls import history_frame
+
+            atomic_write_text(staged / "history.csv", history_frame(examples).to_csv(index=False))
+            written.append("history.csv")
+        write_checksums(staged, written)
     last = cache.manifest["runs"][-1]
     run.add_metrics("cache", {
         **report,

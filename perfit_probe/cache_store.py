@@ -11,7 +11,8 @@ A cache directory (``RUN/cache``) holds::
     shards/shard-00000.safetensors  per site a tensor [rows, d_model] (or [rows, k, d_model]
                                     for multi-token position specs, with a ``valid`` mask
                                     [rows, k]), plus ``row`` (global row numbers)
-    shards/shard-00000.json         the shard's receipt: rows, bytes, sha256
+    shards/shard-00000.json         the shard's receipt: rows, bytes, sha256, and the
+                                    fingerprint of the config it was computed with
 
 Rows are numbered in computation order (longest prompt first); shard ``i`` holds rows
 ``[i * shard_rows, (i + 1) * shard_rows)``. A shard is written atomically (temporary file,
@@ -19,7 +20,9 @@ then rename) and only then its receipt; a shard counts as stored when its receip
 the file's size and SHA-256 match it. A killed run therefore leaves whole shards or nothing,
 and ``--resume`` recomputes exactly the shards that are not stored. On reading, every shard's
 size is checked when the cache is opened and its SHA-256 when it is read, so a truncated or
-corrupt shard raises ``CacheError`` naming the file.
+corrupt shard raises ``CacheError`` naming the file. A lost or malformed ``manifest.json``
+is rebuilt by ``perfit-probe cache --resume`` with the same options: shards whose receipt
+carries the same config fingerprint are kept, the others recomputed.
 
 ``index.example`` is the position of the prompt in the list that was cached; reads return
 rows in that order.
@@ -80,7 +83,12 @@ def receipt_path(cache_dir: Path, shard: int) -> Path:
     return Path(cache_dir) / SHARD_DIR / f"{shard_name(shard)}.json"
 
 
-def write_shard(cache_dir: Path, shard: int, tensors: dict[str, torch.Tensor]) -> dict:
+def config_fingerprint(config: dict) -> str:
+    """SHA-256 prefix of a cache config (sites, positions, model, prompts, ...), put in receipts."""
+    return hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_shard(cache_dir: Path, shard: int, tensors: dict[str, torch.Tensor], config_sha: str | None = None) -> dict:
     """Atomically write one shard, then its receipt; return the receipt."""
     data = st_save({k: v.contiguous() for k, v in tensors.items()})
     receipt = {
@@ -90,6 +98,7 @@ def write_shard(cache_dir: Path, shard: int, tensors: dict[str, torch.Tensor]) -
         "first_row": int(tensors["row"][0]),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
+        "config_sha": config_sha,
     }
     atomic_write_bytes(shard_path(cache_dir, shard), data)
     atomic_write_text(receipt_path(cache_dir, shard), json.dumps(receipt) + "\n")
@@ -104,11 +113,18 @@ def read_receipt(cache_dir: Path, shard: int) -> dict | None:
         return None
 
 
-def shard_is_stored(cache_dir: Path, shard: int, rows: int, first_row: int) -> dict | None:
-    """The receipt when shard ``shard`` is complete and intact (size and SHA-256), else ``None``."""
+def shard_is_stored(cache_dir: Path, shard: int, rows: int, first_row: int,
+                    config_sha: str | None = None) -> dict | None:
+    """The receipt when shard ``shard`` is complete and intact (size and SHA-256), else ``None``.
+
+    ``config_sha``: also require the receipt to record that config fingerprint (used when the
+    manifest, which otherwise vouches for the config, is being rebuilt).
+    """
     receipt = read_receipt(cache_dir, shard)
     path = shard_path(cache_dir, shard)
     if receipt is None or not path.is_file():
+        return None
+    if config_sha is not None and receipt.get("config_sha") != config_sha:
         return None
     if receipt.get("rows") != rows or receipt.get("first_row") != first_row:
         return None
@@ -158,7 +174,11 @@ def read_manifest(cache_dir: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise CacheError(f"{path} is malformed ({exc.msg}): delete the cache and recompute it") from None
+        raise CacheError(f"{path} is malformed ({exc.msg}): rerun the same `perfit-probe cache` command "
+                         "with --resume to rebuild it (intact shards are kept)") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path} is malformed (not a JSON object): rerun the same `perfit-probe cache` "
+                         "command with --resume to rebuild it (intact shards are kept)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(
             f"{path} has format version {manifest.get('format_version')}, this perfit-probe "

@@ -16,7 +16,8 @@ between- versus within-user variance and for identifying a user from held-out sh
 ``h_l(v(q)) - h_l(plain(q))`` for each cached control variant (``variant_query_deltas``).
 
 ``Deltas`` is the artifact the cache stage writes and the analysis stage reads; it saves to
-``deltas.safetensors`` (tensors) plus ``deltas.json`` (ids, sites, metadata).
+``deltas.safetensors`` (tensors) plus ``deltas.json`` (ids, sites, metadata), with their
+SHA-256 in ``checksums.json``, verified on load (a corrupted file is refused).
 ``compute_deltas(cache)`` makes one from an ``ActivationCache`` (streaming over its shards);
 ``delta_frame(deltas)`` is its tidy per-user-and-site summary (saved as ``deltas.csv``).
 """
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from perfit_probe.data.records import CONTROL_VARIANTS
 from perfit_probe.errors import CacheError
-from perfit_probe.rundir import atomic_write_text
+from perfit_probe.rundir import atomic_write_text, verify_checksums, write_checksums
 from perfit_probe.sites import parse_site
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ class Deltas:
             "meta": self.meta,
         }
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1) + "\n")
+        write_checksums(directory, (TENSOR_FILE, META_FILE))
 
     @classmethod
     def load(cls, directory: Path) -> Deltas:
@@ -139,6 +141,8 @@ class Deltas:
         tpath, mpath = directory / TENSOR_FILE, directory / META_FILE
         if not tpath.is_file() or not mpath.is_file():
             raise CacheError(f"no delta vectors in {directory}: run `perfit-probe cache` first")
+        verify_checksums(directory, (TENSOR_FILE, META_FILE), error=CacheError,
+                         fix="recompute the deltas with `perfit-probe cache --resume`")
         try:
             tensors = load_file(str(tpath))
             meta = json.loads(mpath.read_text())

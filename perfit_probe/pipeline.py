@@ -4,8 +4,10 @@ A pipeline is described by a ``PipelineConfig``: a ``[model]`` and a ``[task]`` 
 by every stage, and one section per stage whose keys are the fields of that stage's own config
 dataclass (``CacheConfig``, ``AnalysisConfig``, ``FitConfig``, ``EvalConfig``, ``SteerConfig``).
 ``perfit-probe run CONFIG.toml`` reads it from TOML; ``perfit-probe demo`` builds it from the
-embedded defaults (``demo_config``). Unknown sections or keys are refused with a one-line
-error, so a typo never silently falls back to a default.
+embedded defaults (``demo_config``). Unknown sections or keys, and values of the wrong type,
+are refused with a one-line error, so a typo never silently falls back to a default. Every
+stage's configuration is checked (against the model too: layers, ranks, sites) before the
+first stage runs, so a bad ``[fit]`` never fails after a long cache.
 
 The run directory ends with ``report.md``, which links every stage's report, table and figure.
 
@@ -23,6 +25,7 @@ import resource
 import sys
 import time
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +65,27 @@ class PipelineConfig:
     """Overrides of ``perfit_probe.evaluation.interpret.InterpretConfig``."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.stages, str) or not isinstance(self.stages, (list, tuple)):
+            raise ConfigError(f"stages must be a list of stage names such as {list(STAGES[:2])}, "
+                              f"got {type(self.stages).__name__} {self.stages!r}")
         self.stages = tuple(self.stages)
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
-            raise ConfigError(f"unknown stage(s) {bad}: choose from {STAGES}")
-        _check_keys("model", self.model, ("name", "dtype", "device"))
-        _check_keys("task", self.task, ("name", "path", "outputs", "n_users", "max_queries", "seed",
-                                        "k", "retriever", "chat"))
+            raise ConfigError(f"unknown stage(s) {bad}: choose from {list(STAGES)}")
+        for section, expected in (("model", _MODEL_TYPES), ("task", _TASK_TYPES)):
+            values = getattr(self, section)
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{section}] must be a table, got {type(values).__name__}")
+            _check_keys(section, values, tuple(expected))
+            for key, value in values.items():
+                _coerce(value, expected[key], f"[{section}] {key}")
+
+
+_MODEL_TYPES = {"name": str, "dtype": str, "device": str}
+"""Keys of ``[model]`` and their types."""
+_TASK_TYPES = {"name": str, "path": Path | None, "outputs": Path | None, "n_users": int | None,
+               "max_queries": int | None, "seed": int, "k": int, "retriever": str, "chat": bool | None}
+"""Keys of ``[task]`` and their types."""
 
 
 def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", n_layers: int = 30) -> PipelineConfig:
@@ -124,7 +141,7 @@ def load_pipeline_config(path: Path | str) -> PipelineConfig:
     merged = {
         "model": {**base.model, **data.get("model", {})},
         "task": {**base.task, **data.get("task", {})},
-        "stages": tuple(data.get("stages", STAGES)),
+        "stages": data.get("stages", STAGES),
     }
     for stage in STAGES:
         merged[stage] = dict(data.get(stage, {}))
@@ -137,30 +154,78 @@ def _check_keys(section: str, values: dict, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"[{section}]: unknown key(s) {bad}; allowed: {list(allowed)}")
 
 
-def _coerce(value: Any, annotation: Any) -> Any:
-    """TOML values to a dataclass field's type (lists -> tuples, strings -> paths)."""
+def _type_name(annotation: Any) -> str:
+    """A type as a config file's reader names it (``an integer``, ``a list of strings``)."""
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             Path: "a path (string)", dict: "a table"}
+    if annotation in names:
+        return names[annotation]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (tuple, list):
+        return f"a list, each {_type_name(args[0])}" if args and args[0] is not Ellipsis else "a list"
+    if dataclasses.is_dataclass(annotation):
+        return f"a table of {annotation.__name__} fields"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    return str(annotation)
+
+
+def _coerce(value: Any, annotation: Any, where: str = "value") -> Any:
+    """A TOML value as a dataclass field's type (lists -> tuples, strings -> paths, integers ->
+    floats); ``ConfigError`` naming ``where`` when the value has the wrong type."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if value is None:
-        return None
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if value is None or annotation is Any:
+        return value
+    wrong = ConfigError(f"{where}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+    if origin in (typing.Union, types.UnionType):
         for arg in args:
             if arg is type(None):
                 continue
-            return _coerce(value, arg)
-    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise wrong
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise wrong
         hints = typing.get_type_hints(annotation)
         bad = sorted(set(value) - set(hints))
         if bad:
-            raise ConfigError(f"unknown key(s) {bad} for {annotation.__name__}")
-        return annotation(**{k: _coerce(v, hints[k]) for k, v in value.items()})
-    if annotation is Path or origin is None and annotation == Path:
+            raise ConfigError(f"{where}: unknown key(s) {bad} for {annotation.__name__}")
+        try:
+            return annotation(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if annotation is Path:
+        if not isinstance(value, (str, Path)):
+            raise wrong
         return Path(value)
-    if origin is tuple and isinstance(value, list):
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner) for v in value)
-    if annotation is int and isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        inner = args[0] if args and args[0] is not Ellipsis else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if annotation is int:
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if annotation in (str, dict) and not isinstance(value, annotation):
+        raise wrong
     return value
 
 
@@ -171,11 +236,39 @@ def build_stage_config(cls: type, section: str, values: dict, shared: dict) -> A
     bad = sorted(set(values) - names)
     if bad:
         raise ConfigError(f"[{section}]: unknown key(s) {bad}; see the fields of {cls.__name__}")
-    kwargs = {k: _coerce(v, hints[k]) for k, v in {**{k: v for k, v in shared.items() if k in names}, **values}.items()}
+    merged = {**{k: v for k, v in shared.items() if k in names}, **values}
+    kwargs = {k: _coerce(v, hints[k], f"[{section}] {k}") for k, v in merged.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[{section}]: {exc}") from None
+
+
+def check_stage_configs(resolved: dict[str, Any], stages: tuple[str, ...], loaded=None) -> None:
+    """Every check of the configured ``stages`` that can be made before the first one runs:
+    each config's own ``validate`` and, with the model ``loaded``, layers, ranks and sites.
+
+    A ``ConfigError`` (or ``SiteError``) here means nothing has been written yet.
+    """
+    from perfit_probe.interventions.fit import bank_specs
+
+    for stage in stages:
+        validate = getattr(resolved[stage], "validate", None)
+        if validate is not None:
+            validate()
+    if "analyze" in stages:
+        n_users = resolved["cache"].n_users
+        if n_users is not None and n_users < 2:
+            raise ConfigError(f"the shift analysis needs at least 2 users, the task gives n_users={n_users}")
+    held = resolved["fit"].n_heldout
+    if {"evaluate", "steer", "interpret"} & set(stages) and held is not None and held < 1:
+        raise ConfigError("evaluate, steer and interpret score held-out queries: give [fit] n_heldout >= 1 "
+                          "(or leave it unset: every query of a test user)")
+    if loaded is not None:
+        if "cache" in stages:
+            resolved["cache"].validate(loaded.n_layers)
+        if "fit" in stages:
+            bank_specs(resolved["fit"], loaded)
 
 
 def stage_configs(config: PipelineConfig) -> dict[str, Any]:
@@ -231,6 +324,7 @@ def run_pipeline(
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
     resolved = stage_configs(config)  # validates every section before any work
+    check_stage_configs(resolved, config.stages)
     seed = int(config.task.get("seed", 0))
     seed_everything(seed)
     start = time.perf_counter()
@@ -238,6 +332,7 @@ def run_pipeline(
         say(f"loading model {config.model['name']!r}")
         loaded = load_model(config.model["name"], dtype=config.model.get("dtype", "float32"),
                             device=config.model.get("device", "cpu"))
+    check_stage_configs(resolved, config.stages, loaded)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     for index, stage in enumerate(s for s in STAGES if s in config.stages):
@@ -329,7 +424,7 @@ def _run_stage(stage: str, config: Any, out: Path, loaded, progress: bool) -> No
     elif stage == "analyze":
         from perfit_probe.analysis.report import run_analysis
 
-        run_analysis(out, config)
+        run_analysis(out, dataclasses.replace(config, progress=config.progress or progress))
     elif stage == "fit":
         from perfit_probe.interventions.fit import run_fit
 
@@ -341,7 +436,7 @@ def _run_stage(stage: str, config: Any, out: Path, loaded, progress: bool) -> No
     elif stage == "steer":
         from perfit_probe.evaluation.steer import run_steer
 
-        run_steer(out, loaded, config)
+        run_steer(out, loaded, config, progress=progress)
     elif stage == "interpret":
         from perfit_probe.evaluation.interpret import run_interpret
 
@@ -444,12 +539,26 @@ def summary_lines(run: RunDir) -> list[str]:
     out.append(f"total {pipe.get('total_wall_s', 0):.0f} s, peak memory {pipe.get('peak_rss_gib', 0):.2f} GiB")
     claims = metrics.get("claims") or {}
     out += [f"  claim {key}: {verdict}" for key, verdict in claims.items()]
+    out.append("where the time went: " + time_breakdown(metrics))
     where = [("report", "report.md"), ("verdicts", "claims.md"), ("shift analysis", "analysis/report.md"),
              ("evaluation", "eval/results.md"), ("steering", "steer/steer.csv"),
              ("interpretation", "interpret/report.md"), ("figures", "figures"),
              ("PerFit artifacts", "perfit"), ("configs and versions", "run.json")]
     out += [f"{label}: {path / rel}" for label, rel in where if (path / rel).exists()]
     return out
+
+
+def time_breakdown(metrics: dict) -> str:
+    """Seconds per stage, and per method inside ``evaluate`` (LoRA training included)."""
+    stages = (metrics.get("pipeline") or {}).get("stage_wall_s") or {}
+    parts = []
+    for stage, seconds in stages.items():
+        text = f"{stage} {seconds:.0f} s"
+        if stage == "evaluate" and metrics.get("evaluate_wall_s"):
+            inner = sorted(metrics["evaluate_wall_s"].items(), key=lambda kv: -kv[1])
+            text += " (" + ", ".join(f"{method} {s:.0f} s" for method, s in inner) + ")"
+        parts.append(text)
+    return "; ".join(parts) or "n/a"
 
 
 def main_announce(line: str) -> None:  # pragma: no cover - used by the CLI only

@@ -8,15 +8,24 @@ A run directory holds::
 
 Files are written atomically (temporary file, then rename), so a killed run never leaves a
 half-written JSON or CSV behind, and existing results are never overwritten by a failing
-stage.
+stage. A stage that writes a whole directory (``perfit/`` of a fit, ``deltas/``) writes it
+through :func:`staged_dir`: into ``NAME.tmp-<pid>`` next to it, swapped into place only when
+complete, so an interrupted ``--force`` rerun keeps the previous result.
+
+Artifacts a later stage reads carry SHA-256 checksums in a ``checksums.json`` beside them
+(:func:`write_checksums`), verified when they are read back (:func:`verify_checksums`), so a
+corrupted file is refused instead of silently changing later numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import platform
 import random
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -30,7 +39,9 @@ import numpy as np
 import torch
 
 import perfit_probe
-from perfit_probe.errors import ConfigError
+from perfit_probe.errors import ConfigError, PerfitError
+
+log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = (
     "torch", "transformers", "transformer-lens", "nnsight", "numpy", "scipy",
@@ -116,6 +127,119 @@ def read_json(path: Path) -> Any:
         raise ConfigError(f"{path}: file not found") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's contents, read in ``chunk``-byte pieces (any size, bounded memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+CHECKSUM_FILE = "checksums.json"
+"""Name of the file holding the SHA-256 of a directory's artifacts (``{relative path: hex}``)."""
+
+
+def write_checksums(directory: Path, names: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Record the SHA-256 of ``directory/name`` for each name in ``directory/checksums.json``.
+
+    Entries for other names already in the file are kept (and dropped when their file is
+    gone), so several writers may add to one directory's checksums. Returns the entries.
+    """
+    directory = Path(directory)
+    path = directory / CHECKSUM_FILE
+    entries = {}
+    if path.is_file():
+        try:
+            entries = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items()
+                       if (directory / k).is_file()}
+        except (json.JSONDecodeError, AttributeError):
+            entries = {}
+    for name in names:
+        entries[str(name)] = file_sha256(directory / name)
+    write_json(path, dict(sorted(entries.items())))
+    return entries
+
+
+def verify_checksums(directory: Path, names: list[str] | tuple[str, ...] | None = None, *,
+                     error: type[PerfitError] = ConfigError, fix: str = "recompute it") -> None:
+    """Check ``directory``'s files against its ``checksums.json``; raise ``error`` on a mismatch.
+
+    ``names``: the files to check (default: every recorded one); a name without a recorded
+    checksum is refused too, unless the directory has no ``checksums.json`` at all (made by
+    an older perfit-probe: accepted with a warning). ``fix`` ends the message (what to do).
+    """
+    directory = Path(directory)
+    path = directory / CHECKSUM_FILE
+    if not path.is_file():
+        log.warning("%s has no %s (written by an older perfit-probe): its files are not verified",
+                    directory, CHECKSUM_FILE)
+        return
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(entries, dict):
+            raise ValueError
+    except (json.JSONDecodeError, ValueError, UnicodeDecodeError):
+        raise error(f"{path} is malformed: {fix}") from None
+    for name in entries if names is None else names:
+        file = directory / name
+        if name not in entries:
+            raise error(f"{file} has no recorded checksum in {path}: {fix}")
+        if not file.is_file():
+            raise error(f"{file} is missing: {fix}")
+        if file_sha256(file) != entries[name]:
+            raise error(f"{file} is corrupt (SHA-256 differs from {CHECKSUM_FILE}): {fix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """Write a directory as a whole: yields ``NAME.tmp-<pid>`` (empty), renamed to ``path`` on success.
+
+    The previous ``path``, if any, stays untouched until the block has finished: it is then
+    moved aside to ``NAME.old-<pid>``, the new directory renamed into place, and the old one
+    deleted. If the block raises (or is interrupted, ``KeyboardInterrupt`` included), the
+    temporary directory is deleted and ``path`` is left as it was. Leftovers of a killed
+    process (``NAME.tmp-<pid>`` of a dead pid) are deleted on entry, and a directory a kill
+    left moved aside between the two renames is moved back.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    for old in path.parent.glob(f"{path.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, path)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.parent / f"{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class RunDir:

@@ -21,7 +21,7 @@ from perfit_probe.analysis.tables import (
     EXTRA_TABLES, TABLES, TEXT_SITE, AnalysisConfig, AnalysisResult, analyze_deltas,
 )
 from perfit_probe.deltas import Deltas
-from perfit_probe.rundir import RunDir, atomic_write_text
+from perfit_probe.rundir import RunDir, atomic_write_text, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,10 @@ def run_analysis(
     run.add_stage("analyze", config)
     with run.timed("analyze"):
         result = analyze_deltas(deltas, config, history)
-    out = run.sub("analysis")
-    result.save(out)
-    atomic_write_text(out / "report.md", render_report(result, model=run.info().get("model")))
+    with staged_dir(run.path / "analysis") as staged:  # an earlier analysis stays until this one is whole
+        result.save(staged)
+        atomic_write_text(staged / "report.md", render_report(result, model=run.info().get("model")))
+    out = run.path / "analysis"
     if figures:
         # Figures are drawn from the CSVs just saved; plotting is the last stage of the data
         # flow, imported here only so that one call leaves a complete analysis behind.

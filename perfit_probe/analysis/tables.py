@@ -40,7 +40,7 @@ from perfit_probe.analysis.nulls import (
 )
 from perfit_probe.analysis.shift import ShiftPCA
 from perfit_probe.deltas import Deltas
-from perfit_probe.errors import ConfigError, SiteError
+from perfit_probe.errors import ConfigError, DataError, SiteError
 from perfit_probe.rundir import atomic_write_text, read_json, to_jsonable, write_json
 from perfit_probe.sites import parse_site
 
@@ -244,6 +244,10 @@ def _analyze(deltas: Deltas, config: AnalysisConfig, history: pd.DataFrame | Non
     n_users, d_model = len(deltas.user_ids), deltas.d_model
     if n_users < 2:
         raise ConfigError(f"shift analysis needs at least 2 users, the deltas have {n_users}")
+    zero = [site for i, site in enumerate(deltas.sites) if not bool(deltas.enhanced[:, i].abs().amax() > 0)]
+    if zero:
+        raise DataError(f"every user's delta vector is exactly 0 at {', '.join(zero)}: the enhanced prompts "
+                        "equal the plain ones there (k=0, or identical prompts); cache with k >= 1")
     figure_sites = _figure_sites(deltas, config)
     rows: dict[str, list] = {name: [] for name in {**TABLES, **EXTRA_TABLES}}
     skipped: set[str] = set()

@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 
 from perfit_probe.cache import CacheConfig, run_cache
-from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
+from perfit_probe.commands.common import (
+    MAX_QUERIES_HELP, TASK_PATH_HELP, add_model_arguments, csv_items, model_from_args,
+)
 from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS
 from perfit_probe.rundir import seed_everything
 
@@ -21,12 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--task", default="movielens", help="task name (movielens, synthetic, LaMP-3, ...)")
-    data.add_argument("--task-path", type=Path, default=None, help="questions file/directory of a LaMP task")
+    data.add_argument("--task-path", type=Path, default=None, help=TASK_PATH_HELP)
     data.add_argument("--task-outputs", type=Path, default=None, help="gold outputs file of a LaMP task")
     data.add_argument("--examples", type=Path, default=None,
                       help="JSON-lines file of ready prompts (user_id, query_id, variant, prompt); replaces --task")
     data.add_argument("--users", type=int, default=20, help="number of users (0: all)")
-    data.add_argument("--max-queries", type=int, default=8, help="queries per user at most (0: all)")
+    data.add_argument("--max-queries", type=int, default=8, help=MAX_QUERIES_HELP)
     data.add_argument("--variants", type=lambda t: list(csv_items(t)), default=list(DEFAULT_VARIANTS),
                       help=f"comma-separated prompt variants among {','.join(VARIANTS)} "
                            f"(default {','.join(DEFAULT_VARIANTS)})")

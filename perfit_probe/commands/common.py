@@ -14,6 +14,13 @@ def csv_items(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+TASK_PATH_HELP = ("data of the task: a LaMP questions file or OPPU per-user file (JSON), or the directory "
+                  "holding the MovieLens parquet files (default: the embedded MovieLens)")
+"""Help of ``--task-path`` (``cache`` and ``fit``)."""
+MAX_QUERIES_HELP = "queries per user at most (0: no cap beyond the task's own: MovieLens 40, synthetic 12, LaMP all)"
+"""Help of ``--max-queries`` (``cache`` and ``fit``); the meaning is ``perfit_probe.data.query_cap``'s."""
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, from_run: bool = False) -> None:
     """``--model``, ``--dtype``, ``--device``, ``--cache-dir``, ``--offline``.
 

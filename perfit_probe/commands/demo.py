@@ -24,8 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from perfit_probe.models import load_model
 
+    hf_logging.disable_progress_bar()  # no weight-loading bars: stderr is for errors
     print(f"loading model {args.model!r}", flush=True)
     loaded = load_model(args.model, device=args.device)
     config = demo_config(n_users=args.users, model=args.model, device=args.device, n_layers=loaded.n_layers)

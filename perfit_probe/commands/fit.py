@@ -16,7 +16,7 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from perfit_probe.commands.common import add_model_arguments, model_from_args
+from perfit_probe.commands.common import MAX_QUERIES_HELP, TASK_PATH_HELP, add_model_arguments, model_from_args
 from perfit_probe.data.profile_examples import PERSONAL_SOURCES, PROFILE_EXAMPLE_MODES
 from perfit_probe.data.splits import TEST_USER_CHOICES
 from perfit_probe.interventions.fit import PERSONAL_INITS, FitConfig, run_fit
@@ -40,10 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     data = parser.add_argument_group("data")
     data.add_argument("--task", default=d["task"], help="movielens, synthetic, LaMP-1, LaMP-2M, ... (default %(default)s)")
-    data.add_argument("--task-path", type=Path, default=None, help="data file/dir of the task (LaMP needs one)")
+    data.add_argument("--task-path", type=Path, default=None, help=TASK_PATH_HELP)
     data.add_argument("--task-outputs", type=Path, default=None, help="LaMP gold outputs file")
     data.add_argument("--users", type=int, default=d["n_users"], help="users to load (default %(default)s; 0 = all)")
-    data.add_argument("--max-queries", type=int, default=None, help="cap on queries per user")
+    data.add_argument("--max-queries", type=int, default=None, help=MAX_QUERIES_HELP)
     data.add_argument("--test-users", type=int, default=None, help="users with a personal intervention (default: half)")
     data.add_argument("--heldout", type=int, default=d["n_heldout"],
                       help="held-out queries per test user (default: all of them, as OPPU)")

@@ -69,6 +69,9 @@ def execute_seeds(config: PipelineConfig, out: Path, seeds, progress: bool = Tru
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no weight-loading bars: stderr is for errors
     config = load_pipeline_config(args.config)
     if args.seeds is not None:
         return execute_seeds(config, args.out, args.seeds, progress=not args.no_progress)

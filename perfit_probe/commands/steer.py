@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoding", choices=("auto", "constrained", "greedy"), default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-figures", action="store_true", help="write the CSVs only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     config = config_from_args(args)
     loaded = model_from_args(args, args.run_dir)
-    result = run_steer(args.run_dir, loaded, config, figures=not args.no_figures)
+    result = run_steer(args.run_dir, loaded, config, figures=not args.no_figures, progress=not args.no_progress)
     shown = result.rows[result.rows.experiment != "reference"]
     for row in shown.itertuples():
         print(f"  {row.experiment:>9} {row.setting:>24} {row.metric:>24} = {row.value:.4g}")

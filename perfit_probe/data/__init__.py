@@ -12,10 +12,20 @@ from perfit_probe.data.records import (
     CONTROL_VARIANTS, DEFAULT_VARIANTS, VARIANTS, Example, ProfileItem, Query, TaskData, TaskSpec, User,
 )
 from perfit_probe.data.tasks import TASK_NAMES, canonical_task_name, task_spec
-from perfit_probe.errors import DataError
+from perfit_probe.errors import ConfigError, DataError
 
 __all__ = ["CONTROL_VARIANTS", "DEFAULT_VARIANTS", "TASK_NAMES", "VARIANTS", "Example", "ProfileItem",
-           "Query", "TaskData", "TaskSpec", "User", "load_task", "task_spec"]
+           "Query", "TaskData", "TaskSpec", "User", "load_task", "query_cap", "task_spec"]
+
+def query_cap(max_queries: int | None) -> int | None:
+    """The one meaning of every ``max_queries`` option: ``None`` or ``0``: no cap (each task
+    loader's own default applies: MovieLens 40, synthetic 12, LaMP all); ``N >= 1``: at most
+    ``N`` queries per user. Negative values (and non-integers) raise ``ConfigError``."""
+    if max_queries is None:
+        return None
+    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 0:
+        raise ConfigError(f"max_queries={max_queries!r} must be an integer >= 1, or 0 for no cap")
+    return max_queries or None
 
 
 def load_task(
@@ -38,9 +48,12 @@ def load_task(
       ``path`` is a LaMP questions file or an OPPU per-user file (format detected),
       ``outputs`` the matching golds file (optional); ``max_queries`` caps queries per user.
 
+    ``max_queries``: see ``query_cap`` (``None`` or ``0``: the loader's default).
+
     ``n_users`` keeps that many users, chosen by a seeded hash of their ids (all when None).
     """
     task = canonical_task_name(name)
+    max_queries = query_cap(max_queries)
     if n_users is not None and n_users < 1:
         raise DataError(f"n_users={n_users} must be >= 1")
     if task == "movielens":

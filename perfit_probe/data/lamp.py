@@ -12,9 +12,11 @@ They read files that already exist locally; nothing is ever downloaded.
   ``user{position}``.
 
 Profile items must carry ``id`` and the task's profile fields (``tasks.TASKS``); numbers
-become strings, ``null`` an empty string, extra keys are kept. Bad input raises ``DataError``
-naming the file, the record and the field. A user with an empty profile is skipped with a
-warning and counted in ``TaskData.report["skipped"]["empty_profile"]``.
+become strings, ``null`` an empty string, extra keys are kept. Every field value must be a
+JSON string, number or ``null``: a list, object or boolean would end up in prompts as a
+Python repr, so it is refused. Bad input raises ``DataError`` naming the file, the record and
+the field, never another exception. A user with an empty profile is skipped with a warning
+and counted in ``TaskData.report["skipped"]["empty_profile"]``.
 """
 
 from __future__ import annotations
@@ -47,10 +49,21 @@ def read_json(path: Path) -> object:
         raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of over 4300 digits, absurd nesting
+        raise DataError(f"{path}: unreadable JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
-def _text(value: object) -> str:
-    return "" if value is None else str(value)
+def _text(value: object, where: str, name: str) -> str:
+    """A field value as text: strings as they are, numbers as JSON writes them, ``null`` as "";
+    ``DataError`` naming ``where`` and the field for a list, an object or a boolean."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kind = {list: "a list", dict: "an object", bool: "a boolean"}.get(type(value), type(value).__name__)
+    raise DataError(f"{where}: field {name!r} must be a string or a number, got {kind}")
 
 
 def _where(path: Path, index: int, record: object) -> str:
@@ -94,12 +107,14 @@ def parse_profile(items: object, fields: tuple[str, ...], where: str) -> list[Pr
     for j, item in enumerate(items):
         item_where = f"{where}: profile item {j}"
         _object(item, item_where)
-        item_id = _text(_field(item, "id", item_where))
+        item_id = _text(_field(item, "id", item_where), item_where, "id")
+        item_where = f"{item_where} (id {item_id!r})"
         for name in fields:
-            _field(item, name, f"{item_where} (id {item_id!r})")
-        values = {k: _text(v) for k, v in item.items() if k not in ("id", "date")}
+            _field(item, name, item_where)
+        values = {k: _text(v, item_where, k) for k, v in item.items() if k not in ("id", "date")}
         date = item.get("date")
-        profile.append(ProfileItem(id=item_id, fields=values, date=None if date is None else _text(date)))
+        profile.append(ProfileItem(id=item_id, fields=values,
+                                   date=None if date is None else _text(date, item_where, "date")))
     return profile
 
 
@@ -114,10 +129,10 @@ def read_outputs(path: Path) -> dict[str, str]:
     for i, gold in enumerate(data["golds"]):
         where = f"{path}: gold {i}"
         _object(gold, where)
-        gid = _text(_field(gold, "id", where))
+        gid = _text(_field(gold, "id", where), where, "id")
         if gid in golds:
             raise DataError(f"{where}: duplicate id {gid!r}")
-        golds[gid] = _text(_field(gold, "output", f"{where} (id {gid!r})"))
+        golds[gid] = _text(_field(gold, "output", f"{where} (id {gid!r})"), f"{where} (id {gid!r})", "output")
     return golds
 
 
@@ -188,11 +203,12 @@ def _questions(task: str, data: object, questions: Path, outputs: Path | None,
     for i, record in enumerate(data):
         where = _where(questions, i, record)
         _object(record, where)
-        qid = _text(_field(record, "id", where))
-        text = _text(_field(record, "input", where))
+        qid = _text(_field(record, "id", where), where, "id")
+        text = _text(_field(record, "input", where), where, "input")
         profile = parse_profile(_field(record, "profile", where), spec.profile_fields, where)
         ids.append(qid)
-        output = golds.get(qid) if golds is not None else _text(record["output"]) if "output" in record else None
+        output = (golds.get(qid) if golds is not None else
+                  _text(record["output"], where, "output") if "output" in record else None)
         if not profile:
             empty.append(qid)
             continue
@@ -220,7 +236,7 @@ def _oppu(task: str, data: object, path: Path, outputs: Path | None,
     for i, record in enumerate(data):
         where = _where(path, i, record)
         _object(record, where)
-        uid = _text(record.get("user_id", f"user{i}"))
+        uid = _text(record.get("user_id", f"user{i}"), where, "user_id")
         if uid in user_ids:
             raise DataError(f"{where}: duplicate user_id {uid!r}")
         user_ids.add(uid)
@@ -234,10 +250,12 @@ def _oppu(task: str, data: object, path: Path, outputs: Path | None,
         for j, raw in enumerate(raw_queries):
             q_where = f"{where}: query {j}"
             _object(raw, q_where)
-            qid = _text(_field(raw, "id", q_where))
-            text = _text(_field(raw, "input", f"{q_where} (id {qid!r})"))
+            qid = _text(_field(raw, "id", q_where), q_where, "id")
+            q_where = f"{q_where} (id {qid!r})"
+            text = _text(_field(raw, "input", q_where), q_where, "input")
             inline = raw.get("gold", raw.get("output"))
-            output = golds.get(qid) if golds is not None else None if inline is None else _text(inline)
+            output = (golds.get(qid) if golds is not None else
+                      None if inline is None else _text(inline, q_where, "gold" if "gold" in raw else "output"))
             query_ids.append(qid)
             queries.append(Query(id=qid, input=text, output=output))
         if not profile:

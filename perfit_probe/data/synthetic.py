@@ -43,6 +43,10 @@ FEATURE_WORDS = (
 )
 """Words naming the hidden features (at most this many features)."""
 
+MAX_PROFILE_ITEMS = 2_000_000
+"""Most profile items (``n_users * (n_history + n_queries)``) a synthetic task may hold: each
+costs about 0.6 KB in memory, so this is about 1.2 GB. Larger requests are refused up front."""
+
 
 def _labels(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Labels 1..5: 1 + the number of thresholds a score exceeds."""
@@ -78,6 +82,11 @@ def make_synthetic(
     per_user = n_history + n_queries
     if per_user > n_items:
         raise ConfigError(f"n_history + n_queries = {per_user} exceeds n_items={n_items}")
+    if n_users * per_user > MAX_PROFILE_ITEMS:
+        raise ConfigError(f"n_users={n_users:,} x {per_user} items = {n_users * per_user:,} profile items "
+                          f"(about {n_users * per_user * 600 / 2**30:.0f} GB of memory) exceeds the synthetic "
+                          f"task's limit of {MAX_PROFILE_ITEMS:,}: use at most "
+                          f"{MAX_PROFILE_ITEMS // per_user:,} users")
     rng = np.random.default_rng(seed)
     words = FEATURE_WORDS[:n_features]
 

@@ -42,12 +42,20 @@ LaMP's rule (``float`` of the answer) for ``mae``/``rmse``; ``mae_lenient``/``rm
 
 All users' held-out prompts go through the model in mixed batches, each row with its own
 user's intervention (``perfit_probe.interventions.generate``).
+
+Re-evaluating a subset of the methods (``--methods base``) *merges* into ``RUN/eval/``: the
+rows of the other methods stay, as long as they were evaluated on the same basis (the same
+fit and model, and the same settings that every method shares, ``evaluation.json``); rows
+from another basis are dropped with a warning. ``RUN/eval/checksums.json`` holds the SHA-256
+of every result and prediction file, verified before old results are merged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -60,7 +68,7 @@ from perfit_probe.data.profile_examples import PersonalData, personal_examples
 from perfit_probe.data.records import Example, TaskData, TaskSpec
 from perfit_probe.data.splits import Split, heldout_user
 from perfit_probe.deltas import Deltas
-from perfit_probe.errors import ConfigError
+from perfit_probe.errors import ArtifactError, ConfigError
 from perfit_probe.evaluation.baselines import BASELINES, baseline_predictions, skip_reason
 from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
 from perfit_probe.evaluation.metrics import DIAGNOSTICS, HIGHER_IS_BETTER, METRICS, score_task, write_predictions
@@ -135,6 +143,11 @@ class EvalConfig:
             raise ConfigError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
         if self.decoding not in DECODINGS:
             raise ConfigError(f"unknown decoding {self.decoding!r}: choose from {DECODINGS}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"batch_size ({self.batch_size}) and max_new_tokens ({self.max_new_tokens}) "
+                              "must be at least 1")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None)")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"k={self.k} must be >= 1: the rag prompt needs history items")
         if self.val_per_user is not None and self.val_per_user < 0:
@@ -175,6 +188,8 @@ class EvalResult:
     """The trained LoRA adapter of each test user (when ``lora`` ran)."""
     lora_selection: pd.DataFrame = field(default_factory=pd.DataFrame)
     """Model selection of the per-user LoRAs (``selection_frame``), ``lora`` and ``oppu`` rows."""
+    wall_s: dict[str, float] = field(default_factory=dict)
+    """Seconds spent per method (training included); ``lora_task+oppu`` when they ran together."""
 
 
 def resolve_decoding(decoding: str, kind: str) -> str:
@@ -267,6 +282,8 @@ def evaluate_methods(
     for the cost columns. Methods needing a fit are skipped (with a warning) when ``perfit``
     is None or has no personal bank.
     """
+    from tqdm.auto import tqdm
+
     config = config.with_fit({})
     spec = task.spec
     mode = resolve_decoding(config.decoding, spec.kind)
@@ -284,11 +301,14 @@ def evaluate_methods(
                 max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens)
     rows, pred_frames, adapters, selections = [], [], {}, []
     collective_params = perfit.collective.spec.params_per_slot() if perfit is not None else 0
-    oppu = {}
+    oppu, wall_s = {}, {}
     if {"lora_task", "oppu"} & set(config.methods):
+        t0 = time.perf_counter()
         oppu = _oppu_predictions(loaded, task, split, by_variant["plain"], config, opts, progress,
                                  personal, per_user="oppu" in config.methods)
-    for method in config.methods:
+        wall_s["+".join(oppu)] = time.perf_counter() - t0
+    for method in tqdm(config.methods, desc="evaluate", unit="method", disable=not progress):
+        t0 = time.perf_counter()
         variant, stage = _METHOD_SETUP[method]
         if stage != "none" and perfit is None:
             log.warning("skipping %s: the run has no fitted interventions", method)
@@ -332,21 +352,26 @@ def evaluate_methods(
         if preds.expected is not None:
             frame["expected"] = preds.expected
         pred_frames.append(frame)
+        if method not in oppu:
+            wall_s[method] = time.perf_counter() - t0
         log.info("%s: %s", method, {m: round(row[m], 4) for m in METRICS[spec.kind]})
     table = pd.DataFrame.from_records(rows)
     return EvalResult(table, pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame(),
-                      adapters, pd.concat(selections, ignore_index=True) if selections else pd.DataFrame())
+                      adapters, pd.concat(selections, ignore_index=True) if selections else pd.DataFrame(),
+                      wall_s)
 
 
 def _fit_on(baseline: LoraBaseline, key: str, examples: list[Example], config: EvalConfig, *,
-            seed: int, validation: Sequence[Example] = ()) -> UserLora:
+            seed: int, validation: Sequence[Example] = (), progress: bool = False,
+            desc: str | None = None) -> UserLora:
     """A LoRA adapter trained on ``examples`` (prompt -> gold continuation), its epoch chosen
     on ``validation`` (the same form) when given."""
     tok = baseline.loaded.tokenizer
     return baseline.fit_user(key, [e.prompt for e in examples],
                              [continuation(e.target, tok, config.chat) for e in examples], seed=seed,
                              val_prompts=[e.prompt for e in validation],
-                             val_targets=[continuation(e.target, tok, config.chat) for e in validation])
+                             val_targets=[continuation(e.target, tok, config.chat) for e in validation],
+                             progress=progress, desc=desc)
 
 
 def _lora_predictions(loaded, task, split, chosen, config, opts, progress, personal, desc="LoRA per user"):
@@ -398,7 +423,8 @@ def _oppu_predictions(loaded, task, split, chosen, config, opts, progress, perso
         raise ConfigError("OPPU's task LoRA needs train users with queries")
     shared = LoraBaseline(loaded, config.lora_task)
     log.info("OPPU task LoRA: %d examples of %d train users", len(train), len(users))
-    adapter = _fit_on(shared, "task", train, config, seed=config.seed + 10_000)
+    adapter = _fit_on(shared, "task", train, config, seed=config.seed + 10_000, progress=progress,
+                      desc="OPPU task LoRA")
     out = {}
     with shared.merged(adapter) as task_model:
         preds = predict(task_model, [e.prompt for e in chosen], task.spec, stage="none", **opts)
@@ -538,32 +564,116 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-def write_results(result: EvalResult, directory: Path, spec: TaskSpec, *, config: EvalConfig | None = None) -> None:
-    """Write ``results.csv``, ``results.md``, ``predictions.csv``, LaMP-format ``predictions/{method}.json``,
-    and the bootstrap intervals ``uncertainty.csv`` and paired differences ``differences.csv``.
+RESULT_FILES = ("results.csv", "predictions.csv", "evaluation.json")
+"""Files of ``RUN/eval/`` that a later evaluation reads back to merge (with ``predictions/*.json``)."""
+_PER_METHOD_FIELDS = ("methods", "batch_size", "lora", "lora_task", "uncertainty", "val_per_user", "val_seed")
+"""``EvalConfig`` fields that do not change the other methods' numbers (not part of the basis)."""
 
-    ``config`` gives the scoring options (``use_stemmer``) the metrics were
-    computed with, the ``uncertainty`` settings and the bootstrap's ``seed`` (default: ``EvalConfig()``).
+
+def evaluation_basis(config: EvalConfig, **identity) -> dict:
+    """What must be equal for two evaluations' rows to sit in one table: the ``EvalConfig``
+    fields every method shares, plus ``identity`` (the fit and model fingerprints)."""
+    from perfit_probe.rundir import to_jsonable
+
+    shared = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _PER_METHOD_FIELDS}
+    return to_jsonable({**shared, **identity})
+
+
+def _method_order(methods) -> list[str]:
+    """``methods`` in the order of ``METHODS`` (names not in it last, in their given order)."""
+    known = {m: i for i, m in enumerate(METHODS)}
+    unique = list(dict.fromkeys(methods))
+    return sorted(unique, key=lambda m: (known.get(m, len(known)), unique.index(m)))
+
+
+def verify_results(directory: Path) -> None:
+    """``ArtifactError`` when a result or prediction file in ``directory`` differs from its checksum."""
+    from perfit_probe.rundir import verify_checksums
+
+    if (Path(directory) / "results.csv").is_file():
+        verify_checksums(directory, error=ArtifactError, fix=f"delete {directory} and evaluate every method again")
+
+
+def _read_previous(directory: Path, basis: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The results and predictions already in ``directory`` that share ``basis`` (verified).
+
+    Empty frames when there are none or when they come from another basis (with a warning);
+    ``ArtifactError`` when a result file is corrupt.
     """
-    from perfit_probe.rundir import atomic_write_text
+    from perfit_probe.rundir import read_json
+
+    empty = pd.DataFrame(), pd.DataFrame()
+    if not (directory / "results.csv").is_file():
+        return empty
+    verify_results(directory)
+    fix = f"delete {directory} and evaluate every method again"
+    previous = read_json(directory / "evaluation.json") if (directory / "evaluation.json").is_file() else {}
+    if basis is None or previous.get("basis") != basis:
+        log.warning("dropping the earlier results in %s (methods %s): they were evaluated on another fit, "
+                    "model or shared settings", directory, previous.get("methods", "unknown"))
+        return empty
+    try:
+        table = pd.read_csv(directory / "results.csv", dtype={"method": str})
+        text = {c: str for c in ("method", "user_id", "query_id", "gold", "output")}
+        predictions = pd.read_csv(directory / "predictions.csv", dtype=text, keep_default_na=False,
+                                  na_values={"expected": ["", "nan", "NaN"]})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise ArtifactError(f"cannot read the earlier results in {directory} ({exc}): {fix}".splitlines()[0]) from None
+    if "expected" in predictions.columns:
+        predictions["expected"] = pd.to_numeric(predictions["expected"])
+    return table, predictions
+
+
+def write_results(result: EvalResult, directory: Path, spec: TaskSpec, basis: dict | None = None, *,
+                  config: EvalConfig | None = None) -> pd.DataFrame:
+    """Write ``results.csv``, ``results.md``, ``predictions.csv``, LaMP-format ``predictions/{method}.json``,
+    the bootstrap intervals ``uncertainty.csv`` and the paired differences ``differences.csv``.
+
+    Results already in ``directory`` for other methods are kept when they were made on the same
+    ``basis`` (see ``evaluation_basis``; ``None``: never merge) and dropped otherwise; the
+    intervals and differences are computed on the merged predictions. ``config`` gives the
+    scoring options (``use_stemmer``), the ``uncertainty`` settings and the bootstrap's ``seed``
+    (default: ``EvalConfig()``). Returns the merged table (one row per method).
+    """
+    from perfit_probe.rundir import atomic_write_text, write_checksums, write_json
 
     config = config or EvalConfig()
     directory = Path(directory)
-    (directory / "predictions").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / "results.csv", result.table.to_csv(index=False))
-    atomic_write_text(directory / "predictions.csv", result.predictions.to_csv(index=False))
-    uncertainty = evaluation_uncertainty(result.predictions, spec.kind, spec.labels,
+    config = config or EvalConfig()
+    old_table, old_predictions = _read_previous(directory, basis)
+    new_methods = set(result.table["method"]) if not result.table.empty else set()
+    kept = old_table[~old_table["method"].isin(new_methods)] if not old_table.empty else old_table
+    table = pd.concat([kept, result.table], ignore_index=True) if not kept.empty else result.table.copy()
+    order = _method_order(table["method"]) if not table.empty else []
+    table = table.set_index("method").loc[order].reset_index() if order else table
+    predictions = result.predictions
+    if not old_predictions.empty:
+        kept_p = old_predictions[old_predictions["method"].isin(set(order) - new_methods)]
+        predictions = pd.concat([kept_p, predictions], ignore_index=True)
+    if not predictions.empty:
+        rank = {m: i for i, m in enumerate(order)}
+        predictions = predictions.sort_values("method", key=lambda c: c.map(rank), kind="stable")
+        predictions = predictions.reset_index(drop=True)
+
+    pred_dir = directory / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    for stale in pred_dir.glob("*.json"):
+        if stale.stem != "golds" and stale.stem not in order:
+            stale.unlink()
+    atomic_write_text(directory / "results.csv", table.to_csv(index=False))
+    atomic_write_text(directory / "predictions.csv", predictions.to_csv(index=False))
+    uncertainty = evaluation_uncertainty(predictions, spec.kind, spec.labels,
                                          np.random.default_rng(config.seed), config.uncertainty,
                                          use_stemmer=config.use_stemmer)
     atomic_write_text(directory / "uncertainty.csv", uncertainty.intervals.to_csv(index=False))
     atomic_write_text(directory / "differences.csv", uncertainty.differences.to_csv(index=False))
-    metrics = [m for m in METRICS[spec.kind] if m in result.table.columns]
-    diagnostics = [m for m in DIAGNOSTICS[spec.kind] if m in result.table.columns]
+    metrics = [m for m in METRICS[spec.kind] if m in table.columns]
+    diagnostics = [m for m in DIAGNOSTICS[spec.kind] if m in table.columns]
     cols = ["method", *metrics, *diagnostics, "params_per_user", "shared_params", "train_s_per_user",
             "n_queries", "decoding"]
-    cols = [c for c in cols if c in result.table.columns]
+    cols = [c for c in cols if c in table.columns]
     note = f"; diagnostics beside them: {', '.join(diagnostics)}" if diagnostics else ""
-    shown = with_intervals(result.table[cols], uncertainty.intervals) if not result.table.empty else result.table[cols]
+    shown = with_intervals(table[cols], uncertainty.intervals) if not table.empty else table[cols]
     text = (f"# Evaluation on {spec.name} ({spec.kind})\n\nHeld-out queries of the test users; "
             f"metrics as LaMP defines them ({', '.join(metrics)}){note}. {describe_uncertainty(uncertainty)}\n\n"
             + markdown_table(shown))
@@ -575,13 +685,19 @@ def write_results(result: EvalResult, directory: Path, spec: TaskSpec, *, config
                  + "".join(f"; {m}: {'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better" for m in metrics)
                  + ".\n\n" + markdown_table(differences_table(diffs)))
     atomic_write_text(directory / "results.md", text)
-    if not result.predictions.empty:
-        gold = result.predictions[result.predictions["method"] == result.predictions["method"].iloc[0]]
-        write_predictions(directory / "predictions" / "golds.json", spec.name, _lamp_ids(gold),
-                          list(gold["gold"]))
-        for method, frame in result.predictions.groupby("method", sort=False):
-            write_predictions(directory / "predictions" / f"{method}.json", spec.name,
+    written = []
+    if not predictions.empty:
+        gold = predictions[predictions["method"] == predictions["method"].iloc[0]]
+        write_predictions(pred_dir / "golds.json", spec.name, _lamp_ids(gold), list(gold["gold"]))
+        written.append("predictions/golds.json")
+        for method, frame in predictions.groupby("method", sort=False):
+            write_predictions(pred_dir / f"{method}.json", spec.name,
                               _lamp_ids(frame), list(frame["output"]), meta={"method": method})
+            written.append(f"predictions/{method}.json")
+    write_json(directory / "evaluation.json", {"basis": basis, "methods": order})
+    (directory / "checksums.json").unlink(missing_ok=True)  # the files above replace every entry
+    write_checksums(directory, [*RESULT_FILES, *written])
+    return table
 
 
 def _lamp_ids(frame: pd.DataFrame) -> list[str]:
@@ -666,9 +782,11 @@ def load_fitted_run(run_dir: Path, loaded: LoadedModel) -> FittedRun:
     """Reload the task, split and fitted interventions of ``run_dir`` (checked against the model)."""
     from perfit_probe.data import load_task
     from perfit_probe.interventions.artifact import load_perfit, perfit_dir
-    from perfit_probe.rundir import read_json
+    from perfit_probe.rundir import read_json, verify_checksums
 
     directory = perfit_dir(Path(run_dir))
+    verify_checksums(directory, ("split.json", "task.json"), error=ArtifactError,
+                     fix="refit with `perfit-probe fit --force`")
     recorded = read_json(directory / "task.json")
     kwargs, options = task_load_options(recorded)
     personal = PersonalData(**recorded["personal"]) if isinstance(recorded.get("personal"), dict) else \
@@ -717,13 +835,15 @@ def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalCo
                     config.val_per_user, val_per_user)
     config = replace(config, val_per_user=val_per_user if config.val_per_user is None else config.val_per_user,
                      val_seed=val_seed if config.val_seed is None else config.val_seed)
+    basis = evaluation_basis(config, fit=fit_fingerprint(run.path), model=loaded.identity.fingerprint)
+    verify_results(run.path / "eval")  # a corrupt earlier result fails now, not after the work
     run.add_stage("evaluate", config)
     with run.timed("evaluate"):
         deltas = Deltas.load(run.path / "deltas") if (run.path / "deltas").is_dir() else None
         result = evaluate_methods(loaded, fitted.task, fitted.split, fitted.perfit, config,
                                   personal=fitted.personal, deltas=deltas, perfit_costs=fitted.costs,
                                   progress=progress)
-    write_results(result, run.sub("eval"), fitted.task.spec, config=config)
+    table = write_results(result, run.sub("eval"), fitted.task.spec, basis, config=config)
     selection = write_lora_selection(result, run.sub("eval"))
     if selection:
         run.add_metrics("lora_selection", selection)
@@ -731,7 +851,20 @@ def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalCo
         from perfit_probe.plotting.eval_figures import save_eval_figures
 
         save_eval_figures(run.sub("eval"), run.sub("figures"))
-    metrics = [m for m in METRICS[fitted.task.spec.kind] if m in result.table.columns]
-    run.add_metrics("evaluate", {row["method"]: {m: row[m] for m in metrics}
-                                 for row in result.table.to_dict("records")})
+    metrics = [m for m in METRICS[fitted.task.spec.kind] if m in table.columns]
+    run.add_metrics("evaluate", {row["method"]: {m: row[m] for m in metrics} for row in table.to_dict("records")})
+    run.add_metrics("evaluate_wall_s", result.wall_s)
     return result
+
+
+def fit_fingerprint(run_dir: Path) -> str:
+    """SHA-256 prefix over the fit's split, task and banks: changes whenever the fit does."""
+    from perfit_probe.interventions.artifact import TENSOR_FILE, perfit_dir
+    from perfit_probe.rundir import file_sha256
+
+    directory = perfit_dir(Path(run_dir))
+    digest = hashlib.sha256()
+    for rel in ("split.json", "task.json", f"stage1/{TENSOR_FILE}", f"bank/{TENSOR_FILE}"):
+        path = directory / rel
+        digest.update(f"{rel}:{file_sha256(path) if path.is_file() else '-'}\n".encode())
+    return digest.hexdigest()[:16]

@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 
 from perfit_probe.analysis.lens import label_first_tokens, label_shift, lens_shift, top_tokens
-from perfit_probe.analysis.subspaces import angle_test, centred_pcs, energy_share, random_null
+from perfit_probe.analysis.subspaces import angle_test, centred_pcs, random_null
 from perfit_probe.data.prompts import continuation
 from perfit_probe.data.profile_examples import PersonalData
 from perfit_probe.data.records import TaskData

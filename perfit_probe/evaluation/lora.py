@@ -208,13 +208,16 @@ class LoraBaseline:
             base.requires_grad_(False)
 
     def fit_user(self, user_id: str, prompts: Sequence[str], targets: Sequence[str], *,
-                 seed: int = 0, val_prompts: Sequence[str] = (), val_targets: Sequence[str] = ()) -> UserLora:
+                 seed: int = 0, val_prompts: Sequence[str] = (), val_targets: Sequence[str] = (),
+                 progress: bool = False, desc: str | None = None) -> UserLora:
         """Train a fresh adapter on one user's ``(prompt, target)`` history examples.
 
         With ``val_prompts``/``val_targets``: keep the epoch (0 = zero adapter) with the lowest
-        loss on them (see the module docstring).
+        loss on them (see the module docstring). ``progress``: a progress bar over the
+        optimisation steps, labelled ``desc`` (for long trainings such as OPPU's task LoRA).
         """
         from peft import get_peft_model_state_dict
+        from tqdm.auto import tqdm
 
         if not prompts:
             raise ConfigError(f"user {user_id!r} has no history examples to train a LoRA on")
@@ -243,6 +246,8 @@ class LoraBaseline:
                     kept = {k: torch.zeros_like(v, device="cpu")
                             for k, v in get_peft_model_state_dict(model).items()}
                     kept_epoch = 0
+                bar = tqdm(total=n_batches * c.epochs, desc=desc or f"LoRA {user_id}", unit="step",
+                           disable=not progress, leave=False)
                 for epoch in range(c.epochs):
                     order = torch.randperm(len(rows), generator=gen).tolist()
                     total, count = 0.0, 0
@@ -258,13 +263,16 @@ class LoraBaseline:
                         sched.step()
                         total += float(loss.detach())
                         count += 1
+                        bar.update()
                     losses.append(total / count)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
                     if val_rows:
                         val_losses.append(self._loss(model, val_rows))
                         if val_losses[-1] < val_losses[kept_epoch]:
                             kept_epoch = epoch + 1
                             kept = _state(model)
                 state = kept if kept is not None else _state(model)
+                bar.close()
         train_s = time.perf_counter() - start
         log.debug("LoRA for user %s: %d examples, loss %s, validation %s, kept epoch %d, %.1f s", user_id,
                   len(rows), losses, val_losses, kept_epoch, train_s)

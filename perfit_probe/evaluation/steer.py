@@ -141,6 +141,12 @@ class SteerConfig:
             raise ConfigError(f"level={self.level} must be between 0 and 1")
         if not self.alphas:
             raise ConfigError("alphas must hold at least one scale")
+        small = {name: getattr(self, name) for name in ("max_pairs", "ablate_max_k", "batch_size", "max_new_tokens")
+                 if getattr(self, name) < 1}
+        if small:
+            raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in small.items())}: must be at least 1")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None)")
 
 
 @dataclass
@@ -510,11 +516,15 @@ def control(runner: _Runner, stage1_rows: list[dict], perfit_rows: list[dict]) -
 
 # ---------------------------------------------------------------------- entry point
 def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit,
-                 config: SteerConfig = SteerConfig(), personal: PersonalData = PersonalData()) -> SteerResult:
+                 config: SteerConfig = SteerConfig(), personal: PersonalData = PersonalData(), *,
+                 progress: bool = False) -> SteerResult:
     """Run the configured checks; see the module docstring for what each number means.
 
-    ``personal``: what the fit's stage 2 trained on (a user's behaviour in the swap check).
-    """
+    ``personal``: what the fit's stage 2 trained on (a user's behaviour in the swap check);
+    ``progress``: a progress bar over the reference predictions and the checks."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1 + len(config.experiments), desc="steer", unit="check", disable=not progress)
     runner = _Runner(loaded, task, split, perfit, config, personal)
     rows: list[dict] = []
     pairs = pd.DataFrame()
@@ -523,17 +533,23 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
     full = runner.rows("reference", "perfit", runner.predict())
     base = runner.rows("reference", "base", runner.predict(stage="none"))
     rows += base + stage1 + full
+    bar.update()
     if "swap" in config.experiments:
         swap_rows, pairs = user_swap(runner)
         rows += swap_rows
+        bar.update()
     random_table = pd.DataFrame()
     if "ablation" in config.experiments:
         ablation_rows, basis, random_table = subspace_ablation(runner, stage1, full)
         rows += ablation_rows
+        bar.update()
     if "dose" in config.experiments:
         rows += dose_response(runner)
+        bar.update()
     if "control" in config.experiments:
         rows += control(runner, stage1, full)
+        bar.update()
+    bar.close()
     frame = pd.DataFrame.from_records(rows, columns=COLUMNS)
     log.info("steer: %d rows (%s higher is better: %s)", len(frame), runner.metric,
              HIGHER_IS_BETTER[runner.metric])
@@ -541,7 +557,7 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
 
 
 def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(), *,
-              figures: bool = True) -> SteerResult:
+              figures: bool = True, progress: bool = False) -> SteerResult:
     """``perfit-probe steer``: run the checks on a fitted run; write ``RUN/steer/`` and ``RUN/figures/``.
 
     ``RUN/steer/``: ``steer.csv`` (tidy rows), ``swap_pairs.csv`` (one row per pair),
@@ -561,7 +577,8 @@ def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(),
         config = replace(config, chat=fitted.prompt_options["chat"])
     run.add_stage("steer", config)
     with run.timed("steer"):
-        result = steer_checks(loaded, fitted.task, fitted.split, fitted.perfit, config, fitted.personal)
+        result = steer_checks(loaded, fitted.task, fitted.split, fitted.perfit, config, fitted.personal,
+                              progress=progress)
     out = run.sub("steer")
     atomic_write_text(out / "steer.csv", result.rows.to_csv(index=False))
     atomic_write_text(out / "swap_pairs.csv", result.pairs.to_csv(index=False))

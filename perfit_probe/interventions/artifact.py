@@ -1,13 +1,14 @@
 """Saving and loading trained interventions: safetensors plus a JSON config.
 
 A bank directory holds ``intervention.safetensors`` (tensors ``site{i}.A``, ``site{i}.W``,
-``site{i}.b``, and the anchor ``A0``, ``W0``, ``b0`` of anchored banks; float32, saved as trained; ``site{i}.first.*`` and ``site{i}.last.*`` for a
-bank with separate first/last interventions) and ``intervention.json`` (format version,
-perfit-probe version, kind, sites, positions, position clamp, share_weights, rank, d_model,
-slot keys, the model identity, and extra fields such as the stacking rule). A config saved
-before the position clamp and share_weights existed loads with their old behaviour
-(``BankSpec.from_dict``). Loading checks the model identity (fingerprint
-of config and weights, sampled in the loaded dtype) and refuses a mismatch with ``ArtifactError``.
+``site{i}.b``, and the anchor ``A0``, ``W0``, ``b0`` of anchored banks; float32, saved as trained;
+``site{i}.first.*`` and ``site{i}.last.*`` for a bank with separate first/last interventions),
+``intervention.json`` (format version, perfit-probe version, kind, sites, positions, position
+clamp, share_weights, rank, d_model, slot keys, the model identity, and extra fields such as the
+stacking rule) and ``checksums.json`` (SHA-256 of both). A config saved before the position
+clamp and share_weights existed loads with their old behaviour (``BankSpec.from_dict``).
+Loading verifies the checksums and the model identity (fingerprint of config and weights,
+sampled in the loaded dtype) and refuses a corrupt file or a mismatch with ``ArtifactError``.
 
 A fitted PerFit run keeps ``RUN/perfit/stage1/`` (the collective bank, one slot) and
 ``RUN/perfit/bank/`` (the personal bank, one slot per user); ``PerFit`` bundles the two.
@@ -27,7 +28,7 @@ from perfit_probe.errors import ArtifactError
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.models import LoadedModel, ModelIdentity
-from perfit_probe.rundir import atomic_write_text
+from perfit_probe.rundir import atomic_write_text, verify_checksums, write_checksums
 
 FORMAT = "perfit-probe/intervention-bank/1"
 TENSOR_FILE = "intervention.safetensors"
@@ -58,6 +59,7 @@ def save_bank(bank: InterventionBank, directory: Path, identity: ModelIdentity |
         "extra": extra or {},
     }
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=1) + "\n")
+    write_checksums(directory, (TENSOR_FILE, CONFIG_FILE))
 
 
 def read_bank_config(directory: Path) -> dict:
@@ -74,11 +76,14 @@ def read_bank_config(directory: Path) -> dict:
     return config
 
 
-def check_identity(saved: dict, identity: ModelIdentity, where: Path) -> None:
-    """Refuse an artifact made with another model (different fingerprint or width)."""
+def check_identity(saved: dict, identity: ModelIdentity, where: Path, made: str = "trained on") -> None:
+    """Refuse an artifact made with another model (different fingerprint or width).
+
+    ``made`` completes "``where`` was ... model X" in the message ("trained on", "made with").
+    """
     if saved.get("d_model") != identity.d_model or not identity.matches(saved):
         raise ArtifactError(
-            f"{where} was trained on model {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}, "
+            f"{where} was {made} model {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}, "
             f"d_model {saved.get('d_model')}) but the loaded model is {identity.name!r} "
             f"(fingerprint {identity.fingerprint}, d_model {identity.d_model}): load the same model in the same dtype"
         )
@@ -89,6 +94,8 @@ def load_bank(directory: Path, identity: ModelIdentity | None = None,
     """Load a bank (and its config); with ``identity``, refuse a different model."""
     directory = Path(directory)
     config = read_bank_config(directory)
+    verify_checksums(directory, (TENSOR_FILE, CONFIG_FILE), error=ArtifactError,
+                     fix="refit with `perfit-probe fit --force`")
     if identity is not None:
         check_identity(config["model"], identity, directory)
     try:

@@ -18,9 +18,16 @@ loss on them (``curves.csv`` rows with ``split == "val"``; a summary under
 variants=(prompt_variant,))``; a target is the gold output as it follows the prompt
 (``prompts.continuation``, the same text the evaluation scores) and the end-of-text token.
 
+``RUN/perfit/`` is written as a whole (``rundir.staged_dir``): into ``perfit.tmp-<pid>``,
+swapped into place once everything is written, so an interrupted ``--force`` rerun leaves the
+previous fit as it was. ``RUN/perfit/checksums.json`` holds the SHA-256 of its files (each
+bank directory has its own), verified when evaluation reads them. A run directory made
+(cached) with another model is refused before any work.
+
 Several processes (``torchrun``): pass ``rank``/``world_size`` with ``torch.distributed``
 initialised. Rank 0 trains stage 1 and saves it; the others wait and load it; stage-2 users
-are sharded across ranks (user i to rank i mod world_size); rank 0 merges the shards.
+are sharded across ranks (user i to rank i mod world_size); rank 0 merges the shards. The
+ranks exchange stage 1 and the shards through ``RUN/perfit.exchange/``, deleted at the end.
 """
 
 from __future__ import annotations
@@ -42,17 +49,19 @@ from perfit_probe.data.records import Example, TaskData
 from perfit_probe.data.splits import TEST_USER_CHOICES, Split, make_split
 from perfit_probe.errors import ConfigError, DataError
 from perfit_probe.interventions.apply import STACKINGS, check_sites
-from perfit_probe.interventions.artifact import load_bank, save_bank
+from perfit_probe.interventions.artifact import check_identity, load_bank, save_bank
 from perfit_probe.interventions.batching import Encoded, encode
 from perfit_probe.interventions.modules import INITS, KINDS, BankSpec, InterventionBank, slot_generator
 from perfit_probe.interventions.train import TrainConfig, curve_summary, train_collective, train_personal
 from perfit_probe.models import LoadedModel
-from perfit_probe.rundir import RunDir, atomic_write_text, write_json
+from perfit_probe.rundir import RunDir, atomic_write_text, staged_dir, write_checksums, write_json
 from perfit_probe.sites import POSITION_CLAMPS, SITE_KINDS, Site, decoder_layers, parse_positions
 
 log = logging.getLogger(__name__)
 
 PERSONAL_INITS = ("zero", "random", "stage1")
+FIT_FILES = ("split.json", "task.json", "curves.csv", "params.json")
+"""Files of ``RUN/perfit/`` besides the banks, covered by its ``checksums.json``."""
 
 
 @dataclass(frozen=True)
@@ -194,10 +203,26 @@ class FitConfig:
             raise ConfigError(f"n_heldout={self.n_heldout} must be >= 1 (or none: every query)")
         if self.test_users_by not in TEST_USER_CHOICES:
             raise ConfigError(f"unknown test user choice {self.test_users_by!r}: choose from {TEST_USER_CHOICES}")
+        self._validate_data()
 
     def personal(self) -> PersonalData:
         """What the personal stages train on."""
         return PersonalData(self.personal_data, self.max_profile_examples, self.profile_examples)
+
+    def _validate_data(self) -> None:
+        """Checks of the data options (users, queries, prompts) that need no data loaded."""
+        from perfit_probe.data import query_cap
+
+        query_cap(self.max_queries)
+        if self.n_users is not None and self.n_users < 2:
+            raise ConfigError(f"a fit needs at least 2 users (train and test users), got n_users={self.n_users}")
+        if self.n_test_users is not None and not (
+                1 <= self.n_test_users and (self.n_users is None or self.n_test_users < self.n_users)):
+            raise ConfigError(f"n_test_users={self.n_test_users} must be between 1 and n_users - 1")
+        if self.k < 1:
+            raise ConfigError(f"k={self.k}: enhanced prompts need at least 1 history item (k >= 1)")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None)")
 
     def train_config(self, stage: int) -> TrainConfig:
         """Optimisation settings of stage 1 or 2."""
@@ -213,6 +238,18 @@ class FitConfig:
                 "prompts": {"variant": self.prompt_variant, "k": self.k, "retriever": self.retriever,
                             "chat": self.chat, "max_prompt_tokens": self.max_prompt_tokens},
                 "personal": self.personal().to_dict()}
+
+
+def bank_specs(config: FitConfig, loaded: LoadedModel) -> tuple[BankSpec, BankSpec]:
+    """The collective and personal ``BankSpec`` of a fit on ``loaded``: checks the layers
+    against the model and the ranks against ``d_model`` (``SiteError``/``ConfigError``)."""
+    sites = check_sites([Site(layer, config.site_kind).name if layer >= 0 else
+                         Site(layer + loaded.n_layers, config.site_kind).name for layer in config.layers],
+                        loaded.n_layers)
+    site_names = tuple(s.name for s in sites)
+    return tuple(BankSpec(config.intervention, site_names, config.positions, rank, loaded.d_model,
+                          config.position_clamp, config.share_weights)
+                 for rank in (config.collective_rank, config.personal_rank))
 
 
 def lora_parameter_count(model: nn.Module, rank: int = 8) -> int:
@@ -305,6 +342,20 @@ def _barrier(world_size: int) -> None:
         torch.distributed.barrier()
 
 
+def check_run_model(out: Path, loaded: LoadedModel) -> None:
+    """Refuse to fit into a run directory whose ``run.json`` records another model.
+
+    The same check (``artifact.check_identity``) that later refuses to load the banks onto
+    a different model, made before any work so that a mismatched fit is never written.
+    """
+    info_path = Path(out) / "run.json"
+    if not info_path.is_file():
+        return
+    recorded = RunDir(Path(out)).info().get("model")
+    if recorded:
+        check_identity(recorded, loaded.identity, info_path, made="made with")
+
+
 def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, rank: int = 0,
             world_size: int = 1, progress: bool = False, overwrite: bool = False) -> RunDir:
     """Fit both stages and write them into the run directory ``out``; returns it.
@@ -322,14 +373,8 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
     out = Path(out)
     if rank == 0 and (out / "perfit" / "stage1").exists() and not overwrite:
         raise ConfigError(f"{out}/perfit already holds a fit: choose another --out or pass --force")
-    sites = check_sites([Site(layer, config.site_kind).name if layer >= 0 else
-                         Site(layer + loaded.n_layers, config.site_kind).name for layer in config.layers],
-                        loaded.n_layers)
-    site_names = tuple(s.name for s in sites)
-    spec1 = BankSpec(config.intervention, site_names, config.positions, config.collective_rank, loaded.d_model,
-                     config.position_clamp, config.share_weights)
-    spec2 = BankSpec(config.intervention, site_names, config.positions, config.personal_rank, loaded.d_model,
-                     config.position_clamp, config.share_weights)
+    check_run_model(out, loaded)
+    spec1, spec2 = bank_specs(config, loaded)
 
     task = load_task(config.task, path=config.task_path, outputs=config.task_outputs, n_users=config.n_users,
                      seed=config.seed, max_queries=config.max_queries)
@@ -343,16 +388,11 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
             run.add_stage("fit", config)
         else:
             run = RunDir.create(out, "fit", config, config.seed, loaded.identity)
-        pdir = run.sub("perfit")
-        if overwrite:
-            for name in ("stage1", "bank", "shards"):
-                shutil.rmtree(pdir / name, ignore_errors=True)
-        split.save(pdir / "split.json")
-        write_json(pdir / "task.json", config.task_json())
+        shutil.rmtree(out / "perfit.exchange", ignore_errors=True)
     else:
         run = RunDir(out)
-        pdir = out / "perfit"
-    shard_dir = pdir / "shards" / f"rank{rank}"
+    exchange = out / "perfit.exchange"  # stage 1 and stage-2 shards passed between ranks
+    shard_dir = exchange / "shards" / f"rank{rank}"
 
     # ---------------------------------------------------------------- stage 1
     t0 = time.perf_counter()
@@ -365,11 +405,12 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
         log.info("stage 1: %d train users, %d examples, %d parameters", len(split.train_users), len(examples1),
                  spec1.params_per_slot())
         curve1 = train_collective(loaded, collective, examples1, config.train_config(1), progress=progress)
-        save_bank(collective, pdir / "stage1", loaded.identity, {"stage": "collective"})
+        if world_size > 1:
+            save_bank(collective, exchange / "stage1", loaded.identity, {"stage": "collective"})
     stage1_s = time.perf_counter() - t0
     _barrier(world_size)
     if rank != 0:
-        collective, _ = load_bank(pdir / "stage1", loaded.identity, loaded.device)
+        collective, _ = load_bank(exchange / "stage1", loaded.identity, loaded.device)
 
     # ---------------------------------------------------------------- stage 2
     t0 = time.perf_counter()
@@ -401,24 +442,30 @@ def run_fit(config: FitConfig, out: Path, loaded: LoadedModel | None = None, *, 
             return run
         shards, curves = [], []
         for r in range(world_size):
-            directory = pdir / "shards" / f"rank{r}"
+            directory = exchange / "shards" / f"rank{r}"
             if (directory / "intervention.json").exists():
                 shards.append(load_bank(directory, loaded.identity)[0])
                 curves.append(pd.read_csv(directory / "curve.csv", dtype={"user_id": str}))
         merged = InterventionBank.concat(shards)
         personal = merged.subset(list(split.test_users)).to(loaded.device)
         curve2 = pd.concat(curves, ignore_index=True)
-        shutil.rmtree(pdir / "shards", ignore_errors=True)
     stage2_s = time.perf_counter() - t0
-    if personal is not None:
-        save_bank(personal, pdir / "bank", loaded.identity, {"stage": "personal", "stacking": config.stacking})
 
     curves = pd.concat([curve1, curve2], ignore_index=True)
-    atomic_write_text(pdir / "curves.csv", curves.to_csv(index=False))
     params = parameter_counts(spec1, spec2, loaded.model)
-    write_json(pdir / "params.json", {**params, "spec_collective": spec1.to_dict(), "spec_personal": spec2.to_dict(),
-                                      "stacking": config.stacking, "personal_init": config.personal_init,
-                                      "config": asdict(config)})
+    with staged_dir(run.path / "perfit") as pdir:  # the previous fit stays until this one is whole
+        split.save(pdir / "split.json")
+        write_json(pdir / "task.json", config.task_json())
+        save_bank(collective, pdir / "stage1", loaded.identity, {"stage": "collective"})
+        if personal is not None:
+            save_bank(personal, pdir / "bank", loaded.identity, {"stage": "personal", "stacking": config.stacking})
+        atomic_write_text(pdir / "curves.csv", curves.to_csv(index=False))
+        write_json(pdir / "params.json", {**params, "spec_collective": spec1.to_dict(),
+                                          "spec_personal": spec2.to_dict(), "stacking": config.stacking,
+                                          "personal_init": config.personal_init, "config": asdict(config)})
+        write_checksums(pdir, FIT_FILES)
+    shutil.rmtree(exchange, ignore_errors=True)
+    pdir = run.path / "perfit"
     n_test = len(split.test_users)
     metrics = {
         "stage1_train_s": stage1_s, "stage2_train_s": stage2_s,
