@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--k", type=int, default=4, help="history items in the rag prompt (default: the fit's)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="longer prompts keep their last tokens (default: no limit)")
     parser.add_argument("--rating-parse", choices=("first_number", "lamp"), default="first_number",
                         help="how a generated rating is read (lamp: float() of the whole answer)")
     parser.add_argument("--stemmer", action="store_true", help="ROUGE with the Porter stemmer (LaMP: none)")
@@ -42,7 +44,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                               epochs=args.lora_epochs, targets=args.lora_targets)
     lora_task = replace(lora, lr=args.lora_task_lr, epochs=args.lora_task_epochs)
     return EvalConfig(methods=args.methods, decoding=args.decoding, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, k=args.k, rating_parse=args.rating_parse,
+                      batch_size=args.batch_size, k=args.k, max_prompt_tokens=args.max_prompt_tokens,
+                      rating_parse=args.rating_parse,
                       use_stemmer=args.stemmer, lora=lora, lora_task=lora_task, seed=args.seed)
 
 
