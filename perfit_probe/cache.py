@@ -425,7 +425,7 @@ class CacheConfig:
         from perfit_probe.data import query_cap
 
         if self.n_users is not None and self.n_users < 1:
-            raise ConfigError(f"n_users={self.n_users} must be >= 1 (or 0/None for all)")
+            raise ConfigError(f"n_users={self.n_users} must be >= 1 (None: all users)")
         query_cap(self.max_queries)
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:

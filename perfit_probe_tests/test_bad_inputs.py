@@ -154,15 +154,21 @@ def test_evaluating_a_subset_merges_into_the_earlier_results(tmp_path, fitted):
         _evaluate(run, ("base",))
 
 
-def test_results_of_another_fit_are_dropped_not_merged(tmp_path, fitted, model_dir, caplog):
+def test_results_of_another_fit_are_set_aside_not_merged_nor_lost(tmp_path, fitted, model_dir, caplog):
     run = _copy(fitted, tmp_path)
     _evaluate(run, ("base", "stage1"))
+    before = _tree(run / "eval")
     assert main(["fit", "--model", str(model_dir), *FIT, "--seed", "1", "--force", "--out", str(run)]) == 0
     with caplog.at_level("WARNING"):
         _evaluate(run, ("base",))
-    assert "dropping the earlier results" in caplog.text
+    assert "held results of base, stage1 evaluated with another fit: moved them to" in caplog.text
     assert list(pd.read_csv(run / "eval" / "results.csv")["method"]) == ["base"]
     assert sorted(p.name for p in (run / "eval" / "predictions").iterdir()) == ["base.json", "golds.json"]
+    (aside,) = (run / "eval" / "superseded").iterdir()
+    assert _tree(aside) == before
+    # evaluating every earlier method again replaces them without setting anything aside
+    _evaluate(run, ("base",))
+    assert len(list((run / "eval" / "superseded").iterdir())) == 1
 
 
 # ------------------------------------------------------------------------------ 3. GGUF cache keyed on content

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--k", type=int, default=None, help="history items in the rag prompt (default: the fit's)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="longer prompts keep their last tokens (default: no limit)")
     parser.add_argument("--stemmer", action="store_true", help="ROUGE with the Porter stemmer (LaMP: none)")
     lora = parser.add_argument_group("LoRA baselines: per user, OPPU's task LoRA, OPPU (OPPU defaults)")
     lora.add_argument("--lora-rank", type=int, default=8)
@@ -43,7 +45,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                               epochs=args.lora_epochs, targets=args.lora_targets)
     lora_task = replace(lora, lr=args.lora_task_lr, epochs=args.lora_task_epochs)
     return EvalConfig(methods=args.methods, decoding=args.decoding, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, k=args.k,
+                      batch_size=args.batch_size, k=args.k, max_prompt_tokens=args.max_prompt_tokens,
                       use_stemmer=args.stemmer, lora=lora, lora_task=lora_task, seed=args.seed,
                       val_per_user=args.lora_val_per_user)
 

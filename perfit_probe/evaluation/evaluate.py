@@ -45,9 +45,11 @@ user's intervention (``perfit_probe.interventions.generate``).
 
 Re-evaluating a subset of the methods (``--methods base``) *merges* into ``RUN/eval/``: the
 rows of the other methods stay, as long as they were evaluated on the same basis (the same
-fit and model, and the same settings that every method shares, ``evaluation.json``); rows
-from another basis are dropped with a warning. ``RUN/eval/checksums.json`` holds the SHA-256
-of every result and prediction file, verified before old results are merged.
+fit and model, and the same settings that every method shares, ``evaluation.json``). Results
+of another basis cannot share a table: when they hold methods not evaluated now, they are
+moved (never deleted) to ``RUN/eval/superseded/<time>/``, with a warning naming what differs.
+``RUN/eval/checksums.json`` holds the SHA-256 of every result and prediction file, verified
+before old results are merged.
 """
 
 from __future__ import annotations
@@ -594,11 +596,25 @@ def verify_results(directory: Path) -> None:
         verify_checksums(directory, error=ArtifactError, fix=f"delete {directory} and evaluate every method again")
 
 
-def _read_previous(directory: Path, basis: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _set_aside(directory: Path) -> Path:
+    """Move the result files of ``directory`` into ``directory/superseded/<UTC time>/``; return it."""
+    import shutil
+    from datetime import datetime, timezone
+
+    target = directory / "superseded" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    target.mkdir(parents=True)
+    for name in (*RESULT_FILES, "results.md", "checksums.json", "predictions"):
+        if (directory / name).exists():
+            shutil.move(directory / name, target / name)
+    return target
+
+
+def _read_previous(directory: Path, basis: dict | None, methods=()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The results and predictions already in ``directory`` that share ``basis`` (verified).
 
-    Empty frames when there are none or when they come from another basis (with a warning);
-    ``ArtifactError`` when a result file is corrupt.
+    Empty frames when there are none or when they come from another basis; in that case, if
+    they hold methods other than ``methods`` (those evaluated now), they are moved aside
+    (``_set_aside``) with a warning. ``ArtifactError`` when a result file is corrupt.
     """
     from perfit_probe.rundir import read_json
 
@@ -607,13 +623,21 @@ def _read_previous(directory: Path, basis: dict | None) -> tuple[pd.DataFrame, p
         return empty
     verify_results(directory)
     fix = f"delete {directory} and evaluate every method again"
-    previous = read_json(directory / "evaluation.json") if (directory / "evaluation.json").is_file() else {}
-    if basis is None or previous.get("basis") != basis:
-        log.warning("dropping the earlier results in %s (methods %s): they were evaluated on another fit, "
-                    "model or shared settings", directory, previous.get("methods", "unknown"))
-        return empty
     try:
         table = pd.read_csv(directory / "results.csv", dtype={"method": str})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise ArtifactError(f"cannot read the earlier results in {directory} ({exc}): {fix}".splitlines()[0]) from None
+    previous = read_json(directory / "evaluation.json") if (directory / "evaluation.json").is_file() else {}
+    old = previous.get("basis") or {}
+    if basis is None or old != basis:
+        held = [str(m) for m in table.get("method", pd.Series(dtype=str))]
+        if set(held) - set(methods):  # rows that this evaluation does not replace: keep them aside
+            differ = sorted(k for k in set(old) | set(basis or {}) if old.get(k) != (basis or {}).get(k))
+            where = _set_aside(directory)
+            log.warning("%s held results of %s evaluated with another %s: moved them to %s (they cannot share "
+                        "a table with these)", directory, ", ".join(held), ", ".join(differ) or "basis", where)
+        return empty
+    try:
         text = {c: str for c in ("method", "user_id", "query_id", "gold", "output")}
         predictions = pd.read_csv(directory / "predictions.csv", dtype=text, keep_default_na=False,
                                   na_values={"expected": ["", "nan", "NaN"]})
@@ -630,18 +654,17 @@ def write_results(result: EvalResult, directory: Path, spec: TaskSpec, basis: di
     the bootstrap intervals ``uncertainty.csv`` and the paired differences ``differences.csv``.
 
     Results already in ``directory`` for other methods are kept when they were made on the same
-    ``basis`` (see ``evaluation_basis``; ``None``: never merge) and dropped otherwise; the
-    intervals and differences are computed on the merged predictions. ``config`` gives the
-    scoring options (``use_stemmer``), the ``uncertainty`` settings and the bootstrap's ``seed``
-    (default: ``EvalConfig()``). Returns the merged table (one row per method).
+    ``basis`` (see ``evaluation_basis``; ``None``: never merge), and moved to
+    ``superseded/<time>/`` otherwise; the intervals and differences are computed on the merged
+    predictions. ``config`` gives the scoring options (``use_stemmer``), the ``uncertainty``
+    settings and the bootstrap's ``seed`` (default: ``EvalConfig()``). Returns the merged table.
     """
     from perfit_probe.rundir import atomic_write_text, write_checksums, write_json
 
     config = config or EvalConfig()
     directory = Path(directory)
-    config = config or EvalConfig()
-    old_table, old_predictions = _read_previous(directory, basis)
     new_methods = set(result.table["method"]) if not result.table.empty else set()
+    old_table, old_predictions = _read_previous(directory, basis, new_methods)
     kept = old_table[~old_table["method"].isin(new_methods)] if not old_table.empty else old_table
     table = pd.concat([kept, result.table], ignore_index=True) if not kept.empty else result.table.copy()
     order = _method_order(table["method"]) if not table.empty else []
