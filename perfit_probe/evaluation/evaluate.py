@@ -603,7 +603,8 @@ def _set_aside(directory: Path) -> Path:
 
     target = directory / "superseded" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     target.mkdir(parents=True)
-    for name in (*RESULT_FILES, "results.md", "checksums.json", "predictions"):
+    for name in (*RESULT_FILES, "results.md", "checksums.json", "predictions", "uncertainty.csv",
+                 "differences.csv", "lora_selection.csv"):
         if (directory / name).exists():
             shutil.move(directory / name, target / name)
     return target
