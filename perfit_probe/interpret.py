@@ -31,7 +31,7 @@ from perfit_probe.data.prompts import enhanced_prompt, plain_prompt
 from perfit_probe.data.records import Query, User
 from perfit_probe.data.splits import history_user
 from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.evaluate import FittedRun, load_fitted_run, predict
+from perfit_probe.evaluation.evaluate import FittedRun, load_fitted_run, predict, steer_site
 from perfit_probe.evaluation.interpret import PromptSettings, prompt_settings
 from perfit_probe.models import LoadedModel
 
@@ -129,9 +129,7 @@ class PerFitRun:
     @property
     def steer_site(self) -> str | None:
         """The site ``steer_delta`` uses: the first fit site with cached deltas (None without)."""
-        if self.deltas is None:
-            return None
-        return next((s for s in self.fitted.perfit.collective.spec.sites if s in self.deltas.sites), None)
+        return None if self.deltas is None else steer_site(self.fitted.perfit, self.deltas)
 
     def delta(self, user_id: str, site: str | None = None) -> torch.Tensor:
         """The user's delta vector ``[d]`` at ``site`` (default ``steer_site``)."""

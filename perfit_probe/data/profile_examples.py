@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from perfit_probe.data.prompts import MAX_FIELD_WORDS, build_examples
+from perfit_probe.data.prompts import build_examples, cut_words
 from perfit_probe.data.records import Example, ProfileItem, Query, TaskSpec, User
 from perfit_probe.data.records import TaskData
 from perfit_probe.data.retrieval import date_key
@@ -67,7 +67,7 @@ def has_profile_examples(spec: TaskSpec, mode: str = "all") -> bool:
 
 def item_query(spec: TaskSpec, item: ProfileItem) -> Query:
     """Profile item -> a query of the task with the item's output as gold (see the module doc)."""
-    fields = {name: _cut(value) for name, value in item.fields.items()}
+    fields = {name: cut_words(value) for name, value in item.fields.items()}
     try:
         text = spec.example_template.format(**fields)
         output = item.fields[spec.example_output]
@@ -79,11 +79,6 @@ def item_query(spec: TaskSpec, item: ProfileItem) -> Query:
     query_fields = {k: v for k, v in item.fields.items() if k != spec.example_output}
     return Query(id=f"{QUERY_PREFIX}{item.id}", input=text, output=str(output), item_id=item.id,
                  fields=query_fields)
-
-
-def _cut(value: str) -> str:
-    words = str(value).split()
-    return value if len(words) <= MAX_FIELD_WORDS else " ".join(words[:MAX_FIELD_WORDS]) + " ..."
 
 
 @dataclass(frozen=True)

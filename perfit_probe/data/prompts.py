@@ -77,14 +77,15 @@ class AddedText:
     """Ids of the retrieved profile items, best first."""
 
 
-def _cut(value: str, max_words: int) -> str:
+def cut_words(value: str, max_words: int = MAX_FIELD_WORDS) -> str:
+    """``value`` cut to its first ``max_words`` words (followed by `` ...``) when longer."""
     words = str(value).split()
     return value if len(words) <= max_words else " ".join(words[:max_words]) + " ..."
 
 
 def render_item(spec: TaskSpec, item: ProfileItem, *, max_words: int = MAX_FIELD_WORDS) -> str:
     """One profile item as text, with ``spec.item_template`` (long fields cut)."""
-    fields = {name: _cut(value, max_words) for name, value in item.fields.items()}
+    fields = {name: cut_words(value, max_words) for name, value in item.fields.items()}
     try:
         return spec.item_template.format(**fields)
     except KeyError as exc:

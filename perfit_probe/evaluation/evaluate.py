@@ -512,6 +512,13 @@ def write_lora_selection(result: EvalResult, directory: Path) -> dict:
     return summary
 
 
+def steer_site(perfit: PerFit | None, deltas: Deltas) -> str | None:
+    """Where ``steer_delta`` adds a user's delta: the first of the fit's sites that the cache
+    measured (the first cached site without a fit); None when no fit site was cached."""
+    sites = perfit.collective.spec.sites if perfit is not None else deltas.sites
+    return next((s for s in sites if s in deltas.sites), None)
+
+
 def _steer_delta_predictions(loaded: LoadedModel, spec: TaskSpec, chosen: list[Example], perfit: PerFit | None,
                              deltas: Deltas | None, config: EvalConfig) -> Predictions | None:
     """Training-free personalization: each row's user's delta vector (``RUN/deltas``: mean hidden state
@@ -523,8 +530,7 @@ def _steer_delta_predictions(loaded: LoadedModel, spec: TaskSpec, chosen: list[E
     if deltas is None or not spec.labels:
         log.info("skipping steer_delta: %s", "no cached deltas in the run" if deltas is None else "no label set")
         return None
-    sites = perfit.collective.spec.sites if perfit is not None else deltas.sites
-    site = next((s for s in sites if s in deltas.sites), None)
+    site = steer_site(perfit, deltas)
     users = sorted({e.user_id for e in chosen})
     missing = [u for u in users if u not in deltas.user_ids]
     if site is None or missing:
