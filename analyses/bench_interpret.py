@@ -22,7 +22,8 @@ import torch
 def main() -> None:
     from perfit_probe.commands.common import recorded_model
     from perfit_probe.evaluation.evaluate import heldout_examples, load_fitted_run, predict
-    from perfit_probe.evaluation.interpret import InterpretConfig, prompt_settings, run_interpret
+    from perfit_probe.config import InterpretConfig
+    from perfit_probe.evaluation.interpret import prompt_settings, run_interpret
     from perfit_probe.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -46,7 +45,8 @@ from tqdm.auto import tqdm
 from perfit_probe import cache_store as store
 from perfit_probe.backends import ActivationBackend, get_backend
 from perfit_probe.cache_store import ActivationCache
-from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS, Example
+from perfit_probe.config import CacheConfig
+from perfit_probe.data.records import Example
 from perfit_probe.errors import CacheError, ConfigError, DataError
 from perfit_probe.sites import Site, batch_positions, gather_positions, parse_positions, parse_sites
 
@@ -364,80 +364,6 @@ def default_sites(n_layers: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------
 # The stage
-
-
-@dataclass
-class CacheConfig:
-    """Everything ``perfit-probe cache`` needs; recorded in ``run.json``."""
-
-    task: str = "movielens"
-    """Task name for ``perfit_probe.data.load_task`` (``movielens``, ``synthetic``, ``LaMP-3``, ...)."""
-    task_path: Path | None = None
-    """Questions file or directory of the task (LaMP tasks); ``None`` for embedded data."""
-    task_outputs: Path | None = None
-    """Gold outputs file of a LaMP task, when separate from the questions."""
-    examples: Path | None = None
-    """JSON-lines file of ready prompts (``user_id, query_id, variant, prompt``); replaces the task."""
-    n_users: int | None = 20
-    """Number of users to load (``None``: all)."""
-    max_queries: int | None = 8
-    """At most this many queries per user (seeded choice); ``None`` or 0: all the task loader
-    gives (see ``perfit_probe.data.query_cap``)."""
-    variants: tuple[str, ...] = DEFAULT_VARIANTS
-    """Prompt variants to cache, among ``VARIANTS``: ``plain``, ``enhanced``, ``control`` (the
-    default) and the format-matched controls ``other_user``, ``format_random``, ``permuted``
-    (``perfit_probe.data.controls``; one more forward pass per query each)."""
-    k: int = 4
-    """History items retrieved into an enhanced prompt."""
-    retriever: str = "bm25"
-    """History retriever of ``build_examples``."""
-    chat: bool | None = None
-    """Apply the tokenizer's chat template (``None``: when the tokenizer has one)."""
-    sites: list[str | int] | None = None
-    """Sites or layer indices to cache; ``None``: ``default_sites`` (a spread of layers)."""
-    positions: str = "last"
-    """Position spec: ``last``, ``mean`` or ``f<p>+l<s>``."""
-    storage_dtype: str = "float32"
-    """Dtype of stored activations: ``float32``, ``bfloat16`` or ``float16``."""
-    batch_size: int = 16
-    """Prompts per forward pass."""
-    shard_rows: int = 1024
-    """Rows per shard file (the unit of resuming and of memory use)."""
-    padding_side: str = "left"
-    """Padding side of batches (values do not depend on it)."""
-    backend: str = "hooks"
-    """Activation backend: ``hooks`` (fast, early stop), ``transformer_lens`` or ``nnsight``."""
-    seed: int = 0
-    """Seed of user/query selection and of prompt construction."""
-    resume: bool = False
-    """Continue a stopped run in the same directory instead of refusing to overwrite it."""
-    model: str = "smollm2"
-    """Model to load when none is passed to ``run_cache``."""
-    dtype: str = "float32"
-    """Dtype the model computes in."""
-    device: str = "cpu"
-    """Device of the model."""
-
-    def validate(self, n_layers: int | None = None) -> None:
-        """Cheap checks of every option before anything is loaded or written (``ConfigError``);
-        with ``n_layers``, the sites too."""
-        from perfit_probe.backends import BACKEND_NAMES
-        from perfit_probe.data import query_cap
-
-        if self.n_users is not None and self.n_users < 1:
-            raise ConfigError(f"n_users={self.n_users} must be >= 1 (None: all users)")
-        query_cap(self.max_queries)
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad or not self.variants:
-            raise ConfigError(f"unknown prompt variant(s) {bad}: choose from {VARIANTS}")
-        if self.k < 1:
-            raise ConfigError(f"k={self.k}: enhanced prompts need at least 1 history item (k >= 1); "
-                              "with k=0 they equal the plain prompts and every delta is 0")
-        check_cache_options(self.positions, self.storage_dtype, self.batch_size, self.shard_rows, self.padding_side)
-        if self.backend not in BACKEND_NAMES:
-            raise ConfigError(f"unknown backend {self.backend!r}: choose from {BACKEND_NAMES}")
-        if n_layers is not None and self.sites:
-            parse_sites(self.sites, n_layers)
 
 
 def build_task_examples(config: CacheConfig, tokenizer) -> tuple[list[Example], dict]:

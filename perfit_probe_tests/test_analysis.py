@@ -17,7 +17,8 @@ from perfit_probe.analysis.nulls import (
 )
 from perfit_probe.analysis.shift import ShiftPCA, cumulative_energy, energy_spectrum, rank_at_energy
 from perfit_probe.analysis.synthetic import planted_deltas
-from perfit_probe.analysis.tables import AnalysisConfig, AnalysisResult, analyze_deltas
+from perfit_probe.analysis.tables import AnalysisResult, analyze_deltas
+from perfit_probe.config import AnalysisConfig
 from perfit_probe.errors import ConfigError
 
 TAUS = (0.8, 0.9, 0.95)

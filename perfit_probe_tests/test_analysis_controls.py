@@ -17,8 +17,9 @@ from perfit_probe.analysis.nulls import (
 from perfit_probe.analysis.report import render_report
 from perfit_probe.analysis.shift import ShiftPCA
 from perfit_probe.analysis.synthetic import planted_deltas
-from perfit_probe.analysis.tables import AnalysisConfig, AnalysisResult, TEXT_SITE, analyze_deltas
+from perfit_probe.analysis.tables import AnalysisResult, TEXT_SITE, analyze_deltas
 from perfit_probe.analysis.text_baseline import text_identification
+from perfit_probe.config import AnalysisConfig
 
 FAST = dict(n_boot=20, n_perm=20, n_null_draws=30, max_figure_sites=1)
 

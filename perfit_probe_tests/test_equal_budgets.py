@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
+from perfit_probe.config import EvalConfig, FitConfig, LoraBaselineConfig
 from perfit_probe.data.records import ProfileItem, Query, TaskData, User
 from perfit_probe.data.splits import Split
 from perfit_probe.evaluation import lora as lora_module
-from perfit_probe.evaluation.evaluate import EvalConfig, evaluate_methods, run_evaluate
-from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig
+from perfit_probe.evaluation.evaluate import evaluate_methods, run_evaluate
+from perfit_probe.evaluation.lora import LoraBaseline
 from perfit_probe.interventions.batching import Encoded, encode
-from perfit_probe.interventions.fit import FitConfig, run_fit, validation_indices, validation_split
+from perfit_probe.interventions.fit import run_fit, validation_indices, validation_split
 from perfit_probe_tests.test_evaluate import SPEC, WORDS
 from perfit_probe_tests.tiny import tiny_model
 

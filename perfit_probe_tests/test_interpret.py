@@ -23,8 +23,9 @@ from perfit_probe.analysis.subspaces import angle_test, centred_pcs, energy_shar
 from perfit_probe.analysis.synthetic import planted_deltas
 from perfit_probe.backends.hooks import HookBackend
 from perfit_probe.cli import main
-from perfit_probe.evaluation.interpret import (InterpretConfig, interpret, kl_divergence, prompt_settings,
-                                               steering_vectors, user_bootstrap)
+from perfit_probe.config import InterpretConfig
+from perfit_probe.evaluation.interpret import (interpret, kl_divergence, prompt_settings, steering_vectors,
+                                               user_bootstrap)
 from perfit_probe.interventions.steering import (AdditiveSteering, label_ids_of, steer_last_token,
                                                  steered_label_logprobs)
 from perfit_probe.sites import parse_site

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from perfit_probe.cli import main
-from perfit_probe.data.profile_examples import PersonalData, item_query, training_examples, training_queries
+from perfit_probe.config import EvalConfig, FitConfig, PersonalData
+from perfit_probe.data.profile_examples import item_query, training_examples, training_queries
 from perfit_probe.data.records import ProfileItem, Query, TaskData, User
 from perfit_probe.data.splits import make_split
 from perfit_probe.data.tasks import task_spec
 from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.evaluate import EvalConfig
 from perfit_probe.interventions.apply import Intervention
-from perfit_probe.interventions.fit import FitConfig, personal_start, run_fit
+from perfit_probe.interventions.fit import personal_start, run_fit
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.rundir import RunDir
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
@@ -82,8 +82,8 @@ def test_planted_lamp_task_in_official_format_is_fitted_and_then_scored_right(tm
     out = tmp_path / "run"
     assert main(["fit", "--model", str(model), "--task", "LaMP-3", "--task-path", str(q), "--task-outputs", str(o),
                  "--users", "0", "--test-users", "4", "--layers", "2,3", "--positions", "l1", "--collective-rank", "4",
-                 "--personal-rank", "2", "--epochs1", "40", "--epochs2", "2", "--lr", "0.05", "--batch-size", "4",
-                 "--max-prompt-tokens", "64", "--quiet", "--out", str(out)]) == 0
+                 "--personal-rank", "2", "--epochs1", "40", "--epochs2", "2", "--lr1", "0.05", "--lr2", "0.05",
+                 "--batch-size", "4", "--max-prompt-tokens", "64", "--no-progress", "--out", str(out)]) == 0
     split = json.loads((out / "perfit" / "split.json").read_text())
     assert all(len(v) == 1 for v in split["heldout"].values()) and len(split["test_users"]) == 4
     assert main(["evaluate", str(out), "--methods", "stage1,perfit", "--no-progress"]) == 0
@@ -146,7 +146,7 @@ def test_cli_evaluate_k_equal_to_default_is_kept(tmp_path):
     out = tmp_path / "run"
     assert main(["fit", "--model", str(model), "--task", "synthetic", "--users", "6", "--max-queries", "3",
                  "--heldout", "1", "--layers", "1", "--epochs1", "1", "--epochs2", "1", "--k", "2",
-                 "--max-profile-examples", "3", "--max-prompt-tokens", "96", "--quiet", "--out", str(out)]) == 0
+                 "--max-profile-examples", "3", "--max-prompt-tokens", "96", "--no-progress", "--out", str(out)]) == 0
     assert main(["evaluate", str(out), "--methods", "base", "--k", "4", "--no-progress"]) == 0
     stages = RunDir.open(out).info()["stages"]
     assert [s["config"]["k"] for s in stages if s["command"] == "evaluate"] == [4]

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from perfit_probe.config import SteerConfig
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.steer import (
-    SteerConfig,
     derangement,
     history_behaviour,
     personal_subspace,
@@ -128,7 +128,8 @@ def _hand_label_scores(loaded, prompts, intervention):
 def test_dose_end_points_equal_independent_predictions(planted_steer):
     """alpha = 0 gives what a separately built stage-1-only intervention gives (scored here by
     hand, prompt by prompt); alpha = 1 gives the PerFit predictions of ``evaluate_methods``."""
-    from perfit_probe.evaluation.evaluate import EvalConfig, evaluate_methods, heldout_examples
+    from perfit_probe.config import EvalConfig
+    from perfit_probe.evaluation.evaluate import evaluate_methods, heldout_examples
     from perfit_probe.interventions import Intervention
 
     loaded, task, split, perfit = planted_run()
@@ -293,7 +294,8 @@ def test_random_bank_has_the_stated_rank_and_edit_size(kind):
 
 def test_random_bank_control_uses_that_bank(planted_steer):
     """The control's random_bank row is PerFit's evaluation with ``random_bank(personal, seed)``."""
-    from perfit_probe.evaluation.evaluate import EvalConfig, evaluate_methods
+    from perfit_probe.config import EvalConfig
+    from perfit_probe.evaluation.evaluate import evaluate_methods
     from perfit_probe.interventions import PerFit
 
     loaded, task, split, perfit = planted_run()
@@ -320,8 +322,8 @@ def test_history_behaviour_for_ratings_and_labels():
 def test_run_evaluate_and_run_steer_write_the_run_directory(tmp_path, monkeypatch):
     import perfit_probe.data as data
     from perfit_probe.cli import main
-    from perfit_probe.evaluation.evaluate import EvalConfig, run_evaluate
-    from perfit_probe.evaluation.lora import LoraBaselineConfig
+    from perfit_probe.config import EvalConfig, LoraBaselineConfig
+    from perfit_probe.evaluation.evaluate import run_evaluate
     from perfit_probe.evaluation.steer import run_steer
     from perfit_probe.rundir import RunDir
 

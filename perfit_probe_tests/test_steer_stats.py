@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+from perfit_probe.config import SteerConfig
 from perfit_probe.data.prompts import continuation
 from perfit_probe.evaluation.shared_prefix import score_label_variants, single_token_labels
-from perfit_probe.evaluation.steer import SteerConfig, random_subspace, steer_checks
+from perfit_probe.evaluation.steer import random_subspace, steer_checks
 from perfit_probe.evaluation.steer_stats import (
     dose_intervals,
     random_percentile,

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from perfit_probe.cli import main
+from perfit_probe.config import FitConfig
 from perfit_probe.data.splits import Split
 from perfit_probe.interventions.artifact import load_perfit
-from perfit_probe.interventions.fit import FitConfig, lora_parameter_count, run_fit
+from perfit_probe.interventions.fit import lora_parameter_count, run_fit
 from perfit_probe.rundir import read_json
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
@@ -64,7 +65,7 @@ def test_cli_fit_and_one_line_errors(tmp_path, capsys):
     model_dir = save_tiny_model(tmp_path / "tiny")
     capsys.readouterr()
     base = ["fit", "--model", str(model_dir), "--task", "synthetic", "--users", "6", "--max-queries", "4",
-            "--heldout", "1", "--epochs1", "1", "--epochs2", "1", "--quiet", "--max-prompt-tokens", "96"]
+            "--heldout", "1", "--epochs1", "1", "--epochs2", "1", "--no-progress", "--max-prompt-tokens", "96"]
     assert main(base + ["--layers", "1", "--collective-rank", "33", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
     assert "rank 33" in err and len(err.splitlines()) == 1
@@ -100,7 +101,7 @@ def test_fit_config_checks_position_options():
     from perfit_probe.errors import ConfigError
 
     FitConfig(position_clamp="cover", share_weights=True).validate()
-    with pytest.raises(ConfigError, match="position clamp 'half'"):
+    with pytest.raises(ConfigError, match="position_clamp: expected one of 'pyreft' or 'cover', got str 'half'"):
         FitConfig(position_clamp="half").validate()
     with pytest.raises(ConfigError, match="share_weights"):
         FitConfig(share_weights="no").validate()
@@ -130,7 +131,7 @@ def test_torchrun_two_processes_give_the_same_fit(tmp_path):
     model = save_tiny_model(tmp_path / "tiny")
     args = ["fit", "--model", str(model), "--task", "synthetic", "--users", "8", "--max-queries", "5",
             "--heldout", "1", "--layers", "1,2", "--epochs1", "1", "--epochs2", "2", "--batch-size", "2",
-            "--val-per-user", "1", "--quiet", "--max-prompt-tokens", "96"]
+            "--val-per-user", "1", "--no-progress", "--max-prompt-tokens", "96"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -38,16 +38,19 @@ bootstrap: their interval is the spread of repeated null draws.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 
 from perfit_probe.analysis.shift import cumulative_energy, energy_spectrum, rank_at_energy
+from perfit_probe.config import AnalysisSource, Bootstrap, ControlVariant
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 
-CONTROL_SOURCES = ("other_user", "format_random", "permuted")
+CONTROL_SOURCES = get_args(ControlVariant)
 """Sources from the opt-in control prompt variants (``Deltas.variant_deltas``)."""
 
-SOURCES = ("deltas", "gaussian_null", "control", "shuffled") + CONTROL_SOURCES
+SOURCES = get_args(AnalysisSource)
 """Every source the analysis can compare, the real deltas first."""
 
 NULLS = ("gaussian_null", "anisotropic_null")
@@ -163,7 +166,7 @@ def rank_p_value_randomized(observed: float, draws: np.ndarray, rng: np.random.G
     return float((1 + np.sum(draws < observed) + rng.integers(0, ties + 1)) / (1 + len(draws)))
 
 
-BOOTSTRAPS = ("bayesian", "classic")
+BOOTSTRAPS = get_args(Bootstrap)
 """Kinds of bootstrap over users (see :func:`bootstrap_weights`)."""
 
 

@@ -59,23 +59,23 @@ import logging
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, get_args
 
 import numpy as np
 import pandas as pd
 import torch
 
+from perfit_probe.config import Decoding, EvalConfig, Method, PersonalData
 from perfit_probe.data.prompts import build_examples, continuation
-from perfit_probe.data.profile_examples import PersonalData, personal_examples
+from perfit_probe.data.profile_examples import personal_examples
 from perfit_probe.data.records import Example, TaskData, TaskSpec
 from perfit_probe.data.splits import Split, heldout_user
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ArtifactError, ConfigError
 from perfit_probe.evaluation.baselines import BASELINES, baseline_predictions, skip_reason
-from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
+from perfit_probe.evaluation.lora import LoraBaseline, UserLora
 from perfit_probe.evaluation.metrics import DIAGNOSTICS, HIGHER_IS_BETTER, METRICS, score_task, write_predictions
 from perfit_probe.evaluation.uncertainty import (
-    UncertaintyConfig,
     describe_uncertainty,
     differences_table,
     evaluation_uncertainty,
@@ -86,8 +86,8 @@ from perfit_probe.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", "steer_delta", *BASELINES)
-DECODINGS = ("auto", "constrained", "greedy")
+METHODS = get_args(Method)
+DECODINGS = get_args(Decoding)
 _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "base": ("plain", "none"),
     "rag": ("enhanced", "none"),
@@ -99,71 +99,6 @@ _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "steer_delta": ("plain", "none"),
     **{name: ("plain", "none") for name in BASELINES},
 }
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Settings of ``perfit-probe evaluate``."""
-
-    methods: tuple[str, ...] = METHODS
-    """Methods to evaluate, a subset of ``METHODS``."""
-    decoding: str = "auto"
-    """``auto``, ``constrained`` or ``greedy`` (see the module docstring)."""
-    max_new_tokens: int = 16
-    """Tokens generated per prompt by greedy decoding."""
-    batch_size: int = 16
-    """Prompts per forward pass."""
-    k: int | None = None
-    """History items retrieved into the ``rag`` prompt (None: the fit's value; 4 without one)."""
-    retriever: str | None = None
-    """Retriever of the ``rag`` prompt (None: the fit's; ``bm25`` without one)."""
-    chat: bool | None = None
-    """Wrap prompts in the chat template (None: as the fit did, else when the tokenizer has one)."""
-    use_stemmer: bool = False
-    """ROUGE with the Porter stemmer (LaMP's evaluation uses none)."""
-    max_prompt_tokens: int | None = None
-    """Longer prompts keep their last tokens."""
-    lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
-    """Hyperparameters of the per-user LoRA adapters (``lora`` and ``oppu``)."""
-    lora_task: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
-    """Hyperparameters of OPPU's shared task LoRA (``lora_task`` and ``oppu``)."""
-    seed: int = 0
-    """Seed of prompt construction and LoRA training (and of the bootstrap in ``write_results``)."""
-    val_per_user: int | None = None
-    """Model selection of the per-user LoRAs (``lora``, ``oppu``): this many of each test user's
-    history examples are held out and the user keeps its best epoch on them, epoch 0 being no
-    adapter (None: the fit's ``val_per_user`` in ``run_evaluate``, so the budgets match; 0: no
-    selection, every example trained on for all epochs)."""
-    val_seed: int | None = None
-    """Seed of the held-out choice (None: the fit's seed in ``run_evaluate``, else ``seed``)."""
-    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
-    """Bootstrap and permutation settings of the intervals and differences in ``write_results``."""
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ConfigError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
-        if self.decoding not in DECODINGS:
-            raise ConfigError(f"unknown decoding {self.decoding!r}: choose from {DECODINGS}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError(f"batch_size ({self.batch_size}) and max_new_tokens ({self.max_new_tokens}) "
-                              "must be at least 1")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None)")
-        if self.k is not None and self.k < 1:
-            raise ConfigError(f"k={self.k} must be >= 1: the rag prompt needs history items")
-        if self.val_per_user is not None and self.val_per_user < 0:
-            raise ConfigError(f"val_per_user={self.val_per_user} must be >= 0 (0: no model selection)")
-
-    def with_fit(self, recorded: dict) -> EvalConfig:
-        """Prompt options left unset (None) take the fit's ``recorded`` values, then the defaults.
-
-        An option set explicitly always wins, even when it equals a default.
-        """
-        fallback = {"k": 4, "retriever": "bm25", "chat": None}
-        values = {key: getattr(self, key) if getattr(self, key) is not None else recorded.get(key, default)
-                  for key, default in fallback.items()}
-        return replace(self, **values)
 
 
 @dataclass

@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -54,8 +55,8 @@ import torch
 
 from perfit_probe.analysis.lens import label_first_tokens, label_shift, lens_shift, top_tokens
 from perfit_probe.analysis.subspaces import angle_test, centred_pcs, random_null
+from perfit_probe.config import InterpretConfig, PersonalData, SteerMethod
 from perfit_probe.data.prompts import continuation
-from perfit_probe.data.profile_examples import PersonalData
 from perfit_probe.data.records import TaskData
 from perfit_probe.data.splits import Split
 from perfit_probe.deltas import Deltas
@@ -70,47 +71,8 @@ from perfit_probe.sites import batch_last_mask, parse_positions
 
 log = logging.getLogger(__name__)
 
-STEER_METHODS = ("full", "personal", "pca", "other_user", "random")
+STEER_METHODS = get_args(SteerMethod)
 """Vectors added to the plain prompt (see the module docstring)."""
-
-
-@dataclass(frozen=True)
-class InterpretConfig:
-    """Settings of ``perfit-probe interpret``."""
-
-    sites: tuple[str, ...] | None = None
-    """Sites to study (None: the fit's sites that the cache measured)."""
-    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
-    """Scales of the added delta vectors (0 is the unsteered plain prompt)."""
-    methods: tuple[str, ...] = STEER_METHODS
-    """Steering vectors, a subset of ``STEER_METHODS``."""
-    k: int = 4
-    """Top centred principal directions of the deltas (the delta subspace)."""
-    n_null: int = 200
-    """Random subspaces in the principal-angle null."""
-    n_boot: int = 1000
-    """Bootstrap resamples of users for the KL intervals."""
-    level: float = 0.95
-    """Coverage of the bootstrap intervals."""
-    n_tokens: int = 10
-    """Promoted and demoted tokens listed per direction."""
-    n_pcs: int = 2
-    """Personal principal directions read with the logit lens."""
-    max_queries_per_user: int | None = None
-    """Held-out queries per test user in the steering and monitoring (None: all)."""
-    seed: int = 0
-    """Seed of the derangement, the random vectors, the null and the bootstrap."""
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in STEER_METHODS]
-        if bad or not self.methods:
-            raise ConfigError(f"unknown steering method(s) {bad}: choose from {STEER_METHODS}")
-        if not self.alphas:
-            raise ConfigError("give at least one alpha")
-        if self.k < 1 or self.n_null < 1 or self.n_boot < 1:
-            raise ConfigError("k, n_null and n_boot must be >= 1")
-        if not 0 < self.level < 1:
-            raise ConfigError(f"level={self.level} must lie in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -266,7 +228,7 @@ class _Context:
         self.labels = list(self.spec.labels) if self.spec.labels else []
         self.label_texts = [continuation(lab, loaded.tokenizer, settings.chat) for lab in self.labels]
         self.site_deltas = {s: deltas.enhanced[:, deltas.site_index(s)].double().numpy() for s in self.sites}
-        self.pcs = {s: centred_pcs(self.site_deltas[s], config.k) for s in self.sites}
+        self.pcs = {s: centred_pcs(self.site_deltas[s], config.subspace_dim) for s in self.sites}
         self.hidden: dict[tuple[str, str, str], torch.Tensor] = {}  # (site, user, query) -> [T, d] plain states
 
     def delta_row(self, user: str) -> int:
@@ -288,7 +250,7 @@ def steering_kl(ctx: _Context) -> tuple[pd.DataFrame, pd.DataFrame]:
         _capture_hidden(ctx)
         return pd.DataFrame(), pd.DataFrame()
     methods, users, n_sites = list(c.methods), ctx.users, len(ctx.sites)
-    per_site = {s: steering_vectors(ctx.site_deltas[s], users, ctx.deltas.user_ids, c.k, c.methods,
+    per_site = {s: steering_vectors(ctx.site_deltas[s], users, ctx.deltas.user_ids, c.subspace_dim, c.methods,
                                     c.seed + i) for i, s in enumerate(ctx.sites)}
     d = ctx.deltas.d_model
     # one slot per (user, site, method); only that site's entry is non-zero
@@ -527,7 +489,7 @@ def interpret(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit,
         _capture_hidden(ctx)
     angles, summary, energy = alignment(ctx) if ctx.sites else (pd.DataFrame(),) * 3
     tokens, labels, monitoring, stats = readouts(ctx, personal) if ctx.sites else (pd.DataFrame(),) * 3 + ([],)
-    used = {"sites": ctx.sites, "alphas": list(config.alphas), "methods": list(config.methods), "k": config.k,
+    used = {"sites": ctx.sites, "alphas": list(config.alphas), "methods": list(config.methods), "k": config.subspace_dim,
             "n_null": config.n_null, "n_boot": config.n_boot, "n_users": len(ctx.users),
             "n_queries": len(ctx.plain), "prompts": settings.__dict__,
             "delta_positions": deltas.meta.get("positions")}

@@ -29,18 +29,19 @@ removes them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, get_args
 
 import torch
 from torch import nn
 
+from perfit_probe.config import AblateMode, Stacking
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
 from perfit_probe.sites import (READ_CLAMP, PositionSpec, Site, batch_last_mask, batch_positions, check_clamp,
                                 parse_positions, parse_site)
 
-STACKINGS = ("sum", "compose")
-ABLATE_MODES = ("hidden", "edit")
+STACKINGS = get_args(Stacking)
+ABLATE_MODES = get_args(AblateMode)
 
 
 class Intervention:

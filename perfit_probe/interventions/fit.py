@@ -35,209 +35,35 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import get_args
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 
+from perfit_probe.config import FitConfig, PersonalInit
 from perfit_probe.data import load_task
-from perfit_probe.data.profile_examples import PersonalData, personal_examples
+from perfit_probe.data.profile_examples import personal_examples
 from perfit_probe.data.prompts import build_examples, continuation
 from perfit_probe.data.records import Example, TaskData
-from perfit_probe.data.splits import TEST_USER_CHOICES, Split, make_split
+from perfit_probe.data.splits import Split, make_split
 from perfit_probe.errors import ConfigError, DataError
-from perfit_probe.interventions.apply import STACKINGS, check_sites
+from perfit_probe.interventions.apply import check_sites
 from perfit_probe.interventions.artifact import check_identity, load_bank, save_bank
 from perfit_probe.interventions.batching import Encoded, encode
-from perfit_probe.interventions.modules import INITS, KINDS, BankSpec, InterventionBank, slot_generator
-from perfit_probe.interventions.train import TrainConfig, curve_summary, train_collective, train_personal
+from perfit_probe.interventions.modules import BankSpec, InterventionBank, slot_generator
+from perfit_probe.interventions.train import curve_summary, train_collective, train_personal
 from perfit_probe.models import LoadedModel
 from perfit_probe.rundir import RunDir, atomic_write_text, staged_dir, write_checksums, write_json
-from perfit_probe.sites import POSITION_CLAMPS, SITE_KINDS, Site, decoder_layers, parse_positions
+from perfit_probe.sites import Site, decoder_layers
 
 log = logging.getLogger(__name__)
 
-PERSONAL_INITS = ("zero", "random", "stage1")
+PERSONAL_INITS = get_args(PersonalInit)
 FIT_FILES = ("split.json", "task.json", "curves.csv", "params.json")
 """Files of ``RUN/perfit/`` besides the banks, covered by its ``checksums.json``."""
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Everything ``perfit-probe fit`` needs besides the model and the output directory."""
-
-    task: str = "movielens"
-    """Task name for ``perfit_probe.data.load_task``."""
-    task_path: Path | None = None
-    """Data file or directory of the task (LaMP tasks need one)."""
-    task_outputs: Path | None = None
-    """Gold outputs file of a LaMP task (optional)."""
-    n_users: int | None = 20
-    """Users to load (seeded choice); None = all."""
-    max_queries: int | None = None
-    """Cap on queries per user (None = the task loader's default)."""
-    n_test_users: int | None = None
-    """Users who get a personal intervention; None = ``test_fraction`` of the users."""
-    test_fraction: float = 0.5
-    """Share of users who are test users when ``n_test_users`` is None."""
-    test_users_by: str = "history"
-    """Test users are those with the most ``history`` (profile items; OPPU's choice) or ``queries``."""
-    n_heldout: int | None = None
-    """Queries held out per test user for evaluation (None: all of them, as OPPU evaluates)."""
-    personal_data: str = "profile"
-    """What stage 2 (and the per-user LoRA baselines) train on: ``profile`` (the user's history
-    items as task examples, OPPU's protocol) or ``queries`` (non-held-out queries; needs
-    ``n_heldout``)."""
-    max_profile_examples: int | None = 32
-    """``profile``: each test user's most recent items trained on (None: all); bounds CPU cost."""
-    profile_examples: str = "all"
-    """``profile``: ``all``, or ``task_only`` to skip tasks whose items have no task form (LaMP-1, LaMP-7)."""
-    layers: tuple[int, ...] = (8, 12)
-    """Layers edited (negative counts from the end)."""
-    site_kind: str = "resid_post"
-    """Site kind edited at each layer (``resid_post`` as in the paper)."""
-    positions: str = "f1+l2"
-    """Prompt positions edited (LoReFT grammar)."""
-    position_clamp: str = "pyreft"
-    """How a short prompt of ``n`` tokens clamps ``f{p}+l{s}`` (``perfit_probe.sites.POSITION_CLAMPS``):
-    ``pyreft`` takes ``min(p, n // 2)`` first and ``min(s, n // 2)`` last tokens, whether or
-    not both sides are used (a one-token prompt is not edited); ``cover`` takes ``min(p, n // 2)``
-    and ``min(s, ceil(n / 2))`` when both are used, each side alone up to ``n`` (perfit-probe's
-    earlier rule). Default ``pyreft``: it is the reference LoReFT implementation's rule
-    (``get_intervention_locations``), so a fit edits the tokens a pyreft run would; the two
-    rules differ only on prompts shorter than ``2 * max(p, s)`` tokens."""
-    share_weights: bool = False
-    """False (default): separate interventions for the first-p and the last-s positions of an
-    ``f{p}+l{s}`` spec, two per site; True: one intervention per site for all positions
-    (perfit-probe's earlier behaviour, half the parameters). Specs of one side (``l1``, ``f2``)
-    have one intervention per site either way. Default False: it is pyreft's default, so a
-    fit and its parameter counts are those of a pyreft run with the same spec (with ``f1+l2``
-    twice the parameters of the earlier shared default)."""
-    intervention: str = "loreft"
-    """``loreft``, ``noreft`` or ``lobireft``."""
-    collective_rank: int = 8
-    """Rank of the stage-1 intervention (paper: often 32 for Llama-2-7B)."""
-    personal_rank: int = 4
-    """Rank of each user's intervention (paper: 4-32)."""
-    epochs1: int = 2
-    """Stage-1 epochs (paper: 3)."""
-    epochs2: int = 2
-    """Stage-2 epochs over each user's history (paper: 2)."""
-    lr1: float = 2e-3
-    """Stage-1 learning rate (paper: 1e-4 on a 7B model; larger here so a small demo learns)."""
-    lr2: float = 2e-3
-    """Stage-2 learning rate."""
-    weight_decay: float = 1e-2
-    """AdamW weight decay (paper: 1e-2)."""
-    max_grad_norm: float = 0.3
-    """Gradient-norm clip (paper: 0.3), per user in stage 2."""
-    batch_size: int = 8
-    """Rows per step in stage 1, rows per user per step in stage 2."""
-    rows_per_forward: int = 32
-    """Memory cap: rows per forward/backward pass."""
-    val_per_user: int = 0
-    """Stage-2 model selection: this many of each test user's history examples (a seeded
-    choice, at most all but one) are held out of training, and the user keeps the epoch with
-    the lowest loss on them, epoch 0 being the initialisation (0: no selection, last epoch)."""
-    stacking: str = "sum"
-    """How personal and collective edits stack: ``sum`` or ``compose`` (not published)."""
-    collective_init: str = "zero"
-    """Stage-1 start: ``zero`` (edit exactly 0) or ``random`` (pyreft's)."""
-    personal_init: str = "zero"
-    """Stage-2 start: ``zero``, ``random`` or ``stage1`` (copy of the collective; needs equal ranks)."""
-    prompt_variant: str = "plain"
-    """Prompt variant trained on (``plain``: the intervention must carry the personal signal)."""
-    k: int = 4
-    """Retrieved history items in ``enhanced`` prompts."""
-    retriever: str = "bm25"
-    """Retriever of history items."""
-    chat: bool | None = None
-    """Apply the tokenizer's chat template (None: when it has one)."""
-    max_prompt_tokens: int | None = 256
-    """Longer prompts keep their last tokens."""
-    seed: int = 0
-    """Seed of the split, the initialisations and the data order."""
-    model: str = "smollm2"
-    """Model to load when ``run_fit`` is not given one (see ``perfit_probe.models.load_model``)."""
-    dtype: str = "float32"
-    """Model dtype when ``run_fit`` loads the model."""
-    device: str = "cpu"
-    """Device when ``run_fit`` loads the model (cpu, cuda, cuda:N, auto)."""
-
-    def validate(self) -> None:
-        """Cheap checks of the options, before any data or model is loaded."""
-        if self.intervention not in KINDS:
-            raise ConfigError(f"unknown intervention {self.intervention!r}: choose from {KINDS}")
-        if self.stacking not in STACKINGS:
-            raise ConfigError(f"unknown stacking {self.stacking!r}: choose from {STACKINGS}")
-        if self.collective_init not in INITS:
-            raise ConfigError(f"unknown collective init {self.collective_init!r}: choose from {INITS}")
-        if self.personal_init not in PERSONAL_INITS:
-            raise ConfigError(f"unknown personal init {self.personal_init!r}: choose from {PERSONAL_INITS}")
-        if self.personal_init == "stage1" and self.personal_rank != self.collective_rank:
-            raise ConfigError("--personal-init stage1 copies the collective intervention: give both ranks the same value")
-        if self.site_kind not in SITE_KINDS:
-            raise ConfigError(f"unknown site kind {self.site_kind!r}: choose from {SITE_KINDS}")
-        if not self.layers:
-            raise ConfigError("give at least one layer (--layers 8,12)")
-        if min(self.collective_rank, self.personal_rank) < 1:
-            raise ConfigError("ranks must be >= 1")
-        if self.epochs1 < 0 or self.epochs2 < 0 or self.batch_size < 1 or self.rows_per_forward < 1:
-            raise ConfigError("epochs must be >= 0, batch size and rows per forward >= 1")
-        if self.val_per_user < 0:
-            raise ConfigError(f"val_per_user must be >= 0, got {self.val_per_user}")
-        if not (self.lr1 > 0 and self.lr2 > 0):
-            raise ConfigError("learning rates must be positive")
-        parse_positions(self.positions)
-        if self.position_clamp not in POSITION_CLAMPS:
-            raise ConfigError(f"unknown position clamp {self.position_clamp!r}: choose from {POSITION_CLAMPS}")
-        if not isinstance(self.share_weights, bool):
-            raise ConfigError(f"share_weights must be true or false, got {self.share_weights!r}")
-        self.personal()
-        if self.personal_data == "queries" and self.n_heldout is None:
-            raise ConfigError("personal_data='queries' trains on the queries that are not held out: "
-                              "set n_heldout (e.g. 4)")
-        if self.n_heldout is not None and self.n_heldout < 1:
-            raise ConfigError(f"n_heldout={self.n_heldout} must be >= 1 (or none: every query)")
-        if self.test_users_by not in TEST_USER_CHOICES:
-            raise ConfigError(f"unknown test user choice {self.test_users_by!r}: choose from {TEST_USER_CHOICES}")
-        self._validate_data()
-
-    def personal(self) -> PersonalData:
-        """What the personal stages train on."""
-        return PersonalData(self.personal_data, self.max_profile_examples, self.profile_examples)
-
-    def _validate_data(self) -> None:
-        """Checks of the data options (users, queries, prompts) that need no data loaded."""
-        from perfit_probe.data import query_cap
-
-        query_cap(self.max_queries)
-        if self.n_users is not None and self.n_users < 2:
-            raise ConfigError(f"a fit needs at least 2 users (train and test users), got n_users={self.n_users}")
-        if self.n_test_users is not None and not (
-                1 <= self.n_test_users and (self.n_users is None or self.n_test_users < self.n_users)):
-            raise ConfigError(f"n_test_users={self.n_test_users} must be between 1 and n_users - 1")
-        if self.k < 1:
-            raise ConfigError(f"k={self.k}: enhanced prompts need at least 1 history item (k >= 1)")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None)")
-
-    def train_config(self, stage: int) -> TrainConfig:
-        """Optimisation settings of stage 1 or 2."""
-        return TrainConfig(epochs=self.epochs1 if stage == 1 else self.epochs2,
-                           lr=self.lr1 if stage == 1 else self.lr2, weight_decay=self.weight_decay,
-                           max_grad_norm=self.max_grad_norm, batch_size=self.batch_size,
-                           rows_per_forward=self.rows_per_forward, seed=self.seed)
-
-    def task_json(self) -> dict:
-        """What ``RUN/perfit/task.json`` records: how to reload the task and rebuild prompts."""
-        return {"load": {"name": self.task, "path": self.task_path, "outputs": self.task_outputs,
-                         "n_users": self.n_users, "seed": self.seed, "max_queries": self.max_queries},
-                "prompts": {"variant": self.prompt_variant, "k": self.k, "retriever": self.retriever,
-                            "chat": self.chat, "max_prompt_tokens": self.max_prompt_tokens},
-                "personal": self.personal().to_dict()}
 
 
 def bank_specs(config: FitConfig, loaded: LoadedModel) -> tuple[BankSpec, BankSpec]:

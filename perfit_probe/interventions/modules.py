@@ -58,16 +58,17 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator
+from typing import Iterator, get_args
 
 import torch
 from torch import nn
 
+from perfit_probe.config import Init, InterventionKind
 from perfit_probe.errors import ConfigError
 from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, parse_positions
 
-KINDS = ("loreft", "noreft", "lobireft")
-INITS = ("zero", "random")
+KINDS = get_args(InterventionKind)
+INITS = get_args(Init)
 
 
 @dataclass(frozen=True)
