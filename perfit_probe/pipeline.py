@@ -117,10 +117,9 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         # barely moves a 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
         evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 2},
                   "lora_task": {"lr": 1e-3, "epochs": 2}},
-        # Sized for the 15-minute budget: alpha 0, 0.5, ..., 3 and 20 random ablation subspaces
-        # (the defaults are a 0.25 grid and 50 subspaces).
-        steer={"max_pairs": 24, "alphas": (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0), "n_random_subspaces": 20,
-               "rows_per_pass": 16},
+        # The checks' defaults: 60 swap pairs, 50 random ablation subspaces, alpha 0, 0.25, ..., 3
+        # (every intervention runs on the edited suffix of shared prompt prefixes).
+        steer={},
     )
 
 

@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from perfit_probe.data.controls import donor_assignment
 import torch
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.steer import (
     SteerConfig,
-    derangement,
     history_behaviour,
     personal_subspace,
     random_bank,
@@ -287,7 +288,7 @@ def test_random_bank_has_the_stated_rank_and_edit_size(kind):
         size_real, size_fake = e_real.square().sum(1).mean(), e_fake.square().sum(1).mean()
         assert float(size_fake) == pytest.approx(float(size_real), rel=0.1)
     assert fake.keys == bank.keys and not any(p.requires_grad for p in fake.parameters())
-    mapping = derangement(["a", "b", "c", "d"], seed=0)
+    mapping = donor_assignment(["a", "b", "c", "d"], seed=0)
     assert sorted(mapping.values()) == ["a", "b", "c", "d"] and all(k != v for k, v in mapping.items())
 
 

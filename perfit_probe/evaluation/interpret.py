@@ -61,7 +61,8 @@ from perfit_probe.data.splits import Split
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import heldout_examples
-from perfit_probe.evaluation.steer import derangement, history_behaviour
+from perfit_probe.data.controls import donor_assignment
+from perfit_probe.evaluation.steer import history_behaviour
 from perfit_probe.interventions import PerFit, score_labels
 from perfit_probe.interventions.steering import (AdditiveSteering, label_ids_of, steer_last_token,
                                                  steered_label_logprobs)
@@ -225,7 +226,7 @@ def steering_vectors(deltas_at_site: np.ndarray, users: list[str], all_users: li
     d = deltas_at_site[[rows[u] for u in users]].astype(np.float64)
     pcs = centred_pcs(deltas_at_site, k)
     out = {"full": d, "personal": d - pcs.mean, "pca": d @ pcs.components.T @ pcs.components}
-    mapping = derangement(users, seed)
+    mapping = donor_assignment(users, seed)
     out["other_user"] = deltas_at_site[[rows[mapping[u]] for u in users]].astype(np.float64)
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(d.shape)

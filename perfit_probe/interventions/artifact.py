@@ -146,6 +146,7 @@ class PerFit:
             stacking=self.stacking,
             sites=self.collective.spec.sites,
             positions=self.collective.spec.positions,
+            position_clamp=self.collective.spec.position_clamp,
             ablate_basis=ablate_basis,
             ablate_mode=ablate_mode,
         )
