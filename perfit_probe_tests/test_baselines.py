@@ -16,9 +16,10 @@ from perfit_probe.evaluation.baselines import (
     nearest_label,
     skip_reason,
 )
-from perfit_probe.evaluation.evaluate import METHODS, EvalConfig, evaluate_methods, write_results
+from perfit_probe.evaluation.evaluate import METHODS, EvalConfig, evaluate_methods
 from perfit_probe.evaluation.uncertainty import UncertaintyConfig
 from perfit_probe.plotting.eval_figures import plot_intervals, read_uncertainty, save_eval_figures
+from perfit_probe.stages.eval_results import write_results
 from perfit_probe_tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,7 +22,6 @@ from perfit_probe.evaluation.evaluate import (
     evaluate_methods,
     predict,
     resolve_decoding,
-    write_results,
 )
 from perfit_probe.evaluation.lora import LoraBaselineConfig
 from perfit_probe.evaluation.metrics import read_predictions
@@ -30,6 +29,7 @@ from perfit_probe.interventions import PerFit, generate, score_labels
 from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.interventions.train import TrainConfig, train_collective, train_personal
+from perfit_probe.stages.eval_results import write_results
 from perfit_probe_tests.tiny import tiny_model
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.analysis.collective import CLASSIFIERS
 from perfit_probe.analysis.nulls import BOOTSTRAPS, SOURCES
-from perfit_probe.analysis.report import run_analysis
 from perfit_probe.analysis.tables import AnalysisConfig
 from perfit_probe.commands.common import csv_items
 from perfit_probe.errors import ConfigError
-from perfit_probe.rundir import seed_everything
+from perfit_probe.stages import analyze as analyze_stage
 
 _CENTERS = {"both": (False, True), "uncentred": (False,), "centred": (True,)}
 
@@ -62,8 +62,8 @@ def config_from_args(args: argparse.Namespace) -> AnalysisConfig:
 
 def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
-    result = run_analysis(args.run_dir, config_from_args(args), figures=not args.no_figures)
-    summary = result.summary()
+    result = analyze_stage.run(config_from_args(args), args.run_dir, figures=not args.no_figures)
+    summary = result.metrics
     print(f"analysed {summary['n_users']} users x {summary['n_sites']} sites (d_model {summary['d_model']})")
     for key in ("uncentred", "centred"):
         if key in summary:

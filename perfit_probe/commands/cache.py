@@ -8,15 +8,16 @@ gloo (CPU) or nccl (CUDA) process group and caches its share of the shards.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from perfit_probe.cache import CacheConfig, run_cache
+from perfit_probe._repro import seed_everything
+from perfit_probe.cache import CacheConfig
 from perfit_probe.commands.common import (
     MAX_QUERIES_HELP, TASK_PATH_HELP, add_model_arguments, csv_items, model_from_args,
 )
 from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS
-from perfit_probe.rundir import seed_everything
+from perfit_probe.stages import cache as cache_stage
+from perfit_probe.stages.distributed import torchrun
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,27 +65,16 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world_size > 1:
-        if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()):
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    try:
+    with torchrun(args.device) as ranks:
+        args.device = ranks.device
         seed_everything(args.seed)
         config = config_from_args(args)
         loaded = model_from_args(args)
-        run_dir = run_cache(config, args.out, loaded=loaded, progress=not args.no_progress and rank == 0,
-                            rank=rank, world_size=world_size)
-    finally:
-        if world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    if run_dir is not None:
-        metrics = run_dir.metrics()["cache"]
+        result = cache_stage.run(config, args.out, loaded, progress=not args.no_progress and ranks.rank == 0,
+                                 rank=ranks.rank, world_size=ranks.world_size)
+    if ranks.rank == 0:
+        metrics = result.metrics
         print(f"cached {metrics['n_rows']} prompts ({metrics['computed_rows']} computed now, "
-              f"{metrics['rows_per_s']} rows/s) at {len(metrics['sites'])} sites into {run_dir.path / 'cache'}")
-        print(f"delta vectors of {metrics['deltas_users']} users in {run_dir.path / 'deltas'}")
+              f"{metrics['rows_per_s']} rows/s) at {len(metrics['sites'])} sites into {result.cache_dir}")
+        print(f"delta vectors of {metrics['deltas_users']} users in {result.deltas_dir}")
     return 0

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from perfit_probe.models import LoadedModel, load_model
+from perfit_probe.stages.rundir import RunDir
 
 
 def csv_items(text: str) -> tuple[str, ...]:
@@ -49,14 +50,7 @@ def recorded_model(run_dir: Path) -> dict:
     Reads ``run.json``: the model identity, and the dtype and device of a ``fit`` run's
     config or of a pipeline run's ``[model]`` table.
     """
-    from perfit_probe.rundir import RunDir
-
-    info = RunDir.open(run_dir).info()
-    config = info.get("config") or {}
-    table = (config.get("pipeline") or {}).get("model") or {}
-    return {"name": (info.get("model") or {}).get("name") or table.get("name"),
-            "dtype": config.get("dtype") or table.get("dtype"),
-            "device": config.get("device") or table.get("device")}
+    return RunDir.open(run_dir).model_options()
 
 
 def model_from_args(args: argparse.Namespace, run_dir: Path | None = None) -> LoadedModel:

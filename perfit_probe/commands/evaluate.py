@@ -6,10 +6,11 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
-from perfit_probe.evaluation.evaluate import DECODINGS, METHODS, EvalConfig, run_evaluate
+from perfit_probe.evaluation.evaluate import DECODINGS, METHODS, EvalConfig
 from perfit_probe.evaluation.lora import LoraBaselineConfig
-from perfit_probe.rundir import seed_everything
+from perfit_probe.stages import evaluate as evaluate_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     config = config_from_args(args)
     loaded = model_from_args(args, args.run_dir)
-    result = run_evaluate(args.run_dir, loaded, config, progress=not args.no_progress)
+    result = evaluate_stage.run(config, args.run_dir, loaded, progress=not args.no_progress)
     print((args.run_dir / "eval" / "results.md").read_text())
-    print(f"wrote {args.run_dir / 'eval'} ({len(result.table)} methods)")
+    print(f"wrote {args.run_dir / 'eval'} ({len(result.evaluation.table)} methods)")
     return 0

@@ -12,18 +12,19 @@ the N processes (stage 1 runs on rank 0).
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import fields
 from pathlib import Path
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import MAX_QUERIES_HELP, TASK_PATH_HELP, add_model_arguments, model_from_args
 from perfit_probe.data.profile_examples import PERSONAL_SOURCES, PROFILE_EXAMPLE_MODES
 from perfit_probe.data.splits import TEST_USER_CHOICES
-from perfit_probe.interventions.fit import PERSONAL_INITS, FitConfig, run_fit
+from perfit_probe.interventions.fit import PERSONAL_INITS, FitConfig
 from perfit_probe.interventions.modules import INITS, KINDS
 from perfit_probe.interventions.train import describe_selection
-from perfit_probe.rundir import seed_everything
 from perfit_probe.sites import POSITION_CLAMPS
+from perfit_probe.stages import fit as fit_stage
+from perfit_probe.stages.distributed import torchrun
 
 _DEFAULTS = {f.name: f.default for f in fields(FitConfig)}
 
@@ -124,31 +125,17 @@ def config_from_args(args: argparse.Namespace) -> FitConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.validate()  # fail on bad options before loading anything
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world_size > 1:
-        import torch
-        import torch.distributed as dist
-
-        use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
+    with torchrun(args.device) as ranks:
+        args.device = ranks.device
         seed_everything(config.seed)
         loaded = model_from_args(args)
-        run_dir = run_fit(config, args.out, loaded, rank=rank, world_size=world_size,
-                          progress=not args.quiet and rank == 0, overwrite=args.force)
-    finally:
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if rank == 0:
-        fit = run_dir.metrics().get("fit", {})
+        result = fit_stage.run(config, args.out, loaded, rank=ranks.rank, world_size=ranks.world_size,
+                               progress=not args.quiet and ranks.rank == 0, overwrite=args.force)
+    if ranks.rank == 0:
+        fit = result.metrics
         params = fit.get("params", {})
         s1, s2 = fit.get("stage1", {}), fit.get("stage2", {})
-        print(f"fit written to {run_dir.path / 'perfit'}")
+        print(f"fit written to {result.perfit_dir}")
         print(f"  stage 1: {fit.get('n_train_users')} users, {s1.get('steps', 0)} steps, "
               f"loss {s1.get('first_step_loss', float('nan')):.3f} -> {s1.get('last_step_loss', float('nan')):.3f}, "
               f"{fit.get('stage1_train_s', 0):.1f} s")

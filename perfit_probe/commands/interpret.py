@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
-from perfit_probe.evaluation.interpret import STEER_METHODS, InterpretConfig, run_interpret
-from perfit_probe.rundir import seed_everything
+from perfit_probe.evaluation.interpret import STEER_METHODS, InterpretConfig
+from perfit_probe.stages import interpret as interpret_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
                              n_null=args.n_null, n_boot=args.n_boot, max_queries_per_user=args.max_queries,
                              seed=args.seed)
     loaded = model_from_args(args, args.run_dir)
-    result = run_interpret(args.run_dir, loaded, config, figures=not args.no_figures)
+    result = interpret_stage.run(config, args.run_dir, loaded, figures=not args.no_figures).readouts
     for note in result.notes:
         print(f"  note: {note}")
     if not result.kl.empty:

@@ -6,15 +6,10 @@ import argparse
 from pathlib import Path
 
 from perfit_probe.commands.common import csv_items
-from perfit_probe.pipeline import (
-    PipelineConfig,
-    load_pipeline_config,
-    main_announce,
-    run_pipeline,
-    run_seeds,
-    seed_config,
-    summary_lines,
-)
+from perfit_probe.pipeline import PipelineConfig, load_pipeline_config, seed_config
+from perfit_probe.stages.pipeline import main_announce, run_pipeline, run_seeds
+from perfit_probe.stages.report import summary_lines
+from perfit_probe.stages.seed_summary import headline_lines, seed_summary
 
 
 def seed_list(text: str) -> tuple[int, ...]:
@@ -54,8 +49,6 @@ def execute(config: PipelineConfig, out: Path, progress: bool = True, loaded=Non
 
 def execute_seeds(config: PipelineConfig, out: Path, seeds, progress: bool = True, loaded=None) -> int:
     """Run a pipeline once per seed, printing where each run and the across-seed summary are."""
-    from perfit_probe.seed_summary import headline_lines, seed_summary
-
     runs, paths = run_seeds(config, out, seeds, progress=progress, announce=main_announce, loaded=loaded)
     print()
     print(f"{len(runs)} seeds; across seeds (mean +- std (min .. max)):")

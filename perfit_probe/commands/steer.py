@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import add_model_arguments, csv_items, model_from_args
-from perfit_probe.evaluation.steer import EXPERIMENTS, SteerConfig, run_steer
-from perfit_probe.rundir import seed_everything
+from perfit_probe.evaluation.steer import EXPERIMENTS, SteerConfig
+from perfit_probe.stages import steer as steer_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     config = config_from_args(args)
     loaded = model_from_args(args, args.run_dir)
-    result = run_steer(args.run_dir, loaded, config, figures=not args.no_figures, progress=not args.no_progress)
+    result = steer_stage.run(config, args.run_dir, loaded, figures=not args.no_figures,
+                             progress=not args.no_progress).checks
     shown = result.rows[result.rows.experiment != "reference"]
     for row in shown.itertuples():
         print(f"  {row.experiment:>9} {row.setting:>24} {row.metric:>24} = {row.value:.4g}")

@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perfit_probe._io import atomic_write_text
 from perfit_probe.data.records import TaskData, User
 from perfit_probe.errors import ConfigError, DataError
-from perfit_probe.rundir import atomic_write_text
 
 
 def stable_rank(key: str, seed: int) -> int:
