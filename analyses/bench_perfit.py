@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from perfit_probe._io import atomic_write_text, write_json
+from perfit_probe._repro import package_versions, seed_everything
 from perfit_probe.config import TrainConfig
 from perfit_probe.data import load_task
 from perfit_probe.data.prompts import build_examples
@@ -33,7 +35,6 @@ from perfit_probe.interventions.fit import lora_parameter_count
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.interventions.train import train_personal, train_personal_sequential
 from perfit_probe.models import load_model
-from perfit_probe.rundir import atomic_write_text, package_versions, seed_everything, write_json
 from perfit_probe.sites import batch_positions, parse_positions, parse_site
 
 

@@ -2,9 +2,9 @@
 
 ``cache_activations`` runs a model backend over a list of ``Example`` prompts and stores the
 hidden states at the requested sites and positions in the sharded format of
-``perfit_probe.cache_store`` (read it back with ``ActivationCache``). ``run_cache`` is the whole
-``perfit-probe cache`` stage: load a task, build its prompts, cache them, compute the delta
-vectors and record everything in a run directory.
+``perfit_probe.cache_store`` (read it back with ``ActivationCache``). ``build_task_examples``
+builds a task's prompts; the ``perfit-probe cache`` stage (``perfit_probe.stages.cache``) caches
+them, computes the delta vectors and records everything in a run directory.
 
 How it is fast and bounded:
 
@@ -91,7 +91,8 @@ def plan_rows(examples: Sequence[Example], lengths: Sequence[int], shard_rows: i
     }, columns=list(store.INDEX_COLUMNS))
 
 
-def _check_examples(examples: Sequence[Example]) -> None:
+def check_examples(examples: Sequence[Example]) -> None:
+    """``DataError`` when ``examples`` is empty, repeats a (user, query, variant) or has an empty prompt."""
     if not examples:
         raise DataError("no examples to cache: the task gave no (user, query, variant) prompt")
     seen: set[tuple[str, str, str]] = set()
@@ -181,7 +182,7 @@ def cache_activations(
     returns the finished cache. See the module docstring for the format and the speed notes.
     """
     out_dir = Path(out_dir)
-    _check_examples(examples)
+    check_examples(examples)
     site_list = parse_sites(sites if isinstance(sites, str) else list(sites), loaded.n_layers)
     check_cache_options(positions, storage_dtype, batch_size, shard_rows, padding_side)
     spec = parse_positions(positions)
@@ -386,80 +387,3 @@ def build_task_examples(config: CacheConfig, tokenizer) -> tuple[list[Example], 
                               retriever=config.retriever, chat=config.chat, seed=config.seed)
     report = {"task": task.spec.name, "n_users": len(users), "n_queries": sum(len(u.queries) for u in users)}
     return examples, report
-
-
-def run_cache(
-    config: CacheConfig,
-    out: Path | str,
-    *,
-    loaded=None,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-):
-    """The ``perfit-probe cache`` stage: prompts -> ``out/cache`` -> ``out/deltas``; returns the ``RunDir``.
-
-    ``loaded`` is a ``LoadedModel`` (loaded from ``config.model`` when ``None``). Rank 0 writes
-    ``run.json``, the delta vectors and ``metrics.json``; other ranks only cache their shards
-    (and get ``None`` back).
-    """
-    from perfit_probe.deltas import compute_deltas, delta_frame
-    from perfit_probe.models import load_model
-    from perfit_probe.rundir import RunDir, atomic_write_text, staged_dir, write_checksums
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not config.resume:
-        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out or pass --resume")
-    config.validate()  # bad options fail before anything is loaded or written
-    if loaded is None:
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-    if config.examples is not None:
-        examples, report = load_examples_jsonl(config.examples), {"task": f"examples:{config.examples}"}
-    else:
-        examples, report = build_task_examples(config, loaded.tokenizer)
-    sites = parse_sites(config.sites if config.sites else default_sites(loaded.n_layers), loaded.n_layers)
-    _check_examples(examples)  # before run.json exists, so a corrected rerun needs no --resume
-    _barrier(world_size)
-    run = RunDir.create(out, "cache", config, config.seed, loaded.identity, exist_ok=True) if rank == 0 else None
-    start = time.perf_counter()
-    cache = cache_activations(
-        loaded, examples, out / "cache", sites=sites, positions=config.positions,
-        storage_dtype=config.storage_dtype, batch_size=config.batch_size, padding_side=config.padding_side,
-        shard_rows=config.shard_rows, resume=config.resume, backend=config.backend, progress=progress,
-        rank=rank, world_size=world_size,
-    )
-    if rank != 0:
-        return None
-    wall = time.perf_counter() - start
-    deltas = compute_deltas(cache, meta={"task": report.get("task"), "seed": config.seed})
-    frame = delta_frame(deltas)
-    with staged_dir(out / "deltas") as staged:  # earlier deltas stay until these are whole
-        deltas.save(staged)
-        atomic_write_text(staged / "deltas.csv", frame.to_csv(index=False))
-        written = ["deltas.csv"]
-        if config.examples is None:  # what each prompt added, for the analysis's text baselines
-            from perfit_probe.data.controls import history_frame
-
-            atomic_write_text(staged / "history.csv", history_frame(examples).to_csv(index=False))
-            written.append("history.csv")
-        write_checksums(staged, written)
-    last = cache.manifest["runs"][-1]
-    run.add_metrics("cache", {
-        **report,
-        "n_examples": len(examples),
-        "n_rows": len(cache),
-        "sites": cache.sites,
-        "positions": cache.positions,
-        "storage_dtype": cache.config["storage_dtype"],
-        "n_shards": cache.n_shards,
-        "computed_rows": last["computed_rows"],
-        "skipped_shards": last["skipped_shards"],
-        "rows_per_s": last["rows_per_s"],
-        "wall_s": round(wall, 3),
-        "world_size": world_size,
-        "deltas_users": len(deltas.user_ids),
-        "mean_delta_norm": {s: float(v) for s, v in frame.groupby("site", sort=False)["delta_norm"].mean().items()},
-        "mean_control_norm": ({s: float(v) for s, v in frame.groupby("site", sort=False)["control_norm"].mean().items()}
-                              if deltas.control is not None else None),
-    })
-    return run

@@ -34,9 +34,9 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from perfit_probe._io import atomic_write_text, verify_checksums, write_checksums
 from perfit_probe.data.records import CONTROL_VARIANTS
 from perfit_probe.errors import CacheError
-from perfit_probe.rundir import atomic_write_text, verify_checksums, write_checksums
 from perfit_probe.sites import parse_site
 
 if TYPE_CHECKING:

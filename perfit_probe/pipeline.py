@@ -1,38 +1,26 @@
-"""The whole pipeline in one run directory: cache -> deltas -> analysis -> fit -> evaluate -> steer.
+"""The demo pipeline and the checks made before a pipeline's first stage runs.
 
 A pipeline is described by a ``perfit_probe.config.PipelineConfig``: a ``[model]`` and a
 ``[task]`` section shared by every stage, and one section per stage whose keys are the fields of
 that stage's own config (``CacheConfig``, ``AnalysisConfig``, ``FitConfig``, ``EvalConfig``,
 ``SteerConfig``, ``InterpretConfig``). ``perfit-probe run CONFIG.toml`` reads it from TOML
-(``load_pipeline_config``); ``perfit-probe demo`` builds it from the embedded defaults
-(``demo_config``). Unknown sections or keys, and values of the wrong type, are refused with a
-one-line error, so a typo never silently falls back to a default. Every
-stage's configuration is checked (against the model too: layers, ranks, sites) before the
-first stage runs, so a bad ``[fit]`` never fails after a long cache.
+(``perfit_probe.config.load_pipeline_config``); ``perfit-probe demo`` builds it from the embedded
+defaults (``demo_config``). Unknown sections or keys, and values of the wrong type, are refused
+with a one-line error, so a typo never silently falls back to a default. Every stage's
+configuration is checked (against the model too: layers, ranks, sites) before the first stage
+runs (``check_stage_configs``), so a bad ``[fit]`` never fails after a long cache.
 
-The run directory ends with ``report.md``, which links every stage's report, table and figure.
-
-``run_seeds`` runs the same pipeline once per seed (``seed_config``: the seed of the task,
-the split and every stage), each into ``OUT/seed{s}/``, then writes the spread of every
-headline number across seeds into ``OUT/seeds_summary.{csv,md,json}``
-(``perfit_probe.seed_summary``).
+``perfit_probe.stages.pipeline`` runs a pipeline (``run_pipeline``) or the same pipeline once
+per seed (``run_seeds``, with ``perfit_probe.config.seed_config``: the seed of the task, the
+split and every stage).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import resource
-import sys
-import time
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from perfit_probe.config import STAGES, PipelineConfig, pipeline_config, seed_config, stage_configs
+from perfit_probe.config import PipelineConfig, pipeline_config
 from perfit_probe.errors import ConfigError
-from perfit_probe.rundir import RunDir, atomic_write_text, seed_everything
-
-log = logging.getLogger(__name__)
 
 
 def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", n_layers: int = 30,
@@ -66,10 +54,9 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         # barely moves a 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
         evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 2},
                   "lora_task": {"lr": 1e-3, "epochs": 2}},
-        # Sized for the 15-minute budget: alpha 0, 0.5, ..., 3 and 20 random ablation subspaces
-        # (the defaults are a 0.25 grid and 50 subspaces).
-        steer={"max_pairs": 24, "alphas": (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0), "n_random_subspaces": 20,
-               "rows_per_pass": 16},
+        # The checks' defaults: 60 swap pairs, 50 random ablation subspaces, alpha 0, 0.25, ..., 3
+        # (every intervention runs on the edited suffix of shared prompt prefixes).
+        steer={},
     ))
 
 
@@ -98,260 +85,3 @@ def check_stage_configs(resolved: dict[str, Any], stages: tuple[str, ...], loade
             resolved["cache"].validate(loaded.n_layers)
         if "fit" in stages:
             bank_specs(resolved["fit"], loaded)
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far, in GiB (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def run_pipeline(
-    config: PipelineConfig,
-    out: Path | str,
-    *,
-    loaded=None,
-    progress: bool = True,
-    announce: Callable[[str], None] | None = None,
-) -> RunDir:
-    """Run the configured stages into ``out`` and write ``report.md``; return the run directory.
-
-    ``announce`` receives one line per stage start/end (the CLI prints them); the library
-    itself only logs.
-    """
-    from perfit_probe.models import load_model
-
-    say = announce or log.info
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
-    resolved = stage_configs(config)  # validates every section before any work
-    check_stage_configs(resolved, config.stages)
-    seed = config.task.seed
-    seed_everything(seed)
-    start = time.perf_counter()
-    if loaded is None:
-        say(f"loading model {config.model.name!r}")
-        loaded = load_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
-    check_stage_configs(resolved, config.stages, loaded)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    for index, stage in enumerate(s for s in STAGES if s in config.stages):
-        say(f"[{index + 1}/{len(config.stages)}] {stage} ...")
-        t0 = time.perf_counter()
-        _run_stage(stage, resolved[stage], out, loaded, progress)
-        timings[stage] = time.perf_counter() - t0
-        say(f"[{index + 1}/{len(config.stages)}] {stage} done in {timings[stage]:.0f} s "
-            f"(peak memory so far {peak_rss_gib():.2f} GiB)")
-    total = time.perf_counter() - start
-    run = RunDir.open(out)
-    run.update_info(command="pipeline", config={"pipeline": config, "resolved": resolved})
-    run.add_metrics("pipeline", {"stage_wall_s": timings, "total_wall_s": total,
-                                 "peak_rss_gib": peak_rss_gib()})
-    write_claims(run, resolved["fit"].task)
-    atomic_write_text(run.path / "report.md", render_report(run))
-    return run
-
-
-def write_claims(run: RunDir, task: str) -> None:
-    """``claims.csv`` and ``claims.md``: the verdicts ``perfit_probe.claims`` computes from the run's files."""
-    from perfit_probe.claims import claim_table, claims_markdown
-    from perfit_probe.data.tasks import task_spec
-
-    frame = claim_table(run.path, kind=task_spec(task).kind)
-    verdicts = run.path / "steer" / "verdicts.md"
-    atomic_write_text(run.path / "claims.csv", frame.to_csv(index=False))
-    atomic_write_text(run.path / "claims.md", claims_markdown(frame, verdicts.read_text() if verdicts.is_file() else ""))
-    run.add_metrics("claims", {f"{row.claim}/{row.scope}": row.verdict for row in frame.itertuples()})
-
-
-def run_seeds(
-    config: PipelineConfig,
-    out: Path | str,
-    seeds: Sequence[int],
-    *,
-    loaded=None,
-    progress: bool = True,
-    announce: Callable[[str], None] | None = None,
-) -> tuple[dict[int, RunDir], dict[str, Path]]:
-    """Run the pipeline once per seed into ``out/seed{s}`` and summarise the runs across seeds.
-
-    Returns the run directory of each seed and the paths of ``seeds_summary.csv``/``.md``/``.json``
-    (keys ``csv``, ``md``, ``json``) written into ``out``. The model is loaded once and shared.
-    """
-    from perfit_probe.models import load_model
-    from perfit_probe.seed_summary import seed_summary, write_seed_summary
-
-    say = announce or log.info
-    seeds = [int(seed) for seed in seeds]
-    if not seeds:
-        raise ConfigError("give at least one seed (--seeds 0,1,2)")
-    if len(set(seeds)) < len(seeds):
-        raise ConfigError(f"seeds {seeds} repeat a seed: each seed gets its own run directory")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
-    configs = {seed: seed_config(config, seed) for seed in seeds}
-    for seeded in configs.values():
-        stage_configs(seeded)  # validates every section before any work
-    if loaded is None:
-        say(f"loading model {config.model.name!r}")
-        loaded = load_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
-    runs = {}
-    for index, seed in enumerate(seeds):
-        say(f"== seed {seed} ({index + 1}/{len(seeds)}) into {out / f'seed{seed}'}")
-        runs[seed] = run_pipeline(configs[seed], out / f"seed{seed}", loaded=loaded, progress=progress,
-                                  announce=announce)
-    summary = seed_summary({seed: run.metrics() for seed, run in runs.items()})
-    paths = write_seed_summary(summary, out, {seed: run.path for seed, run in runs.items()})
-    say(f"summary of {len(seeds)} seeds: {paths['md']}")
-    return runs, paths
-
-
-def _run_stage(stage: str, config: Any, out: Path, loaded, progress: bool) -> None:
-    if stage == "cache":
-        from perfit_probe.cache import run_cache
-
-        run_cache(config, out, loaded=loaded, progress=progress)
-    elif stage == "analyze":
-        from perfit_probe.analysis.report import run_analysis
-
-        run_analysis(out, dataclasses.replace(config, progress=config.progress or progress))
-    elif stage == "fit":
-        from perfit_probe.interventions.fit import run_fit
-
-        run_fit(config, out, loaded, progress=progress)
-    elif stage == "evaluate":
-        from perfit_probe.evaluation.evaluate import run_evaluate
-
-        run_evaluate(out, loaded, config, progress=progress)
-    elif stage == "steer":
-        from perfit_probe.evaluation.steer import run_steer
-
-        run_steer(out, loaded, config, progress=progress)
-    elif stage == "interpret":
-        from perfit_probe.evaluation.interpret import run_interpret
-
-        run_interpret(out, loaded, config)
-
-
-def _section(path: Path, title: str, depth: int = 1) -> list[str]:
-    """A report section that inlines a stage's markdown, demoting its headings."""
-    if not path.is_file():
-        return []
-    lines = [f"## {title}", "", f"(from `{path.name}` in `{path.parent.name}/`)", ""]
-    for line in path.read_text(encoding="utf-8").splitlines():
-        lines.append("#" * depth + line if line.startswith("#") else line)
-    return lines + [""]
-
-
-def render_report(run: RunDir) -> str:
-    """``report.md`` of a pipeline run: headline numbers, then each stage's own report."""
-    info, metrics = run.info(), run.metrics()
-    model = info.get("model") or {}
-    pipe = metrics.get("pipeline", {})
-    lines = [
-        "# perfit-probe pipeline report",
-        "",
-        f"- model: `{model.get('name')}` ({model.get('architecture')}, {model.get('n_layers')} layers, "
-        f"d_model {model.get('d_model')}, fingerprint {model.get('fingerprint')})",
-        f"- seed: {info.get('seed')}; perfit-probe {info.get('versions', {}).get('perfit-probe')}, "
-        f"torch {info.get('versions', {}).get('torch')}",
-        f"- wall time: {pipe.get('total_wall_s', float('nan')):.0f} s "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in pipe.get('stage_wall_s', {}).items())}); "
-        f"peak memory {pipe.get('peak_rss_gib', float('nan')):.2f} GiB",
-        "",
-    ]
-    claims = run.path / "claims.md"
-    if claims.is_file():
-        lines += [claims.read_text(), ""]
-    cache = metrics.get("cache")
-    if cache:
-        lines += [f"- cache: {cache.get('n_users')} users, {cache.get('n_queries')} queries, "
-                  f"{cache.get('n_rows')} prompts x {len(cache.get('sites', []))} sites", ""]
-    lines += _section(run.path / "analysis" / "report.md", "Shift analysis")
-    lines += _fit_lines(metrics.get("fit"))
-    lines += _section(run.path / "eval" / "results.md", "Evaluation")
-    steer = run.path / "steer" / "steer.csv"
-    if steer.is_file():
-        import pandas as pd
-
-        frame = pd.read_csv(steer)
-        verdicts = run.path / "steer" / "verdicts.md"
-        lines += ["## Causal steering checks", ""]
-        lines += [verdicts.read_text().strip(), ""] if verdicts.is_file() else []
-        lines += ["```", frame.to_string(index=False, max_rows=400), "```", ""]
-    lines += _section(run.path / "interpret" / "report.md", "From shift to steering and back")
-    figures = sorted((run.path / "figures").glob("*.png")) if (run.path / "figures").is_dir() else []
-    if figures:
-        lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
-    return "\n".join(lines) + "\n"
-
-
-def _fit_lines(fit: dict | None) -> list[str]:
-    """The fit stage in the report: losses per stage and the stage-2 model selection."""
-    if not fit:
-        return []
-    lines = ["## PerFit training", ""]
-    for stage, label in (("stage1", "stage 1 (collective)"), ("stage2", "stage 2 (personal)")):
-        curve = fit.get(stage) or {}
-        if curve.get("steps"):
-            lines.append(f"- {label}: {curve['steps']} steps, training loss {curve['first_epoch_loss']:.3f} "
-                         f"(first epoch) -> {curve['last_epoch_loss']:.3f} (last epoch), "
-                         f"{fit.get(stage + '_train_s', float('nan')):.0f} s")
-    selection = (fit.get("stage2") or {}).get("selection")
-    if selection:
-        from perfit_probe.interventions.train import describe_selection
-
-        lines.append(f"- stage-2 model selection on held-out history queries ({selection['users']} users): "
-                     + describe_selection(selection))
-    return lines + [""]
-
-
-def summary_lines(run: RunDir) -> list[str]:
-    """What the CLI prints at the end: headline numbers and where everything is."""
-    metrics = run.metrics()
-    path = run.path
-    out = [f"run directory: {path}"]
-    analysis = metrics.get("analysis") or {}
-    for centring in ("uncentred", "centred"):
-        ranks = analysis.get(centring)
-        if ranks:
-            parts = [f"{source} {values.get('rank@0.9', float('nan')):.0f}" for source, values in ranks.items()]
-            out.append(f"  rank@0.9 at the lowest-rank site ({centring}, of {analysis.get('n_users')} users): "
-                       + ", ".join(parts))
-    evaluate = metrics.get("evaluate") or {}
-    for method, values in evaluate.items():
-        out.append(f"  {method:>8}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()
-                                                  if isinstance(v, (int, float))))
-    steer = metrics.get("steer") or {}
-    if "swap/pairs/toward_donor_share" in steer:
-        out.append(f"  user swap: {steer['swap/pairs/toward_donor_share']:.0%} of pairs move toward the donor")
-    pipe = metrics.get("pipeline", {})
-    out.append(f"total {pipe.get('total_wall_s', 0):.0f} s, peak memory {pipe.get('peak_rss_gib', 0):.2f} GiB")
-    claims = metrics.get("claims") or {}
-    out += [f"  claim {key}: {verdict}" for key, verdict in claims.items()]
-    out.append("where the time went: " + time_breakdown(metrics))
-    where = [("report", "report.md"), ("verdicts", "claims.md"), ("shift analysis", "analysis/report.md"),
-             ("evaluation", "eval/results.md"), ("steering", "steer/steer.csv"),
-             ("interpretation", "interpret/report.md"), ("figures", "figures"),
-             ("PerFit artifacts", "perfit"), ("configs and versions", "run.json")]
-    out += [f"{label}: {path / rel}" for label, rel in where if (path / rel).exists()]
-    return out
-
-
-def time_breakdown(metrics: dict) -> str:
-    """Seconds per stage, and per method inside ``evaluate`` (LoRA training included)."""
-    stages = (metrics.get("pipeline") or {}).get("stage_wall_s") or {}
-    parts = []
-    for stage, seconds in stages.items():
-        text = f"{stage} {seconds:.0f} s"
-        if stage == "evaluate" and metrics.get("evaluate_wall_s"):
-            inner = sorted(metrics["evaluate_wall_s"].items(), key=lambda kv: -kv[1])
-            text += " (" + ", ".join(f"{method} {s:.0f} s" for method, s in inner) + ")"
-        parts.append(text)
-    return "; ".join(parts) or "n/a"
-
-
-def main_announce(line: str) -> None:  # pragma: no cover - used by the CLI only
-    """Print a progress line to stdout (the CLI's ``announce``)."""
-    print(line, file=sys.stdout, flush=True)

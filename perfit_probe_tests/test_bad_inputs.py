@@ -23,7 +23,7 @@ import torch
 
 from perfit_probe.cli import main
 from perfit_probe.errors import ArtifactError, CacheError, ConfigError, DataError, ModelLoadError, PerfitError
-from perfit_probe.rundir import RunDir, staged_dir
+from perfit_probe.stages.rundir import RunDir, staged_dir
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,11 +128,11 @@ def _tiny():
 
 def _evaluate(run: Path, methods: tuple[str, ...], **kwargs):
     from perfit_probe.config import EvalConfig
-    from perfit_probe.evaluation.evaluate import run_evaluate
     from perfit_probe.models import load_model
+    from perfit_probe.stages import evaluate as evaluate_stage
 
     loaded = load_model(RunDir.open(run).info()["model"]["name"])
-    return run_evaluate(run, loaded, EvalConfig(methods=methods, batch_size=8), **kwargs)
+    return evaluate_stage.run(EvalConfig(methods=methods, batch_size=8), run, loaded, **kwargs).evaluation
 
 
 def test_evaluating_a_subset_merges_into_the_earlier_results(tmp_path, fitted):
@@ -262,7 +262,7 @@ def test_corrupted_deltas_and_banks_are_refused(tmp_path, fitted):
         load_bank(run / "perfit" / "bank")
     split = run / "perfit" / "split.json"
     split.write_text(split.read_text().replace('"seed": 0', '"seed": 1'))
-    from perfit_probe.evaluation.evaluate import load_fitted_run
+    from perfit_probe.stages.fitted import load_fitted_run
 
     with pytest.raises(ArtifactError, match="split.json is corrupt"):
         load_fitted_run(run, _tiny())
@@ -447,7 +447,7 @@ def test_task_path_help_says_what_a_directory_is_for(capsys):
 
 
 def test_the_oppu_task_lora_shows_progress_and_the_summary_says_where_time_went(tmp_path, fitted, capsys):
-    from perfit_probe.pipeline import summary_lines
+    from perfit_probe.stages.report import summary_lines
 
     run = _copy(fitted, tmp_path)
     capsys.readouterr()

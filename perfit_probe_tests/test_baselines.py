@@ -17,8 +17,9 @@ from perfit_probe.evaluation.baselines import (
     nearest_label,
     skip_reason,
 )
-from perfit_probe.evaluation.evaluate import METHODS, evaluate_methods, write_results
+from perfit_probe.evaluation.evaluate import METHODS, evaluate_methods
 from perfit_probe.plotting.eval_figures import plot_intervals, read_uncertainty, save_eval_figures
+from perfit_probe.stages.eval_results import write_results
 from perfit_probe_tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

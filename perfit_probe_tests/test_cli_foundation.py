@@ -8,8 +8,9 @@ import sys
 
 import pandas as pd
 
+from perfit_probe._io import read_json, write_json
 from perfit_probe.cli import main
-from perfit_probe.rundir import RunDir, write_json
+from perfit_probe.stages.rundir import RunDir
 from perfit_probe_tests.tiny import save_tiny_model
 
 
@@ -65,8 +66,6 @@ def test_run_dir_refuses_to_clobber_and_writes_atomically(tmp_path):
     assert again.metrics()["stage"]["x"] == 1.5
     assert [s["command"] for s in again.info()["stages"]] == ["test", "test2"]
     (run.path / "bad.json").write_text("{not json")
-    from perfit_probe.rundir import read_json
-
     with pytest.raises(ConfigError, match="malformed JSON"):
         read_json(run.path / "bad.json")
     write_json(run.path / "ok.json", {"b": 1})

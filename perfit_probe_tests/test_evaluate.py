@@ -22,13 +22,13 @@ from perfit_probe.evaluation.evaluate import (
     evaluate_methods,
     predict,
     resolve_decoding,
-    write_results,
 )
 from perfit_probe.evaluation.metrics import read_predictions
 from perfit_probe.interventions import PerFit, generate, score_labels
 from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.interventions.train import train_collective, train_personal
+from perfit_probe.stages.eval_results import write_results
 from perfit_probe_tests.tiny import tiny_model
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()

@@ -18,9 +18,11 @@ from perfit_probe.data.splits import make_split
 from perfit_probe.data.tasks import task_spec
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.apply import Intervention
-from perfit_probe.interventions.fit import personal_start, run_fit
+from perfit_probe.interventions.fit import personal_start
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
-from perfit_probe.rundir import RunDir
+from perfit_probe.stages import evaluate as evaluate_stage
+from perfit_probe.stages import fit as fit_stage
+from perfit_probe.stages.rundir import RunDir
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
 SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1, -1), positions="f1+l1",
@@ -31,7 +33,7 @@ SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1,
 # ------------------------------------------------------------------ bug 1: one continuation rule
 def test_run_fit_trains_on_exactly_the_tokens_evaluation_scores(monkeypatch, tmp_path):
     """The tiny tokenizer has no chat template: a label follows "Answer:" as " 4", whose ids
-    differ from those of "4". Every target trained through run_fit (both stages) must be the
+    differ from those of "4". Every target trained through the fit stage (both stages) must be the
     hand-tokenised " <gold>" + end-of-text."""
     import perfit_probe.interventions.fit as fit_module
 
@@ -47,7 +49,7 @@ def test_run_fit_trains_on_exactly_the_tokens_evaluation_scores(monkeypatch, tmp
     monkeypatch.setattr(fit_module, "train_personal",
                         lambda loaded, c, p, examples, *a, **k: (seen.extend(e for rows in examples.values() for e in rows),
                                                                  real2(loaded, c, p, examples, *a, **k))[1])
-    run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+    fit_stage.run(FitConfig(**SMALL), tmp_path / "run", loaded)
     assert len(seen) > 10
     eos = tok.eos_token_id
     for enc in seen:
@@ -226,7 +228,7 @@ def test_lora_baselines_train_on_the_same_profile_examples_as_stage2(monkeypatch
 
     loaded = tiny_model("llama")
     config = FitConfig(**{**SMALL, "n_heldout": None, "max_queries": 2})
-    run_fit(config, tmp_path / "run", loaded)
+    fit_stage.run(config, tmp_path / "run", loaded)
     trained = {}
     real = lora_module.LoraBaseline.fit_user
 
@@ -235,9 +237,8 @@ def test_lora_baselines_train_on_the_same_profile_examples_as_stage2(monkeypatch
         return real(self, user_id, prompts, targets, **kwargs)
 
     monkeypatch.setattr(lora_module.LoraBaseline, "fit_user", spy)
-    from perfit_probe.evaluation.evaluate import run_evaluate
-
-    run_evaluate(tmp_path / "run", loaded, EvalConfig(methods=("lora",), lora=lora_module.LoraBaselineConfig(epochs=1)))
+    evaluate_stage.run(EvalConfig(methods=("lora",), lora=lora_module.LoraBaselineConfig(epochs=1)), tmp_path / "run",
+                       loaded)
     split = json.loads((tmp_path / "run" / "perfit" / "split.json").read_text())
     assert set(trained) == set(split["test_users"])
     from perfit_probe.data import load_task

@@ -14,8 +14,9 @@ import pytest
 from perfit_probe.cli import main
 from perfit_probe.config import seed_config, stage_configs
 from perfit_probe.errors import ConfigError
-from perfit_probe.pipeline import demo_config, run_seeds
-from perfit_probe.seed_summary import flatten_metrics, seed_summary
+from perfit_probe.pipeline import demo_config
+from perfit_probe.stages.pipeline import run_seeds
+from perfit_probe.stages.seed_summary import flatten_metrics, seed_summary
 from perfit_probe_tests.tiny import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

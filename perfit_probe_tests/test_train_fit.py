@@ -1,4 +1,4 @@
-"""``run_fit`` and ``perfit-probe fit`` end to end on a tiny model and the synthetic task."""
+"""The fit stage and ``perfit-probe fit`` end to end on a tiny model and the synthetic task."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
+from perfit_probe._io import read_json
 from perfit_probe.cli import main
 from perfit_probe.config import FitConfig
 from perfit_probe.data.splits import Split
 from perfit_probe.interventions.artifact import load_perfit
-from perfit_probe.interventions.fit import lora_parameter_count, run_fit
-from perfit_probe.rundir import read_json
+from perfit_probe.interventions.fit import lora_parameter_count
+from perfit_probe.stages import fit as fit_stage
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
 SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1, -1), positions="f1+l1",
@@ -21,7 +22,7 @@ SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1,
 
 def test_run_fit_writes_complete_run(tmp_path):
     loaded = tiny_model("llama")
-    run = run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+    run = fit_stage.run(FitConfig(**SMALL), tmp_path / "run", loaded).run
     pdir = run.path / "perfit"
     for name in ("stage1/intervention.safetensors", "bank/intervention.json", "split.json", "task.json",
                  "curves.csv", "params.json"):
@@ -46,7 +47,7 @@ def test_run_fit_writes_complete_run(tmp_path):
     task = read_json(pdir / "task.json")
     assert task["load"]["name"] == "synthetic" and task["load"]["n_users"] == 6
     with pytest.raises(Exception, match="already holds a fit"):
-        run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+        fit_stage.run(FitConfig(**SMALL), tmp_path / "run", loaded)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -44,6 +44,7 @@ import numpy as np
 
 from perfit_probe.analysis.shift import cumulative_energy, energy_spectrum, rank_at_energy
 from perfit_probe.config import AnalysisSource, Bootstrap, ControlVariant
+from perfit_probe.data.controls import derangement
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 
@@ -64,16 +65,6 @@ def gaussian_null(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     g = rng.standard_normal(x.shape)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return g / np.linalg.norm(g, axis=1, keepdims=True) * norms
-
-
-def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random permutation of ``range(n)`` with no fixed point (``n >= 2``)."""
-    if n < 2:
-        raise ValueError("a derangement needs at least two elements")
-    while True:
-        perm = rng.permutation(n)
-        if not np.any(perm == np.arange(n)):
-            return perm
 
 
 def shuffled_deltas(

@@ -28,6 +28,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from perfit_probe._io import atomic_write_text, read_json, to_jsonable, write_json
 from perfit_probe.analysis.collective import (
     COLLECTIVE_STATISTICS, cosine_matrix, collective_summary, identify_users,
     per_user_collective, variance_ratio,
@@ -42,7 +43,6 @@ from perfit_probe.analysis.shift import ShiftPCA
 from perfit_probe.config import AnalysisConfig
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError, DataError, SiteError
-from perfit_probe.rundir import atomic_write_text, read_json, to_jsonable, write_json
 from perfit_probe.sites import parse_site
 
 log = logging.getLogger(__name__)

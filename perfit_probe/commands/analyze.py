@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from perfit_probe.analysis.report import run_analysis
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import Flat, RunDirArg
 from perfit_probe.config import AnalysisConfig
-from perfit_probe.rundir import seed_everything
+from perfit_probe.stages import analyze as analyze_stage
 
 
 def analyze(run_dir: RunDirArg, config: Flat[AnalysisConfig], figures: bool = True) -> int:
@@ -17,8 +17,8 @@ def analyze(run_dir: RunDirArg, config: Flat[AnalysisConfig], figures: bool = Tr
         figures: Draw the figures (else the CSVs and the report only).
     """
     seed_everything(config.seed)
-    result = run_analysis(run_dir, config, figures=figures)
-    summary = result.summary()
+    result = analyze_stage.run(config, run_dir, figures=figures)
+    summary = result.metrics
     print(f"analysed {summary['n_users']} users x {summary['n_sites']} sites (d_model {summary['d_model']})")
     for key in ("uncentred", "centred"):
         if key in summary:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from tyro.conf import UseAppendAction
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.backends.agreement import backend_agreement
 from perfit_probe.commands.common import Flat, load_cli_model
 from perfit_probe.config import ModelFields, ModelSource
-from perfit_probe.rundir import RunDir, seed_everything
 from perfit_probe.sites import parse_sites
+from perfit_probe.stages.rundir import RunDir
 
 DEFAULT_PROMPTS = (
     "I loved Star Wars (1977) and Fargo (1996). How would I rate Toy Story (1995)?",

@@ -10,6 +10,7 @@ from tyro.conf import Positional, arg
 
 from perfit_probe.config import ModelFields, ModelSource, RecordedModel
 from perfit_probe.models import LoadedModel, default_cache_dir, load_model
+from perfit_probe.stages.rundir import RunDir
 
 T = TypeVar("T")
 Flat = Annotated[T, arg(name="")]
@@ -19,19 +20,9 @@ RunDirArg = Annotated[Path, Positional, arg(metavar="RUN_DIR")]
 
 
 def recorded_model(run_dir: Path) -> dict:
-    """``name``, ``dtype`` and ``device`` of the model a run directory was made with (None if unrecorded).
-
-    Reads ``run.json``: the model identity, and the dtype and device of a ``fit`` run's
-    config or of a pipeline run's ``[model]`` table.
-    """
-    from perfit_probe.rundir import RunDir
-
-    info = RunDir.open(run_dir).info()
-    config = info.get("config") or {}
-    table = (config.get("pipeline") or {}).get("model") or {}
-    return {"name": (info.get("model") or {}).get("name") or table.get("name"),
-            "dtype": config.get("dtype") or table.get("dtype"),
-            "device": config.get("device") or table.get("device")}
+    """``name``, ``dtype`` and ``device`` of the model a run directory was made with (None if
+    unrecorded; ``RunDir.model_options``)."""
+    return RunDir.open(run_dir).model_options()
 
 
 def load_cli_model(model: ModelFields | RecordedModel, source: ModelSource, run_dir: Path | None = None,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import Flat, RunDirArg, load_cli_model
 from perfit_probe.config import EvalConfig, RecordedModel
-from perfit_probe.evaluation.evaluate import run_evaluate
-from perfit_probe.rundir import seed_everything
+from perfit_probe.stages import evaluate as evaluate_stage
 
 
 def evaluate(run_dir: RunDirArg, config: Flat[EvalConfig], model: Flat[RecordedModel] = RecordedModel(),
@@ -20,7 +20,7 @@ def evaluate(run_dir: RunDirArg, config: Flat[EvalConfig], model: Flat[RecordedM
     """
     seed_everything(config.seed)
     loaded = load_cli_model(model, model, run_dir)
-    result = run_evaluate(run_dir, loaded, config, progress=progress)
+    result = evaluate_stage.run(config, run_dir, loaded, progress=progress)
     print((run_dir / "eval" / "results.md").read_text())
-    print(f"wrote {run_dir / 'eval'} ({len(result.table)} methods)")
+    print(f"wrote {run_dir / 'eval'} ({len(result.evaluation.table)} methods)")
     return 0

@@ -11,14 +11,14 @@ the N processes (stage 1 runs on rank 0).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import Flat, load_cli_model
 from perfit_probe.config import FitConfig, ModelSource
-from perfit_probe.interventions.fit import run_fit
 from perfit_probe.interventions.train import describe_selection
-from perfit_probe.rundir import seed_everything
+from perfit_probe.stages import fit as fit_stage
+from perfit_probe.stages.distributed import torchrun
 
 
 def fit(config: Flat[FitConfig], out: Path, source: Flat[ModelSource] = ModelSource(), force: bool = False,
@@ -33,38 +33,22 @@ def fit(config: Flat[FitConfig], out: Path, source: Flat[ModelSource] = ModelSou
         progress: Show progress bars.
     """
     config.validate()  # fail on bad options before loading anything
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = None
-    if world_size > 1:
-        import torch
-        import torch.distributed as dist
-
-        use_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
+    with torchrun(config.device) as ranks:
         seed_everything(config.seed)
-        loaded = load_cli_model(config, source, device=device)
-        run_dir = run_fit(config, out, loaded, rank=rank, world_size=world_size,
-                          progress=progress and rank == 0, overwrite=force)
-    finally:
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if rank == 0:
-        print_fit(run_dir)
+        loaded = load_cli_model(config, source, device=ranks.device)
+        result = fit_stage.run(config, out, loaded, rank=ranks.rank, world_size=ranks.world_size,
+                               progress=progress and ranks.rank == 0, overwrite=force)
+    if ranks.rank == 0:
+        print_fit(result)
     return 0
 
 
-def print_fit(run_dir) -> None:
+def print_fit(result: fit_stage.FitStageResult) -> None:
     """What ``perfit-probe fit`` prints: losses per stage, the stage-2 selection, parameter counts."""
-    fit = run_dir.metrics().get("fit", {})
+    fit = result.metrics
     params = fit.get("params", {})
     s1, s2 = fit.get("stage1", {}), fit.get("stage2", {})
-    print(f"fit written to {run_dir.path / 'perfit'}")
+    print(f"fit written to {result.perfit_dir}")
     print(f"  stage 1: {fit.get('n_train_users')} users, {s1.get('steps', 0)} steps, "
           f"loss {s1.get('first_step_loss', float('nan')):.3f} -> {s1.get('last_step_loss', float('nan')):.3f}, "
           f"{fit.get('stage1_train_s', 0):.1f} s")

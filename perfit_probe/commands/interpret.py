@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import Flat, RunDirArg, load_cli_model
 from perfit_probe.config import InterpretConfig, RecordedModel
-from perfit_probe.evaluation.interpret import run_interpret
-from perfit_probe.rundir import seed_everything
+from perfit_probe.stages import interpret as interpret_stage
 
 
 def interpret(run_dir: RunDirArg, config: Flat[InterpretConfig], model: Flat[RecordedModel] = RecordedModel(),
@@ -20,7 +20,7 @@ def interpret(run_dir: RunDirArg, config: Flat[InterpretConfig], model: Flat[Rec
     """
     seed_everything(config.seed)
     loaded = load_cli_model(model, model, run_dir)
-    result = run_interpret(run_dir, loaded, config, figures=figures)
+    result = interpret_stage.run(config, run_dir, loaded, figures=figures).readouts
     for note in result.notes:
         print(f"  note: {note}")
     if not result.kl.empty:

@@ -8,7 +8,9 @@ from typing import Annotated
 from tyro.conf import Positional, arg, create_mutex_group
 
 from perfit_probe.config import PipelineConfig, load_pipeline_config, seed_config
-from perfit_probe.pipeline import main_announce, run_pipeline, run_seeds, summary_lines
+from perfit_probe.stages.pipeline import main_announce, run_pipeline, run_seeds
+from perfit_probe.stages.report import summary_lines
+from perfit_probe.stages.seed_summary import headline_lines, seed_summary
 
 SEEDS = create_mutex_group(required=False, title="seeds (one of)")
 """``--seed N`` (one run in OUT) or ``--seeds 0,1,2`` (one run per seed in OUT/seed{s}, and a summary)."""
@@ -25,8 +27,6 @@ def execute(config: PipelineConfig, out: Path, progress: bool = True, loaded=Non
 
 def execute_seeds(config: PipelineConfig, out: Path, seeds, progress: bool = True, loaded=None) -> int:
     """Run a pipeline once per seed, printing where each run and the across-seed summary are."""
-    from perfit_probe.seed_summary import headline_lines, seed_summary
-
     runs, paths = run_seeds(config, out, seeds, progress=progress, announce=main_announce, loaded=loaded)
     print()
     print(f"{len(runs)} seeds; across seeds (mean +- std (min .. max)):")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from perfit_probe._repro import seed_everything
 from perfit_probe.commands.common import Flat, RunDirArg, load_cli_model
 from perfit_probe.config import RecordedModel, SteerConfig
-from perfit_probe.evaluation.steer import run_steer
-from perfit_probe.rundir import seed_everything
+from perfit_probe.stages import steer as steer_stage
 
 
 def steer(run_dir: RunDirArg, config: Flat[SteerConfig], model: Flat[RecordedModel] = RecordedModel(),
@@ -21,7 +21,7 @@ def steer(run_dir: RunDirArg, config: Flat[SteerConfig], model: Flat[RecordedMod
     """
     seed_everything(config.seed)
     loaded = load_cli_model(model, model, run_dir)
-    result = run_steer(run_dir, loaded, config, figures=figures, progress=progress)
+    result = steer_stage.run(config, run_dir, loaded, figures=figures, progress=progress).checks
     shown = result.rows[result.rows.experiment != "reference"]
     for row in shown.itertuples():
         print(f"  {row.experiment:>9} {row.setting:>24} {row.metric:>24} = {row.value:.4g}")

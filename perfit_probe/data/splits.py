@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
 
+from perfit_probe._io import atomic_write_text
 from perfit_probe.config import TestUsersBy
 from perfit_probe.data.records import TaskData, User
 from perfit_probe.errors import ConfigError, DataError
-from perfit_probe.rundir import atomic_write_text
 
 
 def stable_rank(key: str, seed: int) -> int:

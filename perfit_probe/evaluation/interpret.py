@@ -38,15 +38,14 @@ principal directions of ``D`` (``analysis.subspaces.centred_pcs``):
    ``<h_q - h_bar, (D_u - mu) / ||D_u - mu||>``, correlated (Pearson and Spearman, with
    p-values) with the gold ratings: per query, and per user (means).
 
-``run_interpret`` writes ``RUN/interpret/`` (CSV files and ``report.md``) and the figures of
-``perfit_probe.plotting.interpret_figures``.
+The ``interpret`` stage (``perfit_probe.stages.interpret``) runs them on a run directory and
+writes ``RUN/interpret/`` (CSV files and ``report.md``) and the figures.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import get_args
 
 import numpy as np
@@ -62,7 +61,8 @@ from perfit_probe.data.splits import Split
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import heldout_examples
-from perfit_probe.evaluation.steer import derangement, history_behaviour
+from perfit_probe.data.controls import donor_assignment
+from perfit_probe.evaluation.steer import history_behaviour
 from perfit_probe.interventions import PerFit, score_labels
 from perfit_probe.interventions.steering import (AdditiveSteering, label_ids_of, steer_last_token,
                                                  steered_label_logprobs)
@@ -89,33 +89,6 @@ class PromptSettings:
     """Longer prompts keep their last tokens."""
     seed: int = 0
     """Seed of prompt construction."""
-
-
-def prompt_settings(run_dir: Path) -> PromptSettings:
-    """The run's prompt settings: ``RUN/perfit/task.json``'s prompts, overridden by what the last
-    ``evaluate`` stage recorded in ``run.json`` (non-null values), as ``evaluate`` resolves them."""
-    from perfit_probe.evaluation.evaluate import task_load_options
-    from perfit_probe.interventions.artifact import perfit_dir
-    from perfit_probe.rundir import RunDir, read_json
-
-    run = RunDir.open(run_dir)
-    recorded = read_json(perfit_dir(run.path) / "task.json")
-    _, options = task_load_options(recorded)
-    prompts = recorded.get("prompts") if isinstance(recorded.get("prompts"), dict) else {}
-    values = {"k": options.get("k"), "retriever": options.get("retriever"), "chat": options.get("chat"),
-              "max_prompt_tokens": prompts.get("max_prompt_tokens"),
-              "seed": (recorded.get("load") or {}).get("seed")}
-    evaluations = [s for s in run.info().get("stages", []) if s.get("command") == "evaluate"]
-    if evaluations:
-        config = evaluations[-1].get("config") or {}
-        values.update({key: config[key] for key in ("k", "retriever", "chat", "seed") if config.get(key) is not None})
-        if "max_prompt_tokens" in config:  # evaluate's own value, None included
-            values["max_prompt_tokens"] = config["max_prompt_tokens"]
-    defaults = PromptSettings()
-    for key in ("k", "retriever", "seed"):
-        if values[key] is None:
-            values[key] = getattr(defaults, key)
-    return PromptSettings(**values)
 
 
 @dataclass
@@ -187,7 +160,7 @@ def steering_vectors(deltas_at_site: np.ndarray, users: list[str], all_users: li
     d = deltas_at_site[[rows[u] for u in users]].astype(np.float64)
     pcs = centred_pcs(deltas_at_site, k)
     out = {"full": d, "personal": d - pcs.mean, "pca": d @ pcs.components.T @ pcs.components}
-    mapping = derangement(users, seed)
+    mapping = donor_assignment(users, seed)
     out["other_user"] = deltas_at_site[[rows[mapping[u]] for u in users]].astype(np.float64)
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(d.shape)
@@ -497,49 +470,3 @@ def interpret(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit,
         log.warning("interpret: %s", note)
     return InterpretResult(kl_users, kl, angles, summary, energy, tokens, labels, monitoring,
                            pd.DataFrame.from_records(stats), ctx.notes, used)
-
-
-FILES = ("kl_users", "kl", "angles", "alignment", "energy", "lens_tokens", "lens_labels", "monitoring", "stats")
-
-
-def run_interpret(run_dir, loaded: LoadedModel, config: InterpretConfig = InterpretConfig(), *,
-                  figures: bool = True) -> InterpretResult:
-    """``perfit-probe interpret``: write ``RUN/interpret/`` (a CSV per frame, ``report.md``,
-    ``interpret.json``) and, with ``figures``, ``RUN/figures/interpret_*.png``."""
-    import json
-
-    from perfit_probe.evaluation.evaluate import load_fitted_run
-    from perfit_probe.evaluation.interpret_report import render_report
-    from perfit_probe.rundir import RunDir, atomic_write_text, to_jsonable
-
-    run = RunDir.open(run_dir)
-    fitted = load_fitted_run(run.path, loaded)
-    deltas = Deltas.load(run.path / "deltas")
-    settings = prompt_settings(run.path)
-    run.add_stage("interpret", config)
-    with run.timed("interpret"):
-        result = interpret(loaded, fitted.task, fitted.split, fitted.perfit, deltas, config, settings,
-                           fitted.personal)
-    out = run.sub("interpret")
-    for name in FILES:
-        atomic_write_text(out / f"{name}.csv", getattr(result, name).to_csv(index=False))
-    atomic_write_text(out / "interpret.json", json.dumps(to_jsonable({"settings": result.settings,
-                                                                       "notes": result.notes}), indent=1) + "\n")
-    atomic_write_text(out / "report.md", render_report(result))
-    run.add_metrics("interpret", _headline(result))
-    if figures:
-        from perfit_probe.plotting.interpret_figures import save_interpret_figures
-
-        save_interpret_figures(out, run.sub("figures"))
-    return result
-
-
-def _headline(result: InterpretResult) -> dict:
-    out = {}
-    if not result.kl.empty:
-        for r in result.kl.itertuples():
-            out[f"kl/{r.site}/{r.method}/{r.alpha:g}"] = r.mean
-    if not result.alignment.empty:
-        for (site, bank), part in result.alignment.groupby(["site", "bank"]):
-            out[f"alignment/{site}/{bank}/percentile"] = float(part.percentile.mean())
-    return out

@@ -41,19 +41,44 @@ def single_token_labels(tokenizer, labels: Sequence[str]) -> list[int] | None:
 
 
 def _prefix_length(iv, prompt_mask: torch.Tensor) -> int:
-    """Columns before the earliest edited position of a left-padded batch (0 when none are shared)."""
+    """Columns of a left-padded batch that can run once, un-edited (0 when none can).
+
+    The cut is at or before the earliest edited position, and late enough that the position
+    rule picks the same tokens from the suffix alone as from the whole prompt (under the
+    ``pyreft`` clamp the last ``s`` tokens need a suffix of ``2 s``), so the cut backs off a
+    few columns from the first edited position until the selections agree.
+    """
     seq = prompt_mask.shape[1]
     index, valid = batch_positions(iv.positions, prompt_mask, iv.position_clamp)
     first = min(int(index[valid].min()) if bool(valid.any()) else seq - 1, seq - 1)
-    if first <= 0:
-        return 0
-    sub = prompt_mask[:, first:]
-    index_s, valid_s = batch_positions(iv.positions, sub, iv.position_clamp)
-    same = (index_s.shape == index.shape and torch.equal(valid_s, valid)
-            and torch.equal((index_s + first)[valid], index[valid])
-            and torch.equal(batch_last_mask(iv.positions, sub, iv.position_clamp),
-                            batch_last_mask(iv.positions, prompt_mask, iv.position_clamp)))
-    return first if same else 0
+    last_mask = batch_last_mask(iv.positions, prompt_mask, iv.position_clamp)
+    back_off = 2 * (iv.positions.first + iv.positions.last) + 2
+    for cut in range(first, max(0, first - back_off), -1):
+        sub = prompt_mask[:, cut:]
+        index_s, valid_s = batch_positions(iv.positions, sub, iv.position_clamp)
+        if (index_s.shape == index.shape and torch.equal(valid_s, valid)
+                and torch.equal((index_s + cut)[valid], index[valid])
+                and torch.equal(batch_last_mask(iv.positions, sub, iv.position_clamp), last_mask)):
+            return cut
+    return 0
+
+
+class PrefixStore:
+    """Key/value caches of un-edited prompt prefixes, kept for the next call on the same prompts.
+
+    Keyed by the batch's prompts, the prompt truncation and the prefix length; a cache is
+    never changed in place (each suffix pass works on a copy), so any call may reuse it.
+    """
+
+    def __init__(self) -> None:
+        self._caches: dict[tuple, object] = {}
+
+    def get(self, model, prompts: tuple[str, ...], max_prompt_tokens: int | None, inputs: dict, first: int):
+        """The cache of ``inputs[:, :first]``, computed on the first request."""
+        key = (prompts, max_prompt_tokens, first)
+        if key not in self._caches:
+            self._caches[key] = model(**{k: v[:, :first] for k, v in inputs.items()}, use_cache=True).cache
+        return self._caches[key]
 
 
 @torch.no_grad()
@@ -63,7 +88,7 @@ def score_label_variants(
     labels: Sequence[str],
     *,
     perfit: PerFit,
-    user_ids: Sequence[str],
+    user_ids: Sequence[str] | Sequence[Sequence[str]],
     scales: Sequence[float],
     ablate_bases: torch.Tensor | None = None,
     ablate_mode: str = "hidden",
@@ -71,12 +96,17 @@ def score_label_variants(
     batch_size: int = 16,
     rows_per_pass: int = 64,
     max_prompt_tokens: int | None = None,
+    prefixes: PrefixStore | None = None,
 ) -> torch.Tensor:
     """``[n_variants, n_prompts, n_labels]`` log p(label | prompt) under each variant.
 
     Variant ``v`` scales the outermost edit by ``scales[v]`` and, with ``ablate_bases [V, k, d]``,
-    projects out ``ablate_bases[v]``. ``rows_per_pass`` bounds the replicated rows of one
-    suffix pass (memory: each row carries a copy of its prompt's key/value cache).
+    projects out ``ablate_bases[v]``. ``user_ids`` gives each prompt's user (the intervention
+    slot), either once for every variant or once per variant (``[n_variants][n_prompts]``: the
+    user swap runs every donor as a variant). ``stage`` ``none`` scores the model alone.
+    ``rows_per_pass`` bounds the replicated rows of one suffix pass (memory: each row carries a
+    copy of its prompt's key/value cache). ``prefixes`` keeps the un-edited prefixes' caches
+    across calls on the same prompts (the causal checks score them under many interventions).
     """
     tok = loaded.tokenizer
     label_ids = single_token_labels(tok, labels)
@@ -87,9 +117,12 @@ def score_label_variants(
         raise ConfigError("score_label_variants needs at least one variant (scales=...)")
     if ablate_bases is not None and ablate_bases.shape[0] != n_var:
         raise ConfigError(f"{ablate_bases.shape[0]} ablation bases for {n_var} scales: give one per variant")
-    if len(user_ids) != len(prompts):
-        raise ConfigError(f"{len(user_ids)} user ids for {len(prompts)} prompts")
+    per_variant = [list(user_ids)] * n_var if not len(user_ids) or isinstance(user_ids[0], str) else user_ids
+    if len(per_variant) != n_var or any(len(ids) != len(prompts) for ids in per_variant):
+        raise ConfigError(f"user ids must be one per prompt ({len(prompts)}), once or once per variant ({n_var})")
     iv = perfit.intervention(stage, ablate_basis=ablate_bases, ablate_mode=ablate_mode)
+    slots_all = None if iv.personal is None else torch.stack(
+        [iv.personal.slot_indices([str(u) for u in ids]) for ids in per_variant])
     model, device = loaded.model, loaded.device
     pad = int(tok.pad_token_id)
     n = len(prompts)
@@ -106,14 +139,15 @@ def score_label_variants(
             cache = None
             if first > 0:
                 iv.clear()  # the prefix holds no edited position
-                cache = model(**{k: v[:, :first] for k, v in inputs.items()}, use_cache=True).cache
-            slots = None if iv.personal is None else iv.personal.slot_indices([str(u) for u in user_ids[rows]])
+                store = prefixes if prefixes is not None else PrefixStore()
+                cache = store.get(model, tuple(prompts[rows]), max_prompt_tokens, inputs, first)
             group = max(1, min(n_var, rows_per_pass // b))
             for v0 in range(0, n_var, group):
                 g = min(group, n_var - v0)
                 variant = torch.arange(v0, v0 + g).repeat(b)  # row r: prompt r // g, variant r % g
+                slots = None if slots_all is None else slots_all[v0:v0 + g, rows].transpose(0, 1).reshape(-1)
                 iv.set_batch(batch.prompt_mask[:, first:].repeat_interleave(g, 0),
-                             None if slots is None else slots.repeat_interleave(g).to(device),
+                             None if slots is None else slots.to(device),
                              scale_t[variant], None if ablate_bases is None else variant.to(device))
                 kwargs = {"input_ids": inputs["input_ids"][:, first:].repeat_interleave(g, 0),
                           "attention_mask": inputs["attention_mask"].repeat_interleave(g, 0),
