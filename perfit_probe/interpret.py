@@ -171,7 +171,3 @@ class PerFitRun:
         frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(spec.labels)) if rows else None
         return UserPrediction(user_id, plain, preds, frame)
 
-
-def load_run(run_dir: Path | str, loaded: LoadedModel | None = None) -> PerFitRun:
-    """``PerFitRun.open``."""
-    return PerFitRun.open(run_dir, loaded)

@@ -199,13 +199,6 @@ class AnalysisResult:
         meta = read_json(meta_path) if meta_path.is_file() else {}
         return cls(meta=meta, **frames)
 
-    def rank_table(self, centered: bool) -> pd.DataFrame:
-        """Wide view: one row per site x source, columns ``rank@tau`` and ``per_mille@tau``."""
-        sub = self.ranks[self.ranks["centered"] == centered]
-        wide = sub.pivot_table(index=["layer", "site", "source"], columns="statistic",
-                               values="value", sort=False)
-        return wide.reset_index()
-
     def summary(self) -> dict:
         """Headline numbers for ``metrics.json``: ranks at the site where the deltas'
         uncentred (else centred) ``r(0.9)`` is lowest, and that site's collective statistics."""

@@ -26,8 +26,6 @@ from perfit_probe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TEXT_FEATURES = ("item_ids", "history_tfidf")
-"""Text feature sets of ``text_identification``."""
 MAX_TFIDF_FEATURES = 2048
 
 
@@ -72,7 +70,8 @@ def text_identification(
     history: pd.DataFrame, user_ids: list[str], query_ids: list[str], *,
     heldout_fraction: float = 0.3, classifier: str = "centroid", seed: int = 0,
 ) -> dict[str, Identification]:
-    """User identification from each of ``TEXT_FEATURES`` of the enhanced prompts' history.
+    """User identification from each text feature set of the enhanced prompts' history
+    (``item_ids``: which items were retrieved; ``history_tfidf``: TF-IDF of the history text).
 
     ``user_ids``/``query_ids`` give the queries in the order of the per-query deltas, so the
     held-out split is the one the hidden-state identification uses.

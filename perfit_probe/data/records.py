@@ -24,8 +24,6 @@ permuted among them (``permuted``). See ``perfit_probe.data.controls``."""
 VARIANTS = DEFAULT_VARIANTS + CONTROL_VARIANTS
 """Every prompt variant ``build_examples`` can make."""
 
-TASK_KINDS = ("classification", "rating", "generation")
-
 
 @dataclass(frozen=True)
 class ProfileItem:
