@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TENSOR_FILE = "deltas.safetensors"
+DELTAS_TENSOR_FILE = "deltas.safetensors"
 META_FILE = "deltas.json"
 
 
@@ -121,9 +121,9 @@ class Deltas:
             tensors[f"variant.{name}"] = value.float().contiguous()
         for name, value in self.variant_query_deltas.items():
             tensors[f"variant_query.{name}"] = value.float().contiguous()
-        tmp = directory / f".{TENSOR_FILE}.tmp"
+        tmp = directory / f".{DELTAS_TENSOR_FILE}.tmp"
         save_file(tensors, str(tmp))
-        tmp.replace(directory / TENSOR_FILE)
+        tmp.replace(directory / DELTAS_TENSOR_FILE)
         meta = {
             "user_ids": self.user_ids,
             "sites": self.sites,
@@ -132,16 +132,16 @@ class Deltas:
             "meta": self.meta,
         }
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1) + "\n")
-        write_checksums(directory, (TENSOR_FILE, META_FILE))
+        write_checksums(directory, (DELTAS_TENSOR_FILE, META_FILE))
 
     @classmethod
     def load(cls, directory: Path) -> Deltas:
         """Read what :meth:`save` wrote; ``CacheError`` when missing or corrupt."""
         directory = Path(directory)
-        tpath, mpath = directory / TENSOR_FILE, directory / META_FILE
+        tpath, mpath = directory / DELTAS_TENSOR_FILE, directory / META_FILE
         if not tpath.is_file() or not mpath.is_file():
             raise CacheError(f"no delta vectors in {directory}: run `perfit-probe cache` first")
-        verify_checksums(directory, (TENSOR_FILE, META_FILE), error=CacheError,
+        verify_checksums(directory, (DELTAS_TENSOR_FILE, META_FILE), error=CacheError,
                          fix="recompute the deltas with `perfit-probe cache --resume`")
         try:
             tensors = load_file(str(tpath))

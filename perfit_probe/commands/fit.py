@@ -20,7 +20,7 @@ from perfit_probe.commands.common import MAX_QUERIES_HELP, TASK_PATH_HELP, add_m
 from perfit_probe.data.profile_examples import PERSONAL_SOURCES, PROFILE_EXAMPLE_MODES
 from perfit_probe.data.splits import TEST_USER_CHOICES
 from perfit_probe.interventions.fit import PERSONAL_INITS, FitConfig, run_fit
-from perfit_probe.interventions.modules import INITS, KINDS
+from perfit_probe.interventions.modules import INITS, INTERVENTION_KINDS
 from perfit_probe.interventions.train import describe_selection
 from perfit_probe.rundir import seed_everything
 from perfit_probe.sites import POSITION_CLAMPS
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     iv.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=d["share_weights"],
                     help="one intervention per site for all positions, or (--no-share-weights) separate "
                     "first-p and last-s interventions as pyreft (default %(default)s)")
-    iv.add_argument("--intervention", default=d["intervention"], choices=KINDS)
+    iv.add_argument("--intervention", default=d["intervention"], choices=INTERVENTION_KINDS)
     iv.add_argument("--collective-rank", type=int, default=d["collective_rank"])
     iv.add_argument("--personal-rank", type=int, default=d["personal_rank"])
     iv.add_argument("--stacking", default=d["stacking"], choices=("sum", "compose"))

@@ -44,7 +44,7 @@ import numpy as np
 from perfit_probe.errors import ConfigError, DataError
 from perfit_probe.rundir import atomic_write_text
 
-KINDS = ("classification", "rating", "generation")
+TASK_KINDS = ("classification", "rating", "generation")
 RATING_PARSES = ("lamp", "first_number")
 """Readings of a predicted rating: LaMP's (the headline metrics) and the lenient one (diagnostics)."""
 OUT_OF_SET = -1
@@ -78,8 +78,8 @@ def primary_metric(kind: str) -> str:
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ConfigError(f"unknown task kind {kind!r}: choose from {KINDS}")
+    if kind not in TASK_KINDS:
+        raise ConfigError(f"unknown task kind {kind!r}: choose from {TASK_KINDS}")
 
 
 def _check_lengths(golds: Sequence, preds: Sequence) -> None:

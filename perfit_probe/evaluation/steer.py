@@ -83,7 +83,7 @@ from perfit_probe.sites import batch_last_mask, batch_positions, parse_positions
 log = logging.getLogger(__name__)
 
 EXPERIMENTS = ("swap", "ablation", "dose", "control")
-COLUMNS = ["experiment", "setting", "metric", "value"]
+STEER_COLUMNS = ["experiment", "setting", "metric", "value"]
 
 
 @dataclass(frozen=True)
@@ -550,7 +550,7 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
         rows += control(runner, stage1, full)
         bar.update()
     bar.close()
-    frame = pd.DataFrame.from_records(rows, columns=COLUMNS)
+    frame = pd.DataFrame.from_records(rows, columns=STEER_COLUMNS)
     log.info("steer: %d rows (%s higher is better: %s)", len(frame), runner.metric,
              HIGHER_IS_BETTER[runner.metric])
     return SteerResult(frame, pairs, basis, random_table, verdicts(frame))

@@ -51,7 +51,7 @@ from perfit_probe.errors import ConfigError, DataError
 from perfit_probe.interventions.apply import STACKINGS, check_sites
 from perfit_probe.interventions.artifact import check_identity, load_bank, save_bank
 from perfit_probe.interventions.batching import Encoded, encode
-from perfit_probe.interventions.modules import INITS, KINDS, BankSpec, InterventionBank, slot_generator
+from perfit_probe.interventions.modules import INITS, INTERVENTION_KINDS, BankSpec, InterventionBank, slot_generator
 from perfit_probe.interventions.train import TrainConfig, curve_summary, train_collective, train_personal
 from perfit_probe.models import LoadedModel
 from perfit_probe.rundir import RunDir, atomic_write_text, staged_dir, write_checksums, write_json
@@ -168,8 +168,8 @@ class FitConfig:
 
     def validate(self) -> None:
         """Cheap checks of the options, before any data or model is loaded."""
-        if self.intervention not in KINDS:
-            raise ConfigError(f"unknown intervention {self.intervention!r}: choose from {KINDS}")
+        if self.intervention not in INTERVENTION_KINDS:
+            raise ConfigError(f"unknown intervention {self.intervention!r}: choose from {INTERVENTION_KINDS}")
         if self.stacking not in STACKINGS:
             raise ConfigError(f"unknown stacking {self.stacking!r}: choose from {STACKINGS}")
         if self.collective_init not in INITS:

@@ -29,7 +29,7 @@ import torch
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.apply import Intervention
-from perfit_probe.interventions.artifact import STAGES, PerFit
+from perfit_probe.interventions.artifact import PERFIT_STAGES, PerFit
 from perfit_probe.interventions.batching import collate, continuation_logprobs, encode
 from perfit_probe.models import LoadedModel
 
@@ -57,8 +57,8 @@ def build_intervention(
     positions: str | None = None,
 ) -> Intervention | None:
     """The ``Intervention`` a generation or scoring call applies (None for the bare base model)."""
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}: choose from {STAGES}")
+    if stage not in PERFIT_STAGES:
+        raise ConfigError(f"unknown stage {stage!r}: choose from {PERFIT_STAGES}")
     if perfit is not None:
         iv = perfit.intervention(stage, ablate_basis=ablate_basis, ablate_mode=ablate_mode)
         return None if stage == "none" and ablate_basis is None else iv

@@ -66,7 +66,7 @@ from torch import nn
 from perfit_probe.errors import ConfigError
 from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, parse_positions
 
-KINDS = ("loreft", "noreft", "lobireft")
+INTERVENTION_KINDS = ("loreft", "noreft", "lobireft")
 INITS = ("zero", "random")
 
 
@@ -75,7 +75,7 @@ class BankSpec:
     """Shape and kind of the interventions a bank holds."""
 
     kind: str
-    """One of ``KINDS``."""
+    """One of ``INTERVENTION_KINDS``."""
     sites: tuple[str, ...]
     """Canonical site names (``blocks.{l}.hook_{kind}``), one intervention per site."""
     positions: str
@@ -97,8 +97,8 @@ class BankSpec:
     exactly zero before training (see the module docstring)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"unknown intervention kind {self.kind!r}: choose from {KINDS}")
+        if self.kind not in INTERVENTION_KINDS:
+            raise ConfigError(f"unknown intervention kind {self.kind!r}: choose from {INTERVENTION_KINDS}")
         if not 1 <= self.rank <= self.d_model:
             raise ConfigError(
                 f"intervention rank {self.rank} must be between 1 and d_model={self.d_model}"
