@@ -46,7 +46,10 @@ from tqdm.auto import tqdm
 from perfit_probe import cache_store as store
 from perfit_probe.backends import ActivationBackend, get_backend
 from perfit_probe.cache_store import ActivationCache
-from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS, Example
+from perfit_probe.data import load_task, query_cap
+from perfit_probe.data.prompts import build_examples
+from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS, Example, User
+from perfit_probe.data.splits import stable_rank
 from perfit_probe.errors import CacheError, ConfigError, DataError
 from perfit_probe.sites import PositionSpec, Site, batch_positions, gather_positions, parse_positions, parse_sites
 
@@ -507,10 +510,6 @@ class CacheConfig:
 
 def build_task_examples(config: CacheConfig, tokenizer) -> tuple[list[Example], dict]:
     """Load the task, choose users and queries, build the prompts; also return a short report."""
-    from perfit_probe.data import load_task, query_cap
-    from perfit_probe.data.prompts import build_examples
-    from perfit_probe.data.records import User
-    from perfit_probe.data.splits import stable_rank
 
     task = load_task(config.task, path=config.task_path, outputs=config.task_outputs,
                      n_users=config.n_users, seed=config.seed)

@@ -27,13 +27,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from perfit_probe.data.prompts import enhanced_prompt, plain_prompt
+from perfit_probe.data.prompts import continuation, enhanced_prompt, plain_prompt
 from perfit_probe.data.records import Query, User
 from perfit_probe.data.splits import history_user
+from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import FittedRun, load_fitted_run, predict, steer_site
 from perfit_probe.evaluation.interpret import PromptSettings, prompt_settings
-from perfit_probe.models import LoadedModel
+from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
+from perfit_probe.models import LoadedModel, default_cache_dir, load_model
+from perfit_probe.sites import parse_site
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,9 @@ class UserPrediction:
 def load_run_model(run_dir: Path, *, device: str | None = None, cache_dir: Path | None = None,
                    offline: bool = True) -> LoadedModel:
     """The model a run was made with (``run.json``), loaded without progress bars."""
+    # transformers takes seconds to import: deferred until a model is actually loaded
     from transformers.utils import logging as hf_logging
 
-    from perfit_probe.models import default_cache_dir, load_model
     from perfit_probe.rundir import RunDir
 
     hf_logging.disable_progress_bar()
@@ -84,8 +87,6 @@ class PerFitRun:
     @classmethod
     def open(cls, run_dir: Path | str, loaded: LoadedModel | None = None, *, device: str | None = None) -> PerFitRun:
         """Open ``run_dir``; ``loaded`` defaults to the model recorded in its ``run.json``."""
-        from perfit_probe.deltas import Deltas
-
         path = Path(run_dir)
         loaded = loaded if loaded is not None else load_run_model(path, device=device)
         fitted = load_fitted_run(path, loaded)
@@ -141,8 +142,6 @@ class PerFitRun:
     def predict(self, user_id: str, item: str, *, alpha: float = 1.0, steer_site: str | None = None,
                 conditions: tuple[str, ...] = CONDITIONS) -> UserPrediction:
         """Predictions and label distributions of ``item`` for ``user_id`` under ``conditions``."""
-        from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
-
         spec, s = self.task.spec, self.settings
         plain = self.prompt(user_id, item)
         stages = {"base": ("none", plain), "stage1": ("collective", plain), "perfit": ("perfit", plain),
@@ -159,10 +158,8 @@ class PerFitRun:
                 rows[name] = out.label_logprobs[0].softmax(-1).numpy()
         if "steer_delta" in conditions and spec.labels and self.steer_site is not None \
                 and user_id in self.deltas.user_ids:
-            from perfit_probe.data.prompts import continuation
-
             site = steer_site or self.steer_site
-            steering = AdditiveSteering(self.delta(user_id, site).view(1, 1, -1), [site])
+            steering = AdditiveSteering(self.delta(user_id, site).view(1, 1, -1), [parse_site(site)])
             labels = [continuation(lab, self.loaded.tokenizer, s.chat) for lab in spec.labels]
             logp = steered_label_logprobs(self.loaded, [plain], labels, steering=steering, slots=[0], scales=[alpha],
                                           max_prompt_tokens=s.max_prompt_tokens)[0]

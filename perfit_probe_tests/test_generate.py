@@ -10,6 +10,7 @@ from perfit_probe.interventions.artifact import PerFit
 from perfit_probe.interventions.batching import collate, encode
 from perfit_probe.interventions.generate import generate, score_labels
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.tiny import tiny_model
 
 D = 32
@@ -19,7 +20,7 @@ USERS = ["a", "b", "c", "a", "b"]
 
 
 def _fit(loaded, kind="loreft", stacking="sum", seed=0):
-    spec = BankSpec(kind, ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"), "f1+l2", 4, D)
+    spec = BankSpec(kind, (Site(1), Site(2)), parse_positions("f1+l2"), 4, D)
     coll = InterventionBank.initialised(spec, ["collective"], "random", seed=seed)
     pers = InterventionBank.initialised(spec, ["a", "b", "c"], "random", seed=seed + 1)
     with torch.no_grad():  # make the edits strong enough to change greedy outputs
@@ -114,7 +115,7 @@ def test_unknown_user_and_bad_lengths_fail():
 @pytest.mark.slow
 def test_embedded_model_zero_edit_and_batched_users(embedded):
     """On SmolLM2: a zero edit changes nothing; mixed-user batches generate as one-by-one."""
-    spec = BankSpec("loreft", ("blocks.8.hook_resid_post", "blocks.12.hook_resid_post"), "f1+l2", 4,
+    spec = BankSpec("loreft", (Site(8), Site(12)), parse_positions("f1+l2"), 4,
                     embedded.d_model)
     prompts = ["Rate the movie Heat (1995) from 1 to 5:", "Tag:"]
     zero = PerFit(InterventionBank.initialised(spec, ["collective"], "zero"),

@@ -21,6 +21,7 @@ from perfit_probe.evaluation.uncertainty import QueryStats
 from perfit_probe.interventions import PerFit, score_labels
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.test_evaluate import planted_task, random_perfit
 from perfit_probe_tests.tiny import tiny_model
 
@@ -156,11 +157,11 @@ def test_stacked_ablation_bases_equal_one_basis_at_a_time():
     h = torch.randn(6, 2, 8, generator=gen)
     index = torch.tensor([0, 1, 2, 2, 1, 0])
     for mode in ("hidden", "edit"):
-        stacked = Intervention(sites=["blocks.0.hook_resid_post"], positions="l2", ablate_basis=bases,
+        stacked = Intervention(sites=[Site(0)], positions=parse_positions("l2"), ablate_basis=bases,
                                ablate_mode=mode)
         got = stacked.delta(0, h, None, torch.ones(6), None, index)
         for row, g in enumerate(index.tolist()):
-            single = Intervention(sites=["blocks.0.hook_resid_post"], positions="l2", ablate_basis=bases[g],
+            single = Intervention(sites=[Site(0)], positions=parse_positions("l2"), ablate_basis=bases[g],
                                   ablate_mode=mode)
             torch.testing.assert_close(got[row], single.delta(0, h[row:row + 1], None, torch.ones(1))[0])
     with pytest.raises(Exception, match="ablate_index"):
@@ -174,7 +175,8 @@ def test_shared_prefix_scores_equal_score_labels_per_variant(positions):
     perfit = random_perfit(loaded, users)
     if positions != "f1+l2":  # the same banks at the last two positions only: a shared prefix
         for bank in (perfit.collective, perfit.personal):
-            bank.spec = BankSpec(bank.spec.kind, bank.spec.sites, positions, bank.spec.rank, bank.spec.d_model)
+            bank.spec = BankSpec(bank.spec.kind, bank.spec.sites, parse_positions(positions), bank.spec.rank,
+                                 bank.spec.d_model)
     prompts = ["Predict the rating of alpha beta", "History of the user: Toy Story (1995) rated 4; Fargo",
                "Answer with a single number.", "gamma"]
     owners = ["a", "b", "b", "a"]
@@ -201,7 +203,7 @@ def test_planted_personal_slot_pulls_swap_recipients_toward_its_label():
     five = single_token_labels(loaded.tokenizer, [continuation("5", loaded.tokenizer, None)])[0]
     direction = loaded.model.lm_head.weight[five].detach().float()
     direction = direction / direction.norm()
-    spec = BankSpec("lobireft", ("blocks.3.hook_resid_post",), "l1", 1, d)
+    spec = BankSpec("lobireft", (Site(3),), parse_positions("l1"), 1, d)
     collective = InterventionBank.initialised(spec, ["collective"], "zero", 0)
     personal = InterventionBank(spec, list(split.test_users))
     with torch.no_grad():

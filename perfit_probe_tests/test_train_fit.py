@@ -11,6 +11,7 @@ from perfit_probe.data.splits import Split
 from perfit_probe.interventions.artifact import load_perfit
 from perfit_probe.interventions.fit import FitConfig, lora_parameter_count, run_fit
 from perfit_probe.rundir import read_json
+from perfit_probe.sites import Site
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
 SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1, -1), positions="f1+l1",
@@ -28,7 +29,7 @@ def test_run_fit_writes_complete_run(tmp_path):
     split = Split.load(pdir / "split.json")
     fit = load_perfit(run.path, loaded)
     assert fit.user_ids == list(split.test_users) and len(split.train_users) == 3
-    assert fit.collective.spec.sites == ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
+    assert fit.collective.spec.sites == (Site(1), Site(3))
     curves = pd.read_csv(pdir / "curves.csv", dtype={"user_id": str})
     assert set(curves["stage"]) == {"collective", "personal"}
     assert set(curves[curves["stage"] == "personal"]["user_id"]) == set(split.test_users)

@@ -40,6 +40,7 @@ from perfit_probe.analysis.nulls import (
     source_matrices,
 )
 from perfit_probe.analysis.shift import ShiftPCA
+from perfit_probe.analysis.text_baseline import text_identification
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError, DataError, SiteError
 from perfit_probe.rundir import atomic_write_text, read_json, to_jsonable, write_json
@@ -448,8 +449,6 @@ def _identify(key: dict, q: np.ndarray, labels: np.ndarray, config: AnalysisConf
 
 def _text_rows(deltas: Deltas, history: pd.DataFrame | None, config: AnalysisConfig) -> list[dict]:
     """Identification rows of the text baselines (``TEXT_SITE``), when the history is known."""
-    from perfit_probe.analysis.text_baseline import text_identification
-
     if history is None or deltas.query_delta is None or not len(deltas.query_user_ids):
         return []
     try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from perfit_probe.errors import DataError
+
 DEFAULT_VARIANTS = ("plain", "enhanced", "control")
 """Variants cached by default: task input alone; with retrieved history; with neutral random
 text of the history's token length."""
@@ -111,8 +113,6 @@ class TaskData:
 
     def user(self, user_id: str) -> User:
         """The user with this id; ``DataError`` when there is none."""
-        from perfit_probe.errors import DataError
-
         for user in self.users:
             if user.id == user_id:
                 return user

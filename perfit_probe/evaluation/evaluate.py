@@ -86,6 +86,7 @@ from perfit_probe.interventions import PerFit, generate, score_labels
 from perfit_probe.interventions.fit import validation_indices
 from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
 from perfit_probe.models import LoadedModel
+from perfit_probe.sites import parse_site
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +560,7 @@ def write_lora_selection(result: EvalResult, directory: Path) -> dict:
 def steer_site(perfit: PerFit | None, deltas: Deltas) -> str | None:
     """Where ``steer_delta`` adds a user's delta: the first of the fit's sites that the cache
     measured (the first cached site without a fit); None when no fit site was cached."""
-    sites = perfit.collective.spec.sites if perfit is not None else deltas.sites
+    sites = [site.name for site in perfit.collective.spec.sites] if perfit is not None else deltas.sites
     return next((s for s in sites if s in deltas.sites), None)
 
 
@@ -580,7 +581,7 @@ def _steer_delta_predictions(loaded: LoadedModel, spec: TaskSpec, chosen: list[E
                  "none of the fit's sites was cached")
         return None
     vectors = torch.stack([deltas.enhanced[deltas.user_ids.index(u), deltas.site_index(site)] for u in users])
-    steering = AdditiveSteering(vectors.unsqueeze(1), [site])
+    steering = AdditiveSteering(vectors.unsqueeze(1), [parse_site(site)])
     labels = [continuation(label, loaded.tokenizer, config.chat) for label in spec.labels]
     logp = steered_label_logprobs(loaded, [e.prompt for e in chosen], labels, steering=steering,
                                   slots=[users.index(e.user_id) for e in chosen], scales=1.0,

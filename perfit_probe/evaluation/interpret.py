@@ -56,6 +56,7 @@ from torch import Tensor
 
 from perfit_probe.analysis.lens import label_first_tokens, label_shift, lens_shift, top_tokens
 from perfit_probe.analysis.subspaces import angle_test, centred_pcs, random_null
+from perfit_probe.backends.hooks import HookBackend
 from perfit_probe.data.prompts import continuation
 from perfit_probe.data.profile_examples import PersonalData
 from perfit_probe.data.records import Example, TaskData
@@ -65,10 +66,11 @@ from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import heldout_examples
 from perfit_probe.evaluation.steer import derangement, history_behaviour
 from perfit_probe.interventions import PerFit, score_labels
+from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.steering import (AdditiveSteering, label_ids_of, steer_last_token,
                                                  steered_label_logprobs)
 from perfit_probe.models import LoadedModel
-from perfit_probe.sites import batch_last_mask, parse_positions
+from perfit_probe.sites import LAST, batch_last_mask, parse_site
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,7 @@ def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 def correlation_row(x, y, **keys) -> dict:
     """Pearson and Spearman correlations (with two-sided p-values) of ``x`` and ``y``."""
+    # scipy.stats takes seconds to import: deferred until a statistic needs it
     from scipy.stats import pearsonr, spearmanr
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
@@ -242,12 +245,13 @@ class _Context:
         self.loaded, self.task, self.split, self.perfit, self.deltas = loaded, task, split, perfit, deltas
         self.config, self.settings, self.spec = config, settings, task.spec
         self.notes: list[str] = []
-        fit_sites = list(perfit.collective.spec.sites)
+        fit_sites = [site.name for site in perfit.collective.spec.sites]
         wanted = list(config.sites) if config.sites is not None else fit_sites
         missing = [s for s in wanted if s not in deltas.sites]
         if missing:
             self.notes.append(f"sites {missing} are not among the cached sites {deltas.sites}: skipped")
         self.sites = [s for s in wanted if s in deltas.sites]
+        self.site_objects = [parse_site(s) for s in self.sites]  # the cached names, parsed once
         if not self.sites:
             self.notes.append("no site of the fit was cached: nothing to interpret (cache the fit's layers)")
         no_delta = [u for u in split.test_users if u not in deltas.user_ids]
@@ -324,7 +328,7 @@ def _steering_table(ctx: _Context) -> tuple[AdditiveSteering, dict[tuple[str, st
                 index = (ui * n_sites + si) * len(methods) + mi
                 table[index, si] = torch.from_numpy(per_site[s][m][ui]).float()
                 slot[(u, s, m)] = index
-    return AdditiveSteering(table, ctx.sites, "last"), slot
+    return AdditiveSteering(table, ctx.site_objects, LAST), slot
 
 
 def _steered_logprobs(ctx: _Context, ex: Example, steering: AdditiveSteering, slots: list[int], scales: list[float],
@@ -361,12 +365,8 @@ def _kl_summary(per_query: pd.DataFrame, c: InterpretConfig) -> tuple[pd.DataFra
 
 def _capture_hidden(ctx: _Context) -> None:
     """Plain prompts' hidden states at the sites (when the cached steering path did not record them)."""
-    from perfit_probe.backends.hooks import HookBackend
-    from perfit_probe.interventions.batching import encode
-    from perfit_probe.sites import parse_site
-
     backend = HookBackend(ctx.loaded)
-    sites = [parse_site(s) for s in ctx.sites]
+    sites = ctx.site_objects
     for ex in ctx.plain:
         ids = torch.tensor([encode(ctx.loaded.tokenizer, ex.prompt,
                                    max_prompt_tokens=ctx.settings.max_prompt_tokens).ids], device=ctx.loaded.device)
@@ -384,11 +384,12 @@ def alignment(ctx: _Context) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     banks = [("stage1", ctx.perfit.collective)]
     if ctx.perfit.personal is not None:
         banks.append(("stage2", ctx.perfit.personal))
+    fit_names = [site.name for site in ctx.perfit.collective.spec.sites]
     for s in ctx.sites:
-        if s not in ctx.perfit.collective.spec.sites:
+        if s not in fit_names:
             ctx.notes.append(f"site {s} has no intervention: no alignment there")
             continue
-        bank_site = list(ctx.perfit.collective.spec.sites).index(s)
+        bank_site = fit_names.index(s)
         ref = ctx.pcs[s].components
         nulls: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for name, bank in banks:
@@ -420,7 +421,7 @@ def _edit_energy(ctx: _Context, site: str, bank_site: int, basis: np.ndarray) ->
     bank = ctx.perfit.personal
     if bank is None:
         return []
-    spec = parse_positions(bank.spec.positions)
+    spec = bank.spec.positions
     clamp = bank.spec.position_clamp
     q = torch.from_numpy(basis).float()
     totals: dict[str, list[float]] = {}

@@ -101,6 +101,7 @@ def label_indices(texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
 
 def classification_scores(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> dict:
     """Accuracy and macro-F1 over ``labels`` (out-of-set predictions are wrong)."""
+    # scikit-learn takes seconds to import: deferred until a classification task is scored
     from sklearn.metrics import accuracy_score, f1_score
 
     _check_lengths(golds, preds)
@@ -190,6 +191,7 @@ def rating_scores(golds: Sequence[str], preds: Sequence[str], scale: tuple[float
 
 def rouge_scores(golds: Sequence[str], preds: Sequence[str], use_stemmer: bool = False) -> dict:
     """Mean ROUGE-1 and ROUGE-L F-measure (``rouge_score``; nothing downloaded)."""
+    # rouge_score (with nltk) takes seconds to import: deferred until a generation task is scored
     from rouge_score.rouge_scorer import RougeScorer
 
     _check_lengths(golds, preds)

@@ -36,8 +36,7 @@ from torch import nn
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
-from perfit_probe.sites import (READ_CLAMP, PositionSpec, Site, batch_last_mask, batch_positions, check_clamp,
-                                parse_positions, parse_site)
+from perfit_probe.sites import READ_CLAMP, PositionSpec, Site, batch_last_mask, batch_positions, check_clamp
 
 STACKINGS = ("sum", "compose")
 ABLATE_MODES = ("hidden", "edit")
@@ -52,8 +51,8 @@ class Intervention:
         collective: InterventionBank | None = None,
         personal: InterventionBank | None = None,
         stacking: str = "sum",
-        sites: Sequence[str] | None = None,
-        positions: str | PositionSpec | None = None,
+        sites: Sequence[Site] | None = None,
+        positions: PositionSpec | None = None,
         ablate_basis: torch.Tensor | None = None,
         ablate_mode: str = "hidden",
         position_clamp: str | None = None,
@@ -79,8 +78,11 @@ class Intervention:
         self.collective = collective
         self.personal = personal
         self.stacking = stacking
-        self.sites = [parse_site(s) for s in sites]
-        self.positions = parse_positions(positions)
+        if not all(isinstance(site, Site) for site in sites) or not isinstance(positions, PositionSpec):
+            raise ConfigError("an Intervention takes Site objects and a PositionSpec: parse text with "
+                              "sites.parse_site and sites.parse_positions")
+        self.sites = list(sites)
+        self.positions = positions
         self.position_clamp = position_clamp if position_clamp is not None else READ_CLAMP
         check_clamp(self.position_clamp)
         self.ablate_mode = ablate_mode
@@ -212,8 +214,3 @@ class Intervention:
             for handle in handles:
                 handle.remove()
             self.clear()
-
-
-def check_sites(sites: Sequence[str], n_layers: int) -> list[Site]:
-    """Parse sites and check their layers against the model; ``SiteError`` otherwise."""
-    return [parse_site(s, n_layers) for s in sites]

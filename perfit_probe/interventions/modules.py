@@ -57,14 +57,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from perfit_probe.errors import ConfigError
-from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, parse_positions
+from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, PositionSpec, Site, parse_positions, parse_site
 
 INTERVENTION_KINDS = ("loreft", "noreft", "lobireft")
 INITS = ("zero", "random")
@@ -76,10 +76,10 @@ class BankSpec:
 
     kind: str
     """One of ``INTERVENTION_KINDS``."""
-    sites: tuple[str, ...]
-    """Canonical site names (``blocks.{l}.hook_{kind}``), one intervention per site."""
-    positions: str
-    """Position spec text (``f1+l2``, ``l1``, ...), see ``perfit_probe.sites``."""
+    sites: tuple[Site, ...]
+    """Sites edited, one intervention per site (saved by canonical name, ``blocks.{l}.hook_{kind}``)."""
+    positions: PositionSpec
+    """Prompt positions edited (saved as spec text, ``f1+l2``, ``l1``, ...), see ``perfit_probe.sites``."""
     rank: int
     """Rank r of each intervention."""
     d_model: int
@@ -105,6 +105,9 @@ class BankSpec:
             )
         if not self.sites:
             raise ConfigError("an intervention needs at least one site")
+        if not all(isinstance(site, Site) for site in self.sites) or not isinstance(self.positions, PositionSpec):
+            raise ConfigError("a BankSpec holds Site objects and a PositionSpec: parse text with "
+                              "sites.parse_site and sites.parse_positions (BankSpec.from_dict reads saved specs)")
         if self.position_clamp not in POSITION_CLAMPS:
             raise ConfigError(f"unknown position clamp {self.position_clamp!r}: choose from {POSITION_CLAMPS}")
         if not isinstance(self.share_weights, bool):
@@ -114,7 +117,7 @@ class BankSpec:
     def groups(self) -> tuple[str, ...]:
         """Position groups with their own intervention at each site: ``("first", "last")``
         without shared weights on an ``f{p}+l{s}`` spec, else ``("all",)``."""
-        spec = parse_positions(self.positions)
+        spec = self.positions
         if not self.share_weights and spec.mode == "fl" and spec.first and spec.last:
             return ("first", "last")
         return ("all",)
@@ -134,17 +137,18 @@ class BankSpec:
         return f"site{site}" if len(self.groups) == 1 else f"site{site}.{self.groups[group]}"
 
     def to_dict(self) -> dict:
-        """Plain-JSON form."""
-        out = asdict(self)
-        out["sites"] = list(self.sites)
-        return out
+        """Plain-JSON form: sites by canonical name, positions as spec text."""
+        return {"kind": self.kind, "sites": [site.name for site in self.sites], "positions": self.positions.text,
+                "rank": self.rank, "d_model": self.d_model, "position_clamp": self.position_clamp,
+                "share_weights": self.share_weights, "anchored": self.anchored}
 
     @classmethod
     def from_dict(cls, data: dict) -> BankSpec:
-        """Inverse of :meth:`to_dict`; a dict without ``position_clamp``/``share_weights`` (a bank
-        saved before they existed) gets the field defaults, i.e. the old behaviour."""
-        return cls(data["kind"], tuple(data["sites"]), data["positions"], int(data["rank"]),
-                   int(data["d_model"]), data.get("position_clamp", cls.position_clamp),
+        """Inverse of :meth:`to_dict` (site names and the position spec parsed here, once); a
+        dict without ``position_clamp``/``share_weights`` (a bank saved before they existed)
+        gets the field defaults, i.e. the old behaviour."""
+        return cls(data["kind"], tuple(parse_site(name) for name in data["sites"]), parse_positions(data["positions"]),
+                   int(data["rank"]), int(data["d_model"]), data.get("position_clamp", cls.position_clamp),
                    data.get("share_weights", cls.share_weights), bool(data.get("anchored", False)))
 
     def params_per_slot(self) -> int:
