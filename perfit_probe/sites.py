@@ -126,7 +126,7 @@ def _first_attr(obj: object, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def parse_site(name: str | Site, n_layers: int | None = None) -> Site:
+def parse_site(name: str | int | Site, n_layers: int | None = None) -> Site:
     """Parse ``blocks.{l}.hook_{kind}`` (or a bare layer index, meaning ``resid_post``).
 
     Negative layer indices count from the end when ``n_layers`` is given. Raises

@@ -18,6 +18,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Bool, Float
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from perfit_probe.analysis.collective import Identification, heldout_mask, identify_users
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 MAX_TFIDF_FEATURES = 2048
 
 
-def item_id_features(ids: list[list[str]], train: np.ndarray) -> np.ndarray:
+def item_id_features(ids: list[list[str]], train: Bool[np.ndarray, " rows"]) -> Float[np.ndarray, "rows vocab"]:
     """``[n, vocab]`` 0/1 matrix: which training-vocabulary item ids each row's prompt shows."""
     vocab = sorted({i for row, keep in zip(ids, train) if keep for i in row})
     pos = {item: j for j, item in enumerate(vocab)}
@@ -41,7 +42,7 @@ def item_id_features(ids: list[list[str]], train: np.ndarray) -> np.ndarray:
     return out
 
 
-def tfidf_features(texts: list[str], train: np.ndarray) -> np.ndarray:
+def tfidf_features(texts: list[str], train: Bool[np.ndarray, " rows"]) -> Float[np.ndarray, "rows vocab"]:
     """``[n, vocab]`` TF-IDF rows of ``texts``, the vectoriser fitted on the training rows."""
     vec = TfidfVectorizer(sublinear_tf=True, max_features=MAX_TFIDF_FEATURES)
     try:

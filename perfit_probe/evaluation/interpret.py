@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from scipy.stats import pearsonr, spearmanr
 from torch import Tensor
 
 from perfit_probe.analysis.lens import label_first_tokens, label_shift, lens_shift, top_tokens
@@ -208,9 +209,6 @@ def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 def correlation_row(x, y, **keys) -> dict:
     """Pearson and Spearman correlations (with two-sided p-values) of ``x`` and ``y``."""
-    # scipy.stats takes seconds to import: deferred until a statistic needs it
-    from scipy.stats import pearsonr, spearmanr
-
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     row = {**keys, "n": int(x.size), "pearson_r": np.nan, "pearson_p": np.nan,
            "spearman_rho": np.nan, "spearman_p": np.nan}

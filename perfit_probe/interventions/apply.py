@@ -28,11 +28,12 @@ removes them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
-from torch import nn
+from jaxtyping import Bool, Float, Integer, Shaped
+from torch import Tensor, nn
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
@@ -53,7 +54,7 @@ class Intervention:
         stacking: str = "sum",
         sites: Sequence[Site] | None = None,
         positions: PositionSpec | None = None,
-        ablate_basis: torch.Tensor | None = None,
+        ablate_basis: Float[Tensor, "k d_model"] | Float[Tensor, "bases k d_model"] | None = None,
         ablate_mode: str = "hidden",
         position_clamp: str | None = None,
     ) -> None:
@@ -94,10 +95,10 @@ class Intervention:
     # ------------------------------------------------------------------ per batch
     def set_batch(
         self,
-        prompt_mask: torch.Tensor,
-        slots: torch.Tensor | None = None,
-        scale: float | Sequence[float] | torch.Tensor = 1.0,
-        ablate_index: torch.Tensor | None = None,
+        prompt_mask: Shaped[Tensor, "batch seq"],
+        slots: Integer[Tensor, " batch"] | None = None,
+        scale: float | Sequence[float] | Float[Tensor, " batch"] = 1.0,
+        ablate_index: Integer[Tensor, " batch"] | None = None,
     ) -> None:
         """Prepare the next prompt pass: ``prompt_mask [B, T]`` is 1 on prompt tokens.
 
@@ -138,8 +139,9 @@ class Intervention:
         self._state = None
 
     # ------------------------------------------------------------------ the maths
-    def delta(self, site: int, h: torch.Tensor, slots: torch.Tensor | None, scale: torch.Tensor,
-              last: torch.Tensor | None = None, ablate_index: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, site: int, h: Float[Tensor, "batch k d_model"], slots: Integer[Tensor, " batch"] | None,
+              scale: Float[Tensor, " batch"], last: Bool[Tensor, "batch k"] | None = None,
+              ablate_index: Integer[Tensor, " batch"] | None = None) -> Float[Tensor, "batch k d_model"]:
         """Total edit at site number ``site`` for selected hidden states ``h [B, k, d]`` (fp32);
         ``last [B, k]`` marks the last-s positions (needed by banks with separate first/last units);
         ``ablate_index [B]`` each row's basis of a stacked ``ablate_basis``."""

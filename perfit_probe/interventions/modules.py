@@ -57,11 +57,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import torch
-from torch import nn
+from jaxtyping import Bool, Float, Integer
+from torch import Tensor, nn
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, PositionSpec, Site, parse_positions, parse_site
@@ -159,7 +160,7 @@ class BankSpec:
         return per_unit * self.n_units
 
 
-def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
+def orthonormal_rows(a: Float[Tensor, "*batch r d"]) -> Float[Tensor, "*batch r d"]:
     """Rows of ``a [..., r, d]`` made orthonormal (Gram-Schmidt via QR, unique signs)."""
     q, tri = torch.linalg.qr(a.transpose(-1, -2))  # q [..., d, r]
     diag = torch.diagonal(tri, dim1=-2, dim2=-1)
@@ -298,7 +299,7 @@ class InterventionBank(nn.Module):
             )
         return torch.tensor([lookup[k] for k in keys], dtype=torch.long, device=self.device)
 
-    def rotation(self, unit: int, initial: bool = False) -> torch.Tensor:
+    def rotation(self, unit: int, initial: bool = False) -> Float[Tensor, "slots rank d_model"]:
         """``R [n, r, d]`` of unit ``unit`` (= site number with one group): orthonormal rows except
         for ``noreft`` (``initial``: of the anchor parameters, anchored banks only)."""
         a = self.site_params[unit].A0 if initial else self.site_params[unit].A
@@ -310,8 +311,8 @@ class InterventionBank(nn.Module):
                 if n != "A" or self.spec.kind == "noreft"]
 
     # ------------------------------------------------------------------ the edit
-    def edit(self, site: int, h: torch.Tensor, slots: torch.Tensor,
-             last: torch.Tensor | None = None) -> torch.Tensor:
+    def edit(self, site: int, h: Float[Tensor, "batch k d_model"], slots: Integer[Tensor, " batch"],
+             last: Bool[Tensor, "batch k"] | None = None) -> Float[Tensor, "batch k d_model"]:
         """The additive edit ``phi(h) - h`` for hidden states ``h [B, k, d]`` at site number
         ``site``; row i uses slot ``slots[i]``. ``last [B, k]`` (bool, ``sites.batch_last_mask``)
         marks the last-s positions: with separate first/last interventions they get the
@@ -350,8 +351,8 @@ class InterventionBank(nn.Module):
             inner = torch.einsum("bkd,brd->bkr", h, diff) + bias.to(h.dtype).unsqueeze(1)
         return torch.einsum("bkr,brd->bkd", inner, rot)
 
-    def forward(self, site: int, h: torch.Tensor, slots: torch.Tensor,
-                last: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, site: int, h: Float[Tensor, "batch k d_model"], slots: Integer[Tensor, " batch"],
+                last: Bool[Tensor, "batch k"] | None = None) -> Float[Tensor, "batch k d_model"]:
         """``phi(h)`` (the edited hidden state)."""
         return h + self.edit(site, h, slots, last)
 

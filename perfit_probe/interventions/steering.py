@@ -22,10 +22,10 @@ Two ways to score a label set under steering:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Integer
 from torch import Tensor
 
 from perfit_probe.errors import ConfigError
@@ -47,8 +47,9 @@ class AdditiveSteering(Intervention):
         super().__init__(sites=sites, positions=positions, position_clamp=READ_CLAMP)
         self.vectors = vectors.detach().float()
 
-    def delta(self, site: int, h: torch.Tensor, slots: torch.Tensor | None, scale: torch.Tensor,
-              last: torch.Tensor | None = None, ablate_index: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, site: int, h: Float[Tensor, "batch k d_model"], slots: Integer[Tensor, " batch"] | None,
+              scale: Float[Tensor, " batch"], last: Bool[Tensor, "batch k"] | None = None,
+              ablate_index: Integer[Tensor, " batch"] | None = None) -> Float[Tensor, "batch k d_model"]:
         if slots is None:
             raise ConfigError("additive steering needs one vector slot per row")
         vec = self.vectors.to(h.device, h.dtype)[slots.to(h.device), site]  # [B, d]
