@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.perfit-installed
 
-.PHONY: setup demo test test-fast bench figures clean
+.PHONY: setup demo test test-fast lint-imports bench figures clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/perfit-probe demo
 
-test: $(STAMP)
+# The layers of pyproject.toml's [tool.importlinter] contract: no module imports from a layer above it.
+lint-imports: $(STAMP)
+	PYTHONPATH=. $(VENV)/bin/lint-imports
+
+test: $(STAMP) lint-imports
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .import_linter_cache

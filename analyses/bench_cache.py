@@ -39,11 +39,11 @@ from pathlib import Path
 import psutil
 import torch
 
+from perfit_probe._repro import package_versions
 from perfit_probe.backends import model_inputs
 from perfit_probe.cache import cache_activations
 from perfit_probe.data.records import Example
 from perfit_probe.models import load_model
-from perfit_probe.rundir import package_versions
 from perfit_probe.sites import decoder_layers, gather_positions, parse_positions
 
 LAST = parse_positions("last")

@@ -21,9 +21,11 @@ import torch
 
 def main() -> None:
     from perfit_probe.commands.common import recorded_model
-    from perfit_probe.evaluation.evaluate import heldout_examples, load_fitted_run, predict
-    from perfit_probe.evaluation.interpret import InterpretConfig, prompt_settings, run_interpret
+    from perfit_probe.evaluation.evaluate import heldout_examples, predict
+    from perfit_probe.config import InterpretConfig
     from perfit_probe.models import load_model
+    from perfit_probe.stages import interpret as interpret_stage
+    from perfit_probe.stages.fitted import load_fitted_run, prompt_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run directory with cache, fit and evaluate done")
@@ -45,7 +47,7 @@ def main() -> None:
                 max_prompt_tokens=settings.max_prompt_tokens)
         unit = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run_interpret(run, loaded, InterpretConfig(), figures=True)
+        interpret_stage.run(InterpretConfig(), run, loaded, figures=True)
         stage = time.perf_counter() - t0
     print(f"| what | wall s | x one scoring pass |\n|---|---:|---:|\n"
           f"| one base-model scoring pass over {len(examples)} held-out prompts | {unit:.1f} | 1.00 |\n"

@@ -24,15 +24,17 @@ from pathlib import Path
 
 import torch
 
+from perfit_probe._io import atomic_write_text, write_json
+from perfit_probe._repro import package_versions, seed_everything
+from perfit_probe.config import TrainConfig
 from perfit_probe.data import load_task
 from perfit_probe.data.prompts import build_examples
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.batching import collate, encode, token_logprobs
 from perfit_probe.interventions.fit import lora_parameter_count
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
-from perfit_probe.interventions.train import TrainConfig, train_personal, train_personal_sequential
+from perfit_probe.interventions.train import train_personal, train_personal_sequential
 from perfit_probe.models import load_model
-from perfit_probe.rundir import atomic_write_text, package_versions, seed_everything, write_json
 from perfit_probe.sites import Site, batch_positions, parse_positions
 
 

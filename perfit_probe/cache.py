@@ -2,9 +2,9 @@
 
 ``cache_activations`` runs a model backend over a list of ``Example`` prompts and stores the
 hidden states at the requested sites and positions in the sharded format of
-``perfit_probe.cache_store`` (read it back with ``ActivationCache``). ``run_cache`` is the whole
-``perfit-probe cache`` stage: load a task, build its prompts, cache them, compute the delta
-vectors and record everything in a run directory.
+``perfit_probe.cache_store`` (read it back with ``ActivationCache``). ``build_task_examples``
+builds a task's prompts; the ``perfit-probe cache`` stage (``perfit_probe.stages.cache``) caches
+them, computes the delta vectors and records everything in a run directory.
 
 How it is fast and bounded:
 
@@ -46,9 +46,10 @@ from tqdm.auto import tqdm
 from perfit_probe import cache_store as store
 from perfit_probe.backends import ActivationBackend, get_backend
 from perfit_probe.cache_store import ActivationCache
-from perfit_probe.data import load_task, query_cap
+from perfit_probe.config import CacheConfig, query_cap
+from perfit_probe.data import load_task
 from perfit_probe.data.prompts import build_examples
-from perfit_probe.data.records import DEFAULT_VARIANTS, VARIANTS, Example, User
+from perfit_probe.data.records import Example, User
 from perfit_probe.data.splits import stable_rank
 from perfit_probe.errors import CacheError, ConfigError, DataError
 from perfit_probe.sites import PositionSpec, Site, batch_positions, gather_positions, parse_positions, parse_sites
@@ -94,7 +95,8 @@ def plan_rows(examples: Sequence[Example], lengths: Sequence[int], shard_rows: i
     }, columns=list(store.INDEX_COLUMNS))
 
 
-def _check_examples(examples: Sequence[Example]) -> None:
+def check_examples(examples: Sequence[Example]) -> None:
+    """``DataError`` when ``examples`` is empty, repeats a (user, query, variant) or has an empty prompt."""
     if not examples:
         raise DataError("no examples to cache: the task gave no (user, query, variant) prompt")
     seen: set[tuple[str, str, str]] = set()
@@ -184,7 +186,7 @@ def cache_activations(
     returns the finished cache. See the module docstring for the format and the speed notes.
     """
     out_dir = Path(out_dir)
-    _check_examples(examples)
+    check_examples(examples)
     site_list = parse_sites(sites if isinstance(sites, str) else list(sites), loaded.n_layers)
     check_cache_options(positions, storage_dtype, batch_size, shard_rows, padding_side)
     spec = parse_positions(positions)
@@ -434,83 +436,8 @@ def default_sites(n_layers: int) -> list[int]:
 # The stage
 
 
-@dataclass
-class CacheConfig:
-    """Everything ``perfit-probe cache`` needs; recorded in ``run.json``."""
-
-    task: str = "movielens"
-    """Task name for ``perfit_probe.data.load_task`` (``movielens``, ``synthetic``, ``LaMP-3``, ...)."""
-    task_path: Path | None = None
-    """Questions file or directory of the task (LaMP tasks); ``None`` for embedded data."""
-    task_outputs: Path | None = None
-    """Gold outputs file of a LaMP task, when separate from the questions."""
-    examples: Path | None = None
-    """JSON-lines file of ready prompts (``user_id, query_id, variant, prompt``); replaces the task."""
-    n_users: int | None = 20
-    """Number of users to load (``None``: all)."""
-    max_queries: int | None = 8
-    """At most this many queries per user (seeded choice); ``None`` or 0: all the task loader
-    gives (see ``perfit_probe.data.query_cap``)."""
-    variants: tuple[str, ...] = DEFAULT_VARIANTS
-    """Prompt variants to cache, among ``VARIANTS``: ``plain``, ``enhanced``, ``control`` (the
-    default) and the format-matched controls ``other_user``, ``format_random``, ``permuted``
-    (``perfit_probe.data.controls``; one more forward pass per query each)."""
-    k: int = 4
-    """History items retrieved into an enhanced prompt."""
-    retriever: str = "bm25"
-    """History retriever of ``build_examples``."""
-    chat: bool | None = None
-    """Apply the tokenizer's chat template (``None``: when the tokenizer has one)."""
-    sites: list[str | int] | None = None
-    """Sites or layer indices to cache; ``None``: ``default_sites`` (a spread of layers)."""
-    positions: str = "last"
-    """Position spec: ``last``, ``mean`` or ``f<p>+l<s>``."""
-    storage_dtype: str = "float32"
-    """Dtype of stored activations: ``float32``, ``bfloat16`` or ``float16``."""
-    batch_size: int = 16
-    """Prompts per forward pass."""
-    shard_rows: int = 1024
-    """Rows per shard file (the unit of resuming and of memory use)."""
-    padding_side: str = "left"
-    """Padding side of batches (values do not depend on it)."""
-    backend: str = "hooks"
-    """Activation backend: ``hooks`` (fast, early stop), ``transformer_lens`` or ``nnsight``."""
-    seed: int = 0
-    """Seed of user/query selection and of prompt construction."""
-    resume: bool = False
-    """Continue a stopped run in the same directory instead of refusing to overwrite it."""
-    model: str = "smollm2"
-    """Model to load when none is passed to ``run_cache``."""
-    dtype: str = "float32"
-    """Dtype the model computes in."""
-    device: str = "cpu"
-    """Device of the model."""
-
-    def validate(self, n_layers: int | None = None) -> None:
-        """Cheap checks of every option before anything is loaded or written (``ConfigError``);
-        with ``n_layers``, the sites too."""
-        from perfit_probe.backends import BACKEND_NAMES
-        from perfit_probe.data import query_cap
-
-        if self.n_users is not None and self.n_users < 1:
-            raise ConfigError(f"n_users={self.n_users} must be >= 1 (None: all users)")
-        query_cap(self.max_queries)
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad or not self.variants:
-            raise ConfigError(f"unknown prompt variant(s) {bad}: choose from {VARIANTS}")
-        if self.k < 1:
-            raise ConfigError(f"k={self.k}: enhanced prompts need at least 1 history item (k >= 1); "
-                              "with k=0 they equal the plain prompts and every delta is 0")
-        check_cache_options(self.positions, self.storage_dtype, self.batch_size, self.shard_rows, self.padding_side)
-        if self.backend not in BACKEND_NAMES:
-            raise ConfigError(f"unknown backend {self.backend!r}: choose from {BACKEND_NAMES}")
-        if n_layers is not None and self.sites:
-            parse_sites(self.sites, n_layers)
-
-
 def build_task_examples(config: CacheConfig, tokenizer) -> tuple[list[Example], dict]:
     """Load the task, choose users and queries, build the prompts; also return a short report."""
-
     task = load_task(config.task, path=config.task_path, outputs=config.task_outputs,
                      n_users=config.n_users, seed=config.seed)
     cap = query_cap(config.max_queries)
@@ -524,80 +451,3 @@ def build_task_examples(config: CacheConfig, tokenizer) -> tuple[list[Example], 
                               retriever=config.retriever, chat=config.chat, seed=config.seed)
     report = {"task": task.spec.name, "n_users": len(users), "n_queries": sum(len(u.queries) for u in users)}
     return examples, report
-
-
-def run_cache(
-    config: CacheConfig,
-    out: Path | str,
-    *,
-    loaded=None,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-):
-    """The ``perfit-probe cache`` stage: prompts -> ``out/cache`` -> ``out/deltas``; returns the ``RunDir``.
-
-    ``loaded`` is a ``LoadedModel`` (loaded from ``config.model`` when ``None``). Rank 0 writes
-    ``run.json``, the delta vectors and ``metrics.json``; other ranks only cache their shards
-    (and get ``None`` back).
-    """
-    from perfit_probe.deltas import compute_deltas, delta_frame
-    from perfit_probe.models import load_model
-    from perfit_probe.rundir import RunDir, atomic_write_text, staged_dir, write_checksums
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not config.resume:
-        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out or pass --resume")
-    config.validate()  # bad options fail before anything is loaded or written
-    if loaded is None:
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-    if config.examples is not None:
-        examples, report = load_examples_jsonl(config.examples), {"task": f"examples:{config.examples}"}
-    else:
-        examples, report = build_task_examples(config, loaded.tokenizer)
-    sites = parse_sites(config.sites if config.sites else default_sites(loaded.n_layers), loaded.n_layers)
-    _check_examples(examples)  # before run.json exists, so a corrected rerun needs no --resume
-    _barrier(world_size)
-    run = RunDir.create(out, "cache", config, config.seed, loaded.identity, exist_ok=True) if rank == 0 else None
-    start = time.perf_counter()
-    cache = cache_activations(
-        loaded, examples, out / "cache", sites=sites, positions=config.positions,
-        storage_dtype=config.storage_dtype, batch_size=config.batch_size, padding_side=config.padding_side,
-        shard_rows=config.shard_rows, resume=config.resume, backend=config.backend, progress=progress,
-        rank=rank, world_size=world_size,
-    )
-    if rank != 0:
-        return None
-    wall = time.perf_counter() - start
-    deltas = compute_deltas(cache, meta={"task": report.get("task"), "seed": config.seed})
-    frame = delta_frame(deltas)
-    with staged_dir(out / "deltas") as staged:  # earlier deltas stay until these are whole
-        deltas.save(staged)
-        atomic_write_text(staged / "deltas.csv", frame.to_csv(index=False))
-        written = ["deltas.csv"]
-        if config.examples is None:  # what each prompt added, for the analysis's text baselines
-            from perfit_probe.data.controls import history_frame
-
-            atomic_write_text(staged / "history.csv", history_frame(examples).to_csv(index=False))
-            written.append("history.csv")
-        write_checksums(staged, written)
-    last = cache.manifest["runs"][-1]
-    run.add_metrics("cache", {
-        **report,
-        "n_examples": len(examples),
-        "n_rows": len(cache),
-        "sites": cache.sites,
-        "positions": cache.positions,
-        "storage_dtype": cache.config["storage_dtype"],
-        "n_shards": cache.n_shards,
-        "computed_rows": last["computed_rows"],
-        "skipped_shards": last["skipped_shards"],
-        "rows_per_s": last["rows_per_s"],
-        "wall_s": round(wall, 3),
-        "world_size": world_size,
-        "deltas_users": len(deltas.user_ids),
-        "mean_delta_norm": {s: float(v) for s, v in frame.groupby("site", sort=False)["delta_norm"].mean().items()},
-        "mean_control_norm": ({s: float(v) for s, v in frame.groupby("site", sort=False)["control_norm"].mean().items()}
-                              if deltas.control is not None else None),
-    })
-    return run

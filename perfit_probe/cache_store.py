@@ -44,8 +44,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from perfit_probe._io import atomic_write_bytes, atomic_write_text, to_jsonable
 from perfit_probe.errors import CacheError
-from perfit_probe.rundir import atomic_write_bytes, atomic_write_text, to_jsonable
 from perfit_probe.sites import Site, parse_site
 
 log = logging.getLogger(__name__)

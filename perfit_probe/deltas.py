@@ -35,10 +35,10 @@ from jaxtyping import Float, Float64
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from perfit_probe._io import atomic_write_text, verify_checksums, write_checksums
 from perfit_probe.cache_store import ActivationCache, pool_values
 from perfit_probe.data.records import CONTROL_VARIANTS
 from perfit_probe.errors import CacheError
-from perfit_probe.rundir import atomic_write_text, verify_checksums, write_checksums
 from perfit_probe.sites import parse_site
 
 log = logging.getLogger(__name__)

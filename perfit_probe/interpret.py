@@ -13,7 +13,7 @@
 Prompts are built exactly as ``evaluate`` built them: the task reloaded with the fit's options
 (``RUN/perfit/task.json``), the split's history (held-out items removed from the profile),
 ``k``, retriever, chat template, seed and ``max_prompt_tokens`` as the evaluation recorded
-them (``evaluation.interpret.prompt_settings``). ``steer_delta`` adds the user's delta vector
+them (``stages.fitted.prompt_settings``). ``steer_delta`` adds the user's delta vector
 (``alpha`` times; ``RUN/deltas``) at the last prompt position of the first fit site that was
 cached (``steer_site``). Loading prints nothing (no weight-loading bars).
 """
@@ -32,11 +32,13 @@ from perfit_probe.data.records import Query, User
 from perfit_probe.data.splits import history_user
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.evaluate import FittedRun, load_fitted_run, predict, steer_site
-from perfit_probe.evaluation.interpret import PromptSettings, prompt_settings
+from perfit_probe.evaluation.evaluate import predict, steer_site
+from perfit_probe.evaluation.interpret import PromptSettings
 from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
 from perfit_probe.models import LoadedModel, default_cache_dir, load_model
 from perfit_probe.sites import parse_site
+from perfit_probe.stages.fitted import FittedRun, load_fitted_run, prompt_settings
+from perfit_probe.stages.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +64,13 @@ class UserPrediction:
 def load_run_model(run_dir: Path, *, device: str | None = None, cache_dir: Path | None = None,
                    offline: bool = True) -> LoadedModel:
     """The model a run was made with (``run.json``), loaded without progress bars."""
-    # transformers takes seconds to import: deferred until a model is actually loaded
-    from transformers.utils import logging as hf_logging
-
-    from perfit_probe.rundir import RunDir
+    from transformers.utils import logging as hf_logging  # heavy: transformers is imported when a model loads
 
     hf_logging.disable_progress_bar()
-    info = RunDir.open(run_dir).info()
-    config = info.get("config") or {}
-    table = (config.get("pipeline") or {}).get("model") or {}
-    name = (info.get("model") or {}).get("name") or table.get("name") or "smollm2"
-    dtype = config.get("dtype") or table.get("dtype") or "float32"
-    device = device or config.get("device") or table.get("device") or "cpu"
-    return load_model(name, dtype=dtype, device=device, cache_dir=cache_dir or default_cache_dir(), offline=offline)
+    recorded = RunDir.open(run_dir).model_options()
+    return load_model(recorded["name"] or "smollm2", dtype=recorded["dtype"] or "float32",
+                      device=device or recorded["device"] or "cpu", cache_dir=cache_dir or default_cache_dir(),
+                      offline=offline)
 
 
 class PerFitRun:

@@ -36,8 +36,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from perfit_probe._io import file_sha256, read_json, write_json
 from perfit_probe.errors import ModelLoadError
-from perfit_probe.rundir import file_sha256, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,107 +1,44 @@
-"""The whole pipeline in one run directory: cache -> deltas -> analysis -> fit -> evaluate -> steer.
+"""The demo pipeline and the checks made before a pipeline's first stage runs.
 
-A pipeline is described by a ``PipelineConfig``: a ``[model]`` and a ``[task]`` section shared
-by every stage, and one section per stage whose keys are the fields of that stage's own config
-dataclass (``CacheConfig``, ``AnalysisConfig``, ``FitConfig``, ``EvalConfig``, ``SteerConfig``).
-``perfit-probe run CONFIG.toml`` reads it from TOML; ``perfit-probe demo`` builds it from the
-embedded defaults (``demo_config``). Unknown sections or keys, and values of the wrong type,
-are refused with a one-line error, so a typo never silently falls back to a default. Every
-stage's configuration is checked (against the model too: layers, ranks, sites) before the
-first stage runs, so a bad ``[fit]`` never fails after a long cache.
+A pipeline is described by a ``perfit_probe.config.PipelineConfig``: a ``[model]`` and a
+``[task]`` section shared by every stage, and one section per stage whose keys are the fields of
+that stage's own config (``CacheConfig``, ``AnalysisConfig``, ``FitConfig``, ``EvalConfig``,
+``SteerConfig``, ``InterpretConfig``). ``perfit-probe run CONFIG.toml`` reads it from TOML
+(``perfit_probe.config.load_pipeline_config``); ``perfit-probe demo`` builds it from the embedded
+defaults (``demo_config``). Unknown sections or keys, and values of the wrong type, are refused
+with a one-line error, so a typo never silently falls back to a default. Every stage's
+configuration is checked (against the model too: layers, ranks, sites) before the first stage
+runs (``check_stage_configs``), so a bad ``[fit]`` never fails after a long cache.
 
-The run directory ends with ``report.md``, which links every stage's report, table and figure.
-
-``run_seeds`` runs the same pipeline once per seed (``seed_config``: the seed of the task,
-the split and every stage), each into ``OUT/seed{s}/``, then writes the spread of every
-headline number across seeds into ``OUT/seeds_summary.{csv,md,json}``
-(``perfit_probe.seed_summary``).
+``perfit_probe.stages.pipeline`` runs a pipeline (``run_pipeline``) or the same pipeline once
+per seed (``run_seeds``, with ``perfit_probe.config.seed_config``: the seed of the task, the
+split and every stage).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import resource
-import sys
-import time
-import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from perfit_probe.config import PipelineConfig, pipeline_config
 from perfit_probe.errors import ConfigError
-from perfit_probe.rundir import RunDir, atomic_write_text, seed_everything
-
-log = logging.getLogger(__name__)
-
-STAGES = ("cache", "analyze", "fit", "evaluate", "steer", "interpret")
-"""Stages in the order they run; each reads what the earlier ones wrote."""
 
 
-@dataclass
-class PipelineConfig:
-    """A full pipeline run: shared model/task options and per-stage overrides."""
-
-    model: dict = field(default_factory=lambda: {"name": "smollm2", "dtype": "float32", "device": "cpu"})
-    """``name`` (alias, local dir, .gguf or hub id), ``dtype``, ``device``."""
-    task: dict = field(default_factory=lambda: {"name": "movielens", "n_users": 24, "seed": 0})
-    """``name``, ``path``, ``outputs``, ``n_users``, ``max_queries``, ``seed``, and the prompt
-    options ``k``, ``retriever``, ``chat`` (shared by cache and fit)."""
-    stages: tuple[str, ...] = STAGES
-    """Which stages to run (in pipeline order)."""
-    cache: dict = field(default_factory=dict)
-    """Overrides of ``perfit_probe.cache.CacheConfig``."""
-    analyze: dict = field(default_factory=dict)
-    """Overrides of ``perfit_probe.analysis.tables.AnalysisConfig``."""
-    fit: dict = field(default_factory=dict)
-    """Overrides of ``perfit_probe.interventions.fit.FitConfig``."""
-    evaluate: dict = field(default_factory=dict)
-    """Overrides of ``perfit_probe.evaluation.evaluate.EvalConfig``."""
-    steer: dict = field(default_factory=dict)
-    """Overrides of ``perfit_probe.evaluation.steer.SteerConfig``."""
-    interpret: dict = field(default_factory=dict)
-    """Overrides of ``perfit_probe.evaluation.interpret.InterpretConfig``."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stages, str) or not isinstance(self.stages, (list, tuple)):
-            raise ConfigError(f"stages must be a list of stage names such as {list(STAGES[:2])}, "
-                              f"got {type(self.stages).__name__} {self.stages!r}")
-        self.stages = tuple(self.stages)
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad:
-            raise ConfigError(f"unknown stage(s) {bad}: choose from {list(STAGES)}")
-        for section, expected in (("model", _MODEL_TYPES), ("task", _TASK_TYPES)):
-            values = getattr(self, section)
-            if not isinstance(values, dict):
-                raise ConfigError(f"[{section}] must be a table, got {type(values).__name__}")
-            _check_keys(section, values, tuple(expected))
-            for key, value in values.items():
-                _coerce(value, expected[key], f"[{section}] {key}")
-
-
-_MODEL_TYPES = {"name": str, "dtype": str, "device": str}
-"""Keys of ``[model]`` and their types."""
-_TASK_TYPES = {"name": str, "path": Path | None, "outputs": Path | None, "n_users": int | None,
-               "max_queries": int | None, "seed": int, "k": int, "retriever": str, "chat": bool | None}
-"""Keys of ``[task]`` and their types."""
-
-
-def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", n_layers: int = 30) -> PipelineConfig:
+def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", n_layers: int = 30,
+                task: str = "movielens") -> PipelineConfig:
     """The embedded demo: SmolLM2 on MovieLens ratings, sized for under 15 min on 2 CPU cores.
 
     Costs are set by users x queries x prompt length; ``--users`` scales them. Sites are
     placed at fixed fractions of the depth (for SmolLM2's 30 layers: cache at layers
-    2, 5, ..., 20, interventions at 8 and 14), so the same demo runs on any model.
+    2, 5, ..., 20, interventions at 8 and 14), so the same demo runs on any model. ``task``
+    replaces MovieLens (``synthetic`` for a quick check).
     """
     from perfit_probe.data.records import VARIANTS
 
     cache_sites = sorted({min(n_layers - 1, round(n_layers * f)) for f in (0.07, 0.17, 0.27, 0.37, 0.47, 0.57, 0.67)})
     fit_layers = tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in (0.27, 0.47)}))
-    return PipelineConfig(
+    return pipeline_config(dict(
         model={"name": model, "dtype": "float32", "device": device},
-        task={"name": "movielens", "n_users": n_users, "seed": 0, "k": 4, "retriever": "bm25"},
+        task={"name": task, "n_users": n_users, "seed": 0, "k": 4, "retriever": "bm25"},
         # Every prompt variant, the format-matched controls of claims 1-2 included (one more
         # forward pass per query each).
         cache={"max_queries": 6, "sites": [str(layer) for layer in cache_sites], "batch_size": 16,
@@ -117,131 +54,10 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         # barely moves a 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
         evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 2},
                   "lora_task": {"lr": 1e-3, "epochs": 2}},
-        # Sized for the 15-minute budget: alpha 0, 0.5, ..., 3 and 20 random ablation subspaces
-        # (the defaults are a 0.25 grid and 50 subspaces).
-        steer={"max_pairs": 24, "alphas": (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0), "n_random_subspaces": 20,
-               "rows_per_pass": 16},
-    )
-
-
-def load_pipeline_config(path: Path | str) -> PipelineConfig:
-    """Read a pipeline TOML file; unknown sections and keys are refused."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(known)}")
-    base = PipelineConfig()
-    merged = {
-        "model": {**base.model, **data.get("model", {})},
-        "task": {**base.task, **data.get("task", {})},
-        "stages": data.get("stages", STAGES),
-    }
-    for stage in STAGES:
-        merged[stage] = dict(data.get(stage, {}))
-    return PipelineConfig(**merged)
-
-
-def _check_keys(section: str, values: dict, allowed: tuple[str, ...]) -> None:
-    bad = sorted(set(values) - set(allowed))
-    if bad:
-        raise ConfigError(f"[{section}]: unknown key(s) {bad}; allowed: {list(allowed)}")
-
-
-def _type_name(annotation: Any) -> str:
-    """A type as a config file's reader names it (``an integer``, ``a list of strings``)."""
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             Path: "a path (string)", dict: "a table"}
-    if annotation in names:
-        return names[annotation]
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (tuple, list):
-        return f"a list, each {_type_name(args[0])}" if args and args[0] is not Ellipsis else "a list"
-    if dataclasses.is_dataclass(annotation):
-        return f"a table of {annotation.__name__} fields"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args if a is not type(None))
-    return str(annotation)
-
-
-def _coerce(value: Any, annotation: Any, where: str = "value") -> Any:
-    """A TOML value as a dataclass field's type (lists -> tuples, strings -> paths, integers ->
-    floats); ``ConfigError`` naming ``where`` when the value has the wrong type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if value is None or annotation is Any:
-        return value
-    wrong = ConfigError(f"{where}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise wrong
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise wrong
-        hints = typing.get_type_hints(annotation)
-        bad = sorted(set(value) - set(hints))
-        if bad:
-            raise ConfigError(f"{where}: unknown key(s) {bad} for {annotation.__name__}")
-        try:
-            return annotation(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-    if annotation is Path:
-        if not isinstance(value, (str, Path)):
-            raise wrong
-        return Path(value)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise wrong
-        inner = args[0] if args and args[0] is not Ellipsis else Any
-        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if annotation is int:
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong
-        return float(value)
-    if annotation in (str, dict) and not isinstance(value, annotation):
-        raise wrong
-    return value
-
-
-def build_stage_config(cls: type, section: str, values: dict, shared: dict) -> Any:
-    """``cls()`` with the shared values it has fields for, then the section's overrides."""
-    hints = typing.get_type_hints(cls)
-    names = set(hints)
-    bad = sorted(set(values) - names)
-    if bad:
-        raise ConfigError(f"[{section}]: unknown key(s) {bad}; see the fields of {cls.__name__}")
-    merged = {**{k: v for k, v in shared.items() if k in names}, **values}
-    kwargs = {k: _coerce(v, hints[k], f"[{section}] {k}") for k, v in merged.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[{section}]: {exc}") from None
+        # The checks' defaults: 60 swap pairs, 50 random ablation subspaces, alpha 0, 0.25, ..., 3
+        # (every intervention runs on the edited suffix of shared prompt prefixes).
+        steer={},
+    ))
 
 
 def check_stage_configs(resolved: dict[str, Any], stages: tuple[str, ...], loaded=None) -> None:
@@ -269,298 +85,3 @@ def check_stage_configs(resolved: dict[str, Any], stages: tuple[str, ...], loade
             resolved["cache"].validate(loaded.n_layers)
         if "fit" in stages:
             bank_specs(resolved["fit"], loaded)
-
-
-def stage_configs(config: PipelineConfig) -> dict[str, Any]:
-    """The resolved config dataclass of every stage."""
-    from perfit_probe.analysis.tables import AnalysisConfig
-    from perfit_probe.cache import CacheConfig
-    from perfit_probe.evaluation.evaluate import EvalConfig
-    from perfit_probe.evaluation.interpret import InterpretConfig
-    from perfit_probe.evaluation.steer import SteerConfig
-    from perfit_probe.interventions.fit import FitConfig
-
-    task, model = config.task, config.model
-    seed = int(task.get("seed", 0))
-    common = {"task": task.get("name", "movielens"), "task_path": task.get("path"),
-              "task_outputs": task.get("outputs"), "n_users": task.get("n_users"), "seed": seed,
-              "max_queries": task.get("max_queries"), "model": model.get("name", "smollm2"),
-              "device": model.get("device", "cpu")}
-    prompts = {k: task[k] for k in ("k", "retriever", "chat") if k in task}
-    return {
-        "cache": build_stage_config(CacheConfig, "cache", config.cache,
-                                    {**common, **prompts, "dtype": model.get("dtype", "float32")}),
-        "analyze": build_stage_config(AnalysisConfig, "analyze", config.analyze, {"seed": seed}),
-        "fit": build_stage_config(FitConfig, "fit", config.fit,
-                                  {**common, **prompts, "dtype": model.get("dtype", "float32")}),
-        "evaluate": build_stage_config(EvalConfig, "evaluate", config.evaluate, {"seed": seed, **prompts}),
-        "steer": build_stage_config(SteerConfig, "steer", config.steer, {"seed": seed}),
-        "interpret": build_stage_config(InterpretConfig, "interpret", config.interpret, {"seed": seed}),
-    }
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far, in GiB (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def run_pipeline(
-    config: PipelineConfig,
-    out: Path | str,
-    *,
-    loaded=None,
-    progress: bool = True,
-    announce: Callable[[str], None] | None = None,
-) -> RunDir:
-    """Run the configured stages into ``out`` and write ``report.md``; return the run directory.
-
-    ``announce`` receives one line per stage start/end (the CLI prints them); the library
-    itself only logs.
-    """
-    from perfit_probe.models import load_model
-
-    say = announce or log.info
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
-    resolved = stage_configs(config)  # validates every section before any work
-    check_stage_configs(resolved, config.stages)
-    seed = int(config.task.get("seed", 0))
-    seed_everything(seed)
-    start = time.perf_counter()
-    if loaded is None:
-        say(f"loading model {config.model['name']!r}")
-        loaded = load_model(config.model["name"], dtype=config.model.get("dtype", "float32"),
-                            device=config.model.get("device", "cpu"))
-    check_stage_configs(resolved, config.stages, loaded)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    for index, stage in enumerate(s for s in STAGES if s in config.stages):
-        say(f"[{index + 1}/{len(config.stages)}] {stage} ...")
-        t0 = time.perf_counter()
-        _run_stage(stage, resolved[stage], out, loaded, progress)
-        timings[stage] = time.perf_counter() - t0
-        say(f"[{index + 1}/{len(config.stages)}] {stage} done in {timings[stage]:.0f} s "
-            f"(peak memory so far {peak_rss_gib():.2f} GiB)")
-    total = time.perf_counter() - start
-    run = RunDir.open(out)
-    run.update_info(command="pipeline", config={"pipeline": config, "resolved": resolved})
-    run.add_metrics("pipeline", {"stage_wall_s": timings, "total_wall_s": total,
-                                 "peak_rss_gib": peak_rss_gib()})
-    write_claims(run, resolved["fit"].task)
-    atomic_write_text(run.path / "report.md", render_report(run))
-    return run
-
-
-def write_claims(run: RunDir, task: str) -> None:
-    """``claims.csv`` and ``claims.md``: the verdicts ``perfit_probe.claims`` computes from the run's files."""
-    from perfit_probe.claims import claim_table, claims_markdown
-    from perfit_probe.data.tasks import task_spec
-
-    frame = claim_table(run.path, kind=task_spec(task).kind)
-    verdicts = run.path / "steer" / "verdicts.md"
-    atomic_write_text(run.path / "claims.csv", frame.to_csv(index=False))
-    atomic_write_text(run.path / "claims.md", claims_markdown(frame, verdicts.read_text() if verdicts.is_file() else ""))
-    run.add_metrics("claims", {f"{row.claim}/{row.scope}": row.verdict for row in frame.itertuples()})
-
-
-def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
-    """A copy of ``config`` whose task and every stage run with ``seed`` (a stage section's own
-    ``seed`` is replaced too, so one number sets them all)."""
-    sections = {stage: {**getattr(config, stage), **({"seed": seed} if "seed" in getattr(config, stage) else {})}
-                for stage in STAGES}
-    return dataclasses.replace(config, model=dict(config.model), task={**config.task, "seed": seed}, **sections)
-
-
-def run_seeds(
-    config: PipelineConfig,
-    out: Path | str,
-    seeds: Sequence[int],
-    *,
-    loaded=None,
-    progress: bool = True,
-    announce: Callable[[str], None] | None = None,
-) -> tuple[dict[int, RunDir], dict[str, Path]]:
-    """Run the pipeline once per seed into ``out/seed{s}`` and summarise the runs across seeds.
-
-    Returns the run directory of each seed and the paths of ``seeds_summary.csv``/``.md``/``.json``
-    (keys ``csv``, ``md``, ``json``) written into ``out``. The model is loaded once and shared.
-    """
-    from perfit_probe.models import load_model
-    from perfit_probe.seed_summary import seed_summary, write_seed_summary
-
-    say = announce or log.info
-    seeds = [int(seed) for seed in seeds]
-    if not seeds:
-        raise ConfigError("give at least one seed (--seeds 0,1,2)")
-    if len(set(seeds)) < len(seeds):
-        raise ConfigError(f"seeds {seeds} repeat a seed: each seed gets its own run directory")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
-    configs = {seed: seed_config(config, seed) for seed in seeds}
-    for seeded in configs.values():
-        stage_configs(seeded)  # validates every section before any work
-    if loaded is None:
-        say(f"loading model {config.model['name']!r}")
-        loaded = load_model(config.model["name"], dtype=config.model.get("dtype", "float32"),
-                            device=config.model.get("device", "cpu"))
-    runs = {}
-    for index, seed in enumerate(seeds):
-        say(f"== seed {seed} ({index + 1}/{len(seeds)}) into {out / f'seed{seed}'}")
-        runs[seed] = run_pipeline(configs[seed], out / f"seed{seed}", loaded=loaded, progress=progress,
-                                  announce=announce)
-    summary = seed_summary({seed: run.metrics() for seed, run in runs.items()})
-    paths = write_seed_summary(summary, out, {seed: run.path for seed, run in runs.items()})
-    say(f"summary of {len(seeds)} seeds: {paths['md']}")
-    return runs, paths
-
-
-def _run_stage(stage: str, config: Any, out: Path, loaded, progress: bool) -> None:
-    if stage == "cache":
-        from perfit_probe.cache import run_cache
-
-        run_cache(config, out, loaded=loaded, progress=progress)
-    elif stage == "analyze":
-        from perfit_probe.analysis.report import run_analysis
-
-        run_analysis(out, dataclasses.replace(config, progress=config.progress or progress))
-    elif stage == "fit":
-        from perfit_probe.interventions.fit import run_fit
-
-        run_fit(config, out, loaded, progress=progress)
-    elif stage == "evaluate":
-        from perfit_probe.evaluation.evaluate import run_evaluate
-
-        run_evaluate(out, loaded, config, progress=progress)
-    elif stage == "steer":
-        from perfit_probe.evaluation.steer import run_steer
-
-        run_steer(out, loaded, config, progress=progress)
-    elif stage == "interpret":
-        from perfit_probe.evaluation.interpret import run_interpret
-
-        run_interpret(out, loaded, config)
-
-
-def _section(path: Path, title: str, depth: int = 1) -> list[str]:
-    """A report section that inlines a stage's markdown, demoting its headings."""
-    if not path.is_file():
-        return []
-    lines = [f"## {title}", "", f"(from `{path.name}` in `{path.parent.name}/`)", ""]
-    for line in path.read_text(encoding="utf-8").splitlines():
-        lines.append("#" * depth + line if line.startswith("#") else line)
-    return lines + [""]
-
-
-def render_report(run: RunDir) -> str:
-    """``report.md`` of a pipeline run: headline numbers, then each stage's own report."""
-    info, metrics = run.info(), run.metrics()
-    model = info.get("model") or {}
-    pipe = metrics.get("pipeline", {})
-    lines = [
-        "# perfit-probe pipeline report",
-        "",
-        f"- model: `{model.get('name')}` ({model.get('architecture')}, {model.get('n_layers')} layers, "
-        f"d_model {model.get('d_model')}, fingerprint {model.get('fingerprint')})",
-        f"- seed: {info.get('seed')}; perfit-probe {info.get('versions', {}).get('perfit-probe')}, "
-        f"torch {info.get('versions', {}).get('torch')}",
-        f"- wall time: {pipe.get('total_wall_s', float('nan')):.0f} s "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in pipe.get('stage_wall_s', {}).items())}); "
-        f"peak memory {pipe.get('peak_rss_gib', float('nan')):.2f} GiB",
-        "",
-    ]
-    claims = run.path / "claims.md"
-    if claims.is_file():
-        lines += [claims.read_text(), ""]
-    cache = metrics.get("cache")
-    if cache:
-        lines += [f"- cache: {cache.get('n_users')} users, {cache.get('n_queries')} queries, "
-                  f"{cache.get('n_rows')} prompts x {len(cache.get('sites', []))} sites", ""]
-    lines += _section(run.path / "analysis" / "report.md", "Shift analysis")
-    lines += _fit_lines(metrics.get("fit"))
-    lines += _section(run.path / "eval" / "results.md", "Evaluation")
-    steer = run.path / "steer" / "steer.csv"
-    if steer.is_file():
-        import pandas as pd
-
-        frame = pd.read_csv(steer)
-        verdicts = run.path / "steer" / "verdicts.md"
-        lines += ["## Causal steering checks", ""]
-        lines += [verdicts.read_text().strip(), ""] if verdicts.is_file() else []
-        lines += ["```", frame.to_string(index=False, max_rows=400), "```", ""]
-    lines += _section(run.path / "interpret" / "report.md", "From shift to steering and back")
-    figures = sorted((run.path / "figures").glob("*.png")) if (run.path / "figures").is_dir() else []
-    if figures:
-        lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
-    return "\n".join(lines) + "\n"
-
-
-def _fit_lines(fit: dict | None) -> list[str]:
-    """The fit stage in the report: losses per stage and the stage-2 model selection."""
-    if not fit:
-        return []
-    lines = ["## PerFit training", ""]
-    for stage, label in (("stage1", "stage 1 (collective)"), ("stage2", "stage 2 (personal)")):
-        curve = fit.get(stage) or {}
-        if curve.get("steps"):
-            lines.append(f"- {label}: {curve['steps']} steps, training loss {curve['first_epoch_loss']:.3f} "
-                         f"(first epoch) -> {curve['last_epoch_loss']:.3f} (last epoch), "
-                         f"{fit.get(stage + '_train_s', float('nan')):.0f} s")
-    selection = (fit.get("stage2") or {}).get("selection")
-    if selection:
-        from perfit_probe.interventions.train import describe_selection
-
-        lines.append(f"- stage-2 model selection on held-out history queries ({selection['users']} users): "
-                     + describe_selection(selection))
-    return lines + [""]
-
-
-def summary_lines(run: RunDir) -> list[str]:
-    """What the CLI prints at the end: headline numbers and where everything is."""
-    metrics = run.metrics()
-    path = run.path
-    out = [f"run directory: {path}"]
-    analysis = metrics.get("analysis") or {}
-    for centring in ("uncentred", "centred"):
-        ranks = analysis.get(centring)
-        if ranks:
-            parts = [f"{source} {values.get('rank@0.9', float('nan')):.0f}" for source, values in ranks.items()]
-            out.append(f"  rank@0.9 at the lowest-rank site ({centring}, of {analysis.get('n_users')} users): "
-                       + ", ".join(parts))
-    evaluate = metrics.get("evaluate") or {}
-    for method, values in evaluate.items():
-        out.append(f"  {method:>8}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()
-                                                  if isinstance(v, (int, float))))
-    steer = metrics.get("steer") or {}
-    if "swap/pairs/toward_donor_share" in steer:
-        out.append(f"  user swap: {steer['swap/pairs/toward_donor_share']:.0%} of pairs move toward the donor")
-    pipe = metrics.get("pipeline", {})
-    out.append(f"total {pipe.get('total_wall_s', 0):.0f} s, peak memory {pipe.get('peak_rss_gib', 0):.2f} GiB")
-    claims = metrics.get("claims") or {}
-    out += [f"  claim {key}: {verdict}" for key, verdict in claims.items()]
-    out.append("where the time went: " + time_breakdown(metrics))
-    where = [("report", "report.md"), ("verdicts", "claims.md"), ("shift analysis", "analysis/report.md"),
-             ("evaluation", "eval/results.md"), ("steering", "steer/steer.csv"),
-             ("interpretation", "interpret/report.md"), ("figures", "figures"),
-             ("PerFit artifacts", "perfit"), ("configs and versions", "run.json")]
-    out += [f"{label}: {path / rel}" for label, rel in where if (path / rel).exists()]
-    return out
-
-
-def time_breakdown(metrics: dict) -> str:
-    """Seconds per stage, and per method inside ``evaluate`` (LoRA training included)."""
-    stages = (metrics.get("pipeline") or {}).get("stage_wall_s") or {}
-    parts = []
-    for stage, seconds in stages.items():
-        text = f"{stage} {seconds:.0f} s"
-        if stage == "evaluate" and metrics.get("evaluate_wall_s"):
-            inner = sorted(metrics["evaluate_wall_s"].items(), key=lambda kv: -kv[1])
-            text += " (" + ", ".join(f"{method} {s:.0f} s" for method, s in inner) + ")"
-        parts.append(text)
-    return "; ".join(parts) or "n/a"
-
-
-def main_announce(line: str) -> None:  # pragma: no cover - used by the CLI only
-    """Print a progress line to stdout (the CLI's ``announce``)."""
-    print(line, file=sys.stdout, flush=True)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Bool, Float, Int64, Shaped
@@ -53,9 +54,12 @@ from torch import Tensor, nn
 
 from perfit_probe.errors import SiteError
 
-SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-POSITION_CLAMPS = ("pyreft", "cover")
+SiteKind = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
+"""Kinds of site (see the module docstring)."""
+SITE_KINDS: tuple[SiteKind, ...] = get_args(SiteKind)
+PositionClamp = Literal["pyreft", "cover"]
 """How short prompts clamp ``f{p}+l{s}`` (see the module docstring)."""
+POSITION_CLAMPS: tuple[PositionClamp, ...] = get_args(PositionClamp)
 READ_CLAMP = "cover"
 """The clamp rule of reads, and of intervention banks saved before banks recorded theirs."""
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")

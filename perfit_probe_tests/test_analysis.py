@@ -7,17 +7,21 @@ import math
 import numpy as np
 import pytest
 
+from perfit_probe.data.controls import derangement
+from perfit_probe.errors import ConfigError
+
 from perfit_probe.analysis.collective import (
     collective_direction, collective_summary, cosine_matrix, heldout_mask, identify_users,
     per_user_collective, variance_ratio,
 )
 from perfit_probe.analysis.nulls import (
-    bootstrap_ranks, bootstrap_spectra, bootstrap_weights, derangement, gaussian_null,
+    bootstrap_ranks, bootstrap_spectra, bootstrap_weights, gaussian_null,
     shuffled_deltas,
 )
 from perfit_probe.analysis.shift import ShiftPCA, cumulative_energy, energy_spectrum, rank_at_energy
 from perfit_probe.analysis.synthetic import planted_deltas
-from perfit_probe.analysis.tables import AnalysisConfig, AnalysisResult, analyze_deltas
+from perfit_probe.analysis.tables import AnalysisResult, analyze_deltas
+from perfit_probe.config import AnalysisConfig
 from perfit_probe.errors import ConfigError
 
 TAUS = (0.8, 0.9, 0.95)
@@ -147,7 +151,7 @@ def test_shuffled_deltas_pair_enhanced_with_other_users_plain():
     assert not np.any(perm == np.arange(7)) and sorted(perm) == list(range(7))
     for u in range(7):
         np.testing.assert_allclose(shuffled[u], (plain[u] + enhanced[u]) - plain[perm[u]])
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="at least two"):
         derangement(1, rng)
 
 

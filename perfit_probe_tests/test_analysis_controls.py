@@ -14,11 +14,12 @@ from perfit_probe.analysis.controls import compare_to_control
 from perfit_probe.analysis.nulls import (
     anisotropic_null, null_rank_draws, rank_p_value, rank_p_value_randomized,
 )
-from perfit_probe.analysis.report import render_report
 from perfit_probe.analysis.shift import ShiftPCA
 from perfit_probe.analysis.synthetic import planted_deltas
-from perfit_probe.analysis.tables import AnalysisConfig, AnalysisResult, TEXT_SITE, analyze_deltas
+from perfit_probe.analysis.tables import AnalysisResult, TEXT_SITE, analyze_deltas
 from perfit_probe.analysis.text_baseline import text_identification
+from perfit_probe.config import AnalysisConfig
+from perfit_probe.stages.analysis_report import render_report
 
 FAST = dict(n_boot=20, n_perm=20, n_null_draws=30, max_figure_sites=1)
 

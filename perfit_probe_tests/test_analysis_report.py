@@ -1,4 +1,4 @@
-"""``run_analysis``, ``perfit-probe analyze``, the report, figures and the figure script."""
+"""The analyze stage, ``perfit-probe analyze``, the report, figures and the figure script."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from perfit_probe.analysis.report import render_report, run_analysis
 from perfit_probe.analysis.synthetic import planted_deltas
-from perfit_probe.analysis.tables import TABLES, AnalysisConfig
+from perfit_probe.analysis.tables import TABLES
 from perfit_probe.cli import main
+from perfit_probe.config import AnalysisConfig
 from perfit_probe.plotting import shift_figures as sf
-from perfit_probe.rundir import RunDir
+from perfit_probe.stages import analyze as analyze_stage
+from perfit_probe.stages.analysis_report import render_report
+from perfit_probe.stages.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = AnalysisConfig(n_boot=20, n_perm=20, max_figure_sites=1)
@@ -32,11 +34,11 @@ def _make_run(path: Path, **kwargs) -> Path:
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory):
     run = _make_run(tmp_path_factory.mktemp("run") / "run")
-    result = run_analysis(run, FAST)
+    result = analyze_stage.run(FAST, run).analysis
     return run, result
 
 
-def test_run_analysis_writes_tables_report_figures_metrics(analysed):
+def test_analyze_stage_writes_tables_report_figures_metrics(analysed):
     run, result = analysed
     for filename in TABLES.values():
         assert (run / "analysis" / filename).is_file()
@@ -103,4 +105,4 @@ def test_cli_analyze_errors_are_one_line(tmp_path, capsys):
     assert "perfit-probe cache" in err and len(err.splitlines()) == 1
     run = _make_run(tmp_path / "run", n_sites=1)
     assert main(["analyze", str(run), "--sources", "deltas,bogus"]) == 2
-    assert "unknown analysis sources" in capsys.readouterr().err
+    assert "--sources: 'bogus' not among deltas," in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,14 +23,14 @@ import torch
 
 from perfit_probe.cli import main
 from perfit_probe.errors import ArtifactError, CacheError, ConfigError, DataError, ModelLoadError, PerfitError
-from perfit_probe.rundir import RunDir, staged_dir
+from perfit_probe.stages.rundir import RunDir, staged_dir
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIT = ["--task", "synthetic", "--users", "6", "--max-queries", "4", "--heldout", "1", "--layers", "1",
        "--collective-rank", "2", "--personal-rank", "2", "--epochs1", "1", "--epochs2", "1",
-       "--batch-size", "4", "--max-prompt-tokens", "96", "--quiet"]
+       "--batch-size", "4", "--max-prompt-tokens", "96", "--no-progress"]
 """A fit of a few seconds on the tiny model: 3 train users, 3 test users."""
 
 
@@ -126,11 +127,12 @@ def _tiny():
 
 
 def _evaluate(run: Path, methods: tuple[str, ...], **kwargs):
-    from perfit_probe.evaluation.evaluate import EvalConfig, run_evaluate
+    from perfit_probe.config import EvalConfig
     from perfit_probe.models import load_model
+    from perfit_probe.stages import evaluate as evaluate_stage
 
     loaded = load_model(RunDir.open(run).info()["model"]["name"])
-    return run_evaluate(run, loaded, EvalConfig(methods=methods, batch_size=8), **kwargs)
+    return evaluate_stage.run(EvalConfig(methods=methods, batch_size=8), run, loaded, **kwargs).evaluation
 
 
 def test_evaluating_a_subset_merges_into_the_earlier_results(tmp_path, fitted):
@@ -199,9 +201,9 @@ def test_converted_gguf_cache_is_keyed_on_the_files_contents(tmp_path, monkeypat
 
 
 def test_max_queries_has_one_meaning_and_negative_is_refused(tmp_path, model_dir, capsys):
-    from perfit_probe.cache import CacheConfig, build_task_examples
+    from perfit_probe.cache import build_task_examples
+    from perfit_probe.config import CacheConfig, FitConfig
     from perfit_probe.data import load_task
-    from perfit_probe.interventions.fit import FitConfig
 
     for command in (["cache", "--sites", "1"], ["fit", *FIT[:2]]):
         assert main([*command, "--model", str(model_dir), "--task", "synthetic", "--users", "3",
@@ -260,7 +262,7 @@ def test_corrupted_deltas_and_banks_are_refused(tmp_path, fitted):
         load_bank(run / "perfit" / "bank")
     split = run / "perfit" / "split.json"
     split.write_text(split.read_text().replace('"seed": 0', '"seed": 1'))
-    from perfit_probe.evaluation.evaluate import load_fitted_run
+    from perfit_probe.stages.fitted import load_fitted_run
 
     with pytest.raises(ArtifactError, match="split.json is corrupt"):
         load_fitted_run(run, _tiny())
@@ -396,7 +398,7 @@ def test_cache_failing_on_bad_options_leaves_nothing_behind(tmp_path, model_dir,
     argv = ["cache", "--model", str(model_dir), "--task", "synthetic", "--users", "3", "--max-queries", "2",
             "--sites", "1", "--no-progress", "--out", str(out)]
     for bad, fragment in ((["--batch-size", "0"], "batch_size (0)"), (["--positions", "all"], "positions 'all'"),
-                          (["--storage-dtype", "int8"], "storage dtype"), (["--variants", "plain,odd"], "odd")):
+                          (["--storage-dtype", "int8"], "--storage-dtype"), (["--variants", "plain,odd"], "odd")):
         assert main(argv + bad) == 2
         _one_line_error(capsys, fragment)
         assert not out.exists()
@@ -433,21 +435,19 @@ def test_a_malformed_manifest_is_rebuilt_by_resume(tmp_path, model_dir, capsys):
     assert json.loads((out / "metrics.json").read_text())["cache"]["computed_rows"] == 18
 
 
-def test_task_path_help_says_what_a_directory_is_for():
-    from perfit_probe.cli import build_parser
-
-    parser = build_parser()
+def test_task_path_help_says_what_a_directory_is_for(capsys):
     for command in ("cache", "fit"):
-        sub = parser._subparsers._group_actions[0].choices[command]
-        text = next(a.help for a in sub._actions if "--task-path" in a.option_strings)
-        assert "LaMP questions file" in text and "directory holding the MovieLens" in text
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
+        assert "--task-path" in text and "LaMP questions file" in text and "directory holding the MovieLens" in text
 
 
 # ------------------------------------------------------------------------------ 12. progress
 
 
 def test_the_oppu_task_lora_shows_progress_and_the_summary_says_where_time_went(tmp_path, fitted, capsys):
-    from perfit_probe.pipeline import summary_lines
+    from perfit_probe.stages.report import summary_lines
 
     run = _copy(fitted, tmp_path)
     capsys.readouterr()

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from perfit_probe.config import EvalConfig, UncertaintyConfig
 from perfit_probe.data.records import ProfileItem, Query, TaskData, TaskSpec, User
 from perfit_probe.data.splits import Split
 from perfit_probe.errors import ConfigError
@@ -16,9 +17,9 @@ from perfit_probe.evaluation.baselines import (
     nearest_label,
     skip_reason,
 )
-from perfit_probe.evaluation.evaluate import METHODS, EvalConfig, evaluate_methods, write_results
-from perfit_probe.evaluation.uncertainty import UncertaintyConfig
+from perfit_probe.evaluation.evaluate import METHODS, evaluate_methods
 from perfit_probe.plotting.eval_figures import plot_intervals, read_uncertainty, save_eval_figures
+from perfit_probe.stages.eval_results import write_results
 from perfit_probe_tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from perfit_probe.claims import claim_table, claims_markdown
+from perfit_probe.stages.claims import claim_table, claims_markdown
 
 
 def _write(run, name: str, rows: list[dict]) -> None:

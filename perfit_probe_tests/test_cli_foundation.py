@@ -8,8 +8,9 @@ import sys
 
 import pandas as pd
 
+from perfit_probe._io import read_json, write_json
 from perfit_probe.cli import main
-from perfit_probe.rundir import RunDir, write_json
+from perfit_probe.stages.rundir import RunDir
 from perfit_probe_tests.tiny import save_tiny_model
 
 
@@ -65,8 +66,6 @@ def test_run_dir_refuses_to_clobber_and_writes_atomically(tmp_path):
     assert again.metrics()["stage"]["x"] == 1.5
     assert [s["command"] for s in again.info()["stages"]] == ["test", "test2"]
     (run.path / "bad.json").write_text("{not json")
-    from perfit_probe.rundir import read_json
-
     with pytest.raises(ConfigError, match="malformed JSON"):
         read_json(run.path / "bad.json")
     write_json(run.path / "ok.json", {"b": 1})
@@ -74,11 +73,10 @@ def test_run_dir_refuses_to_clobber_and_writes_atomically(tmp_path):
 
 
 def test_commands_on_a_run_default_to_its_model_dtype_and_device(tmp_path):
-    import argparse
-
     import torch
 
-    from perfit_probe.commands.common import add_model_arguments, model_from_args, recorded_model
+    from perfit_probe.commands.common import load_cli_model, recorded_model
+    from perfit_probe.config import ModelFields, RecordedModel
     from perfit_probe.models import load_model
 
     model = save_tiny_model(tmp_path / "m", "llama")
@@ -91,17 +89,13 @@ def test_commands_on_a_run_default_to_its_model_dtype_and_device(tmp_path):
     assert recorded_model(fit_run) == {"name": str(model), "dtype": "bfloat16", "device": "cpu"}
     assert recorded_model(pipe_run) == {"name": str(model), "dtype": "float16", "device": "cpu"}
 
-    parser = argparse.ArgumentParser()
-    add_model_arguments(parser, from_run=True)
-    loaded = model_from_args(parser.parse_args([]), fit_run)
+    loaded = load_cli_model(RecordedModel(), RecordedModel(), fit_run)
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
     # the fingerprint samples the weights in the loaded dtype: a float32 default would not match
     assert loaded.identity.fingerprint == load_model(str(model), dtype="bfloat16").identity.fingerprint
     assert loaded.identity.fingerprint != identity.fingerprint
     # an explicit option wins over the record
-    loaded = model_from_args(parser.parse_args(["--dtype", "float32"]), fit_run)
+    loaded = load_cli_model(RecordedModel(dtype="float32"), RecordedModel(), fit_run)
     assert next(loaded.model.parameters()).dtype == torch.float32
     # commands that do not work on a run keep the plain defaults
-    fresh = argparse.ArgumentParser()
-    add_model_arguments(fresh)
-    assert vars(fresh.parse_args([]))["dtype"] == "float32"
+    assert ModelFields().dtype == "float32"

@@ -129,3 +129,17 @@ def test_errors_and_history_frame():
     assert read_history_ids(frame)[0] == list(first.history_ids)
     assert json.loads(frame["history_ids"].iloc[0]) == list(first.history_ids)
     assert frame["added_text"].iloc[0] == first.added_text
+
+
+def test_derangement_is_uniform_over_derangements():
+    """Oracle: the 9 derangements of 4 elements (hand-counted: !4 = 9) are equally likely."""
+    from collections import Counter
+
+    import numpy as np
+
+    from perfit_probe.data.controls import derangement
+
+    rng = np.random.default_rng(0)
+    counts = Counter(tuple(int(i) for i in derangement(4, rng)) for _ in range(9000))
+    assert len(counts) == 9 and all(not any(p[i] == i for i in range(4)) for p in counts)
+    assert max(counts.values()) < 1150 and min(counts.values()) > 850  # 1000 +- 4.7 sd

@@ -12,13 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
+from perfit_probe.config import EvalConfig, FitConfig, LoraBaselineConfig
 from perfit_probe.data.records import ProfileItem, Query, TaskData, User
 from perfit_probe.data.splits import Split
 from perfit_probe.evaluation import lora as lora_module
-from perfit_probe.evaluation.evaluate import EvalConfig, evaluate_methods, run_evaluate
-from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig
+from perfit_probe.evaluation.evaluate import evaluate_methods
+from perfit_probe.evaluation.lora import LoraBaseline
 from perfit_probe.interventions.batching import Encoded, encode
-from perfit_probe.interventions.fit import FitConfig, run_fit, validation_indices, validation_split
+from perfit_probe.interventions.fit import validation_indices, validation_split
+from perfit_probe.stages import evaluate as evaluate_stage
+from perfit_probe.stages import fit as fit_stage
 from perfit_probe_tests.test_evaluate import SPEC, WORDS
 from perfit_probe_tests.tiny import tiny_model
 
@@ -135,7 +138,7 @@ SMALL = dict(task="synthetic", n_users=6, max_queries=2, layers=(1, -1), positio
 
 
 def test_lora_baselines_hold_out_exactly_perfits_validation_rows(monkeypatch, tmp_path):
-    """run_evaluate takes the fit's val_per_user and seed; lora and oppu validate on the very
+    """The evaluate stage takes the fit's val_per_user and seed; lora and oppu validate on the very
     rows stage 2 validated on, train on the rest, and the choice is written out."""
     import perfit_probe.interventions.fit as fit_module
 
@@ -150,7 +153,7 @@ def test_lora_baselines_hold_out_exactly_perfits_validation_rows(monkeypatch, tm
         return real_personal(loaded, collective, personal, examples, *args, **kwargs)
 
     monkeypatch.setattr(fit_module, "train_personal", spy_personal)
-    run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+    fit_stage.run(FitConfig(**SMALL), tmp_path / "run", loaded)
     assert sum(map(len, stage2["val"].values())) > 0
 
     lora_rows = {}
@@ -166,8 +169,8 @@ def test_lora_baselines_hold_out_exactly_perfits_validation_rows(monkeypatch, tm
 
     monkeypatch.setattr(LoraBaseline, "fit_user", spy_fit_user)
     fast = LoraBaselineConfig(epochs=1, batch_size=4)
-    run_evaluate(tmp_path / "run", loaded, EvalConfig(methods=("lora", "oppu"), lora=fast, lora_task=fast),
-                 figures=False)
+    evaluate_stage.run(EvalConfig(methods=("lora", "oppu"), lora=fast, lora_task=fast), tmp_path / "run", loaded,
+                       figures=False)
     assert set(lora_rows) == set(stage2["val"])
     for uid, runs in lora_rows.items():
         assert len(runs) == 2  # lora, then oppu
@@ -186,6 +189,6 @@ def test_lora_baselines_hold_out_exactly_perfits_validation_rows(monkeypatch, tm
     assert "Model selection of the per-user LoRAs" in text and "lora_selection.csv" in text
     # an explicit 0 switches the selection off: every example trained on
     lora_rows.clear()
-    run_evaluate(tmp_path / "run", loaded, EvalConfig(methods=("lora",), lora=fast, val_per_user=0), figures=False)
+    evaluate_stage.run(EvalConfig(methods=("lora",), lora=fast, val_per_user=0), tmp_path / "run", loaded, figures=False)
     for uid, ((train, val),) in lora_rows.items():
         assert val == [] and len(train) == len(stage2["train"][uid]) + len(stage2["val"][uid])

@@ -11,26 +11,25 @@ import pandas as pd
 import pytest
 import torch
 
+from perfit_probe.config import EvalConfig, LoraBaselineConfig, TrainConfig
 from perfit_probe.data.prompts import build_examples
 from perfit_probe.data.records import ProfileItem, Query, TaskData, TaskSpec, User
 from perfit_probe.data.splits import Split, history_user
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import (
-    EvalConfig,
     Predictions,
     continuation,
     evaluate_methods,
     predict,
     resolve_decoding,
-    write_results,
 )
-from perfit_probe.evaluation.lora import LoraBaselineConfig
 from perfit_probe.evaluation.metrics import read_predictions
 from perfit_probe.interventions import PerFit, generate, score_labels
 from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
-from perfit_probe.interventions.train import TrainConfig, train_collective, train_personal
+from perfit_probe.interventions.train import train_collective, train_personal
 from perfit_probe.sites import Site, parse_positions
+from perfit_probe.stages.eval_results import write_results
 from perfit_probe_tests.tiny import tiny_model
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -320,7 +319,7 @@ def test_methods_needing_a_fit_are_skipped_without_one():
     task, split = planted_task(4)
     result = evaluate_methods(loaded, task, split, None, EvalConfig(methods=("base", "stage1", "perfit")))
     assert list(result.table.method) == ["base"]
-    with pytest.raises(ConfigError, match="unknown method"):
+    with pytest.raises(ConfigError, match="methods\\[0\\]: expected one of"):
         EvalConfig(methods=("nope",))
 
 

@@ -23,11 +23,12 @@ from perfit_probe.analysis.subspaces import angle_test, centred_pcs, energy_shar
 from perfit_probe.analysis.synthetic import planted_deltas
 from perfit_probe.backends.hooks import HookBackend
 from perfit_probe.cli import main
-from perfit_probe.evaluation.interpret import (InterpretConfig, interpret, kl_divergence, prompt_settings,
-                                               steering_vectors, user_bootstrap)
+from perfit_probe.config import InterpretConfig
+from perfit_probe.evaluation.interpret import interpret, kl_divergence, steering_vectors, user_bootstrap
 from perfit_probe.interventions.steering import (AdditiveSteering, label_ids_of, steer_last_token,
                                                  steered_label_logprobs)
 from perfit_probe.sites import parse_site
+from perfit_probe.stages.fitted import load_fitted_run, prompt_settings
 from perfit_probe_tests.tiny import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -236,7 +237,6 @@ def test_interpret_command_writes_tables_figures_and_report(interpreted):
 
 def test_uncached_sites_are_named_and_skipped(interpreted):
     from perfit_probe.deltas import Deltas
-    from perfit_probe.evaluation.evaluate import load_fitted_run
     from perfit_probe.models import load_model
 
     model, out, _, _ = interpreted

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from perfit_probe.config import LoraBaselineConfig
 from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, encode_supervised, resolve_targets
+from perfit_probe.evaluation.lora import LoraBaseline, encode_supervised, resolve_targets
 from perfit_probe_tests.tiny import tiny_model
 
 PROMPTS = ["History of the user: Fargo rated", "Predict the rating of Toy Story:",

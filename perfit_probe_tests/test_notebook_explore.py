@@ -8,7 +8,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from perfit_probe.analysis.synthetic import planted_deltas
-from perfit_probe.rundir import RunDir
+from perfit_probe.stages.rundir import RunDir
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "analyses" / "explore_shifts.ipynb"
 

@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 import perfit_probe
 from perfit_probe.cli import main
+from perfit_probe.config import load_pipeline_config, stage_configs
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.baselines import BASELINES
-from perfit_probe.pipeline import demo_config, load_pipeline_config, stage_configs
+from perfit_probe.pipeline import demo_config
 from perfit_probe_tests.test_analysis import _oracle_rank
 from perfit_probe_tests.tiny import save_tiny_model
 
@@ -195,8 +196,9 @@ def test_run_json_records_the_seed_config_and_model(demo_run):
         ("cache", "analyze", "fit", "evaluate", "steer", "interpret"), 0)
     assert resolved["fit"]["n_users"] == resolved["cache"]["n_users"] == 8
     assert resolved["fit"]["task"] == resolved["cache"]["task"] == "synthetic"
-    assert info["config"]["pipeline"]["task"] == {"name": "synthetic", "n_users": 8, "seed": 0, "k": 4,
-                                                  "retriever": "bm25"}
+    assert info["config"]["pipeline"]["task"] == {"name": "synthetic", "path": None, "outputs": None, "n_users": 8,
+                                                  "max_queries": None, "seed": 0, "k": 4, "retriever": "bm25",
+                                                  "chat": None}
     assert [stage["command"] for stage in info["stages"]] == ["cache", "analyze", "fit", "evaluate", "steer", "interpret"]
     # each stage recorded the config it ran with, equal to the resolved one, where the resolved one
     # leaves an option to the fit (None) the fit's value is recorded

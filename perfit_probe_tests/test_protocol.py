@@ -11,17 +11,19 @@ import pytest
 import torch
 
 from perfit_probe.cli import main
-from perfit_probe.data.profile_examples import PersonalData, item_query, training_examples, training_queries
+from perfit_probe.config import EvalConfig, FitConfig, PersonalData
+from perfit_probe.data.profile_examples import item_query, training_examples, training_queries
 from perfit_probe.data.records import ProfileItem, Query, TaskData, User
 from perfit_probe.data.splits import make_split
 from perfit_probe.data.tasks import task_spec
 from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.evaluate import EvalConfig
 from perfit_probe.interventions.apply import Intervention
-from perfit_probe.interventions.fit import FitConfig, personal_start, run_fit
+from perfit_probe.interventions.fit import personal_start
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
-from perfit_probe.rundir import RunDir
 from perfit_probe.sites import Site, parse_positions
+from perfit_probe.stages import evaluate as evaluate_stage
+from perfit_probe.stages import fit as fit_stage
+from perfit_probe.stages.rundir import RunDir
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
 SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1, -1), positions="f1+l1",
@@ -32,7 +34,7 @@ SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1,
 # ------------------------------------------------------------------ bug 1: one continuation rule
 def test_run_fit_trains_on_exactly_the_tokens_evaluation_scores(monkeypatch, tmp_path):
     """The tiny tokenizer has no chat template: a label follows "Answer:" as " 4", whose ids
-    differ from those of "4". Every target trained through run_fit (both stages) must be the
+    differ from those of "4". Every target trained through the fit stage (both stages) must be the
     hand-tokenised " <gold>" + end-of-text."""
     import perfit_probe.interventions.fit as fit_module
 
@@ -48,7 +50,7 @@ def test_run_fit_trains_on_exactly_the_tokens_evaluation_scores(monkeypatch, tmp
     monkeypatch.setattr(fit_module, "train_personal",
                         lambda loaded, c, p, examples, *a, **k: (seen.extend(e for rows in examples.values() for e in rows),
                                                                  real2(loaded, c, p, examples, *a, **k))[1])
-    run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+    fit_stage.run(FitConfig(**SMALL), tmp_path / "run", loaded)
     assert len(seen) > 10
     eos = tok.eos_token_id
     for enc in seen:
@@ -83,8 +85,8 @@ def test_planted_lamp_task_in_official_format_is_fitted_and_then_scored_right(tm
     out = tmp_path / "run"
     assert main(["fit", "--model", str(model), "--task", "LaMP-3", "--task-path", str(q), "--task-outputs", str(o),
                  "--users", "0", "--test-users", "4", "--layers", "2,3", "--positions", "l1", "--collective-rank", "4",
-                 "--personal-rank", "2", "--epochs1", "40", "--epochs2", "2", "--lr", "0.05", "--batch-size", "4",
-                 "--max-prompt-tokens", "64", "--quiet", "--out", str(out)]) == 0
+                 "--personal-rank", "2", "--epochs1", "40", "--epochs2", "2", "--lr1", "0.05", "--lr2", "0.05",
+                 "--batch-size", "4", "--max-prompt-tokens", "64", "--no-progress", "--out", str(out)]) == 0
     split = json.loads((out / "perfit" / "split.json").read_text())
     assert all(len(v) == 1 for v in split["heldout"].values()) and len(split["test_users"]) == 4
     assert main(["evaluate", str(out), "--methods", "stage1,perfit", "--no-progress"]) == 0
@@ -147,7 +149,7 @@ def test_cli_evaluate_k_equal_to_default_is_kept(tmp_path):
     out = tmp_path / "run"
     assert main(["fit", "--model", str(model), "--task", "synthetic", "--users", "6", "--max-queries", "3",
                  "--heldout", "1", "--layers", "1", "--epochs1", "1", "--epochs2", "1", "--k", "2",
-                 "--max-profile-examples", "3", "--max-prompt-tokens", "96", "--quiet", "--out", str(out)]) == 0
+                 "--max-profile-examples", "3", "--max-prompt-tokens", "96", "--no-progress", "--out", str(out)]) == 0
     assert main(["evaluate", str(out), "--methods", "base", "--k", "4", "--no-progress"]) == 0
     stages = RunDir.open(out).info()["stages"]
     assert [s["config"]["k"] for s in stages if s["command"] == "evaluate"] == [4]
@@ -227,7 +229,7 @@ def test_lora_baselines_train_on_the_same_profile_examples_as_stage2(monkeypatch
 
     loaded = tiny_model("llama")
     config = FitConfig(**{**SMALL, "n_heldout": None, "max_queries": 2})
-    run_fit(config, tmp_path / "run", loaded)
+    fit_stage.run(config, tmp_path / "run", loaded)
     trained = {}
     real = lora_module.LoraBaseline.fit_user
 
@@ -236,9 +238,8 @@ def test_lora_baselines_train_on_the_same_profile_examples_as_stage2(monkeypatch
         return real(self, user_id, prompts, targets, **kwargs)
 
     monkeypatch.setattr(lora_module.LoraBaseline, "fit_user", spy)
-    from perfit_probe.evaluation.evaluate import run_evaluate
-
-    run_evaluate(tmp_path / "run", loaded, EvalConfig(methods=("lora",), lora=lora_module.LoraBaselineConfig(epochs=1)))
+    evaluate_stage.run(EvalConfig(methods=("lora",), lora=lora_module.LoraBaselineConfig(epochs=1)), tmp_path / "run",
+                       loaded)
     split = json.loads((tmp_path / "run" / "perfit" / "split.json").read_text())
     assert set(trained) == set(split["test_users"])
     from perfit_probe.data import load_task

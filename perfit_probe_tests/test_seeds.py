@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 
 from perfit_probe.cli import main
+from perfit_probe.config import seed_config, stage_configs
 from perfit_probe.errors import ConfigError
-from perfit_probe.pipeline import demo_config, run_seeds, seed_config, stage_configs
-from perfit_probe.seed_summary import flatten_metrics, seed_summary
+from perfit_probe.pipeline import demo_config
+from perfit_probe.stages.pipeline import run_seeds
+from perfit_probe.stages.seed_summary import flatten_metrics, seed_summary
 from perfit_probe_tests.tiny import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,10 +49,10 @@ def test_summary_is_mean_std_min_max_over_seeds():
 
 def test_seed_config_sets_every_stage_seed():
     config = demo_config(n_layers=4)
-    config.fit["seed"] = 9
+    config = replace(config, fit=replace(config.fit, seed=9))
     resolved = stage_configs(seed_config(config, 5))
     assert {name: stage.seed for name, stage in resolved.items()} == dict.fromkeys(resolved, 5)
-    assert resolved["cache"].seed == 5 and config.task["seed"] == 0 and config.fit["seed"] == 9
+    assert resolved["cache"].seed == 5 and config.task.seed == 0 and config.fit.seed == 9
     with pytest.raises(ConfigError, match="repeat"):
         run_seeds(config, "unused", [1, 1])
 
@@ -97,6 +100,6 @@ def test_two_seeds_two_runs_and_a_summary_of_their_numbers(tmp_path, capsys):
     capsys.readouterr()
     assert (single / "metrics.json").is_file() and not (single / "seed1").exists()
     assert _numbers(single) == numbers[1]
-    # --seed and --seeds together are refused
-    with pytest.raises(SystemExit):
-        main([*common, "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "both")])
+    # --seed and --seeds together are refused, in one line
+    assert main([*common, "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "both")]) == 2
+    assert "--seed and --seeds cannot be given together" in capsys.readouterr().err

@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from perfit_probe.config import SteerConfig
+from perfit_probe.data.controls import donor_assignment
 import torch
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.steer import (
-    SteerConfig,
-    derangement,
     history_behaviour,
     personal_subspace,
     random_bank,
@@ -129,7 +130,8 @@ def _hand_label_scores(loaded, prompts, intervention):
 def test_dose_end_points_equal_independent_predictions(planted_steer):
     """alpha = 0 gives what a separately built stage-1-only intervention gives (scored here by
     hand, prompt by prompt); alpha = 1 gives the PerFit predictions of ``evaluate_methods``."""
-    from perfit_probe.evaluation.evaluate import EvalConfig, evaluate_methods, heldout_examples
+    from perfit_probe.config import EvalConfig
+    from perfit_probe.evaluation.evaluate import evaluate_methods, heldout_examples
     from perfit_probe.interventions import Intervention
 
     loaded, task, split, perfit = planted_run()
@@ -288,13 +290,14 @@ def test_random_bank_has_the_stated_rank_and_edit_size(kind):
         size_real, size_fake = e_real.square().sum(1).mean(), e_fake.square().sum(1).mean()
         assert float(size_fake) == pytest.approx(float(size_real), rel=0.1)
     assert fake.keys == bank.keys and not any(p.requires_grad for p in fake.parameters())
-    mapping = derangement(["a", "b", "c", "d"], seed=0)
+    mapping = donor_assignment(["a", "b", "c", "d"], seed=0)
     assert sorted(mapping.values()) == ["a", "b", "c", "d"] and all(k != v for k, v in mapping.items())
 
 
 def test_random_bank_control_uses_that_bank(planted_steer):
     """The control's random_bank row is PerFit's evaluation with ``random_bank(personal, seed)``."""
-    from perfit_probe.evaluation.evaluate import EvalConfig, evaluate_methods
+    from perfit_probe.config import EvalConfig
+    from perfit_probe.evaluation.evaluate import evaluate_methods
     from perfit_probe.interventions import PerFit
 
     loaded, task, split, perfit = planted_run()
@@ -318,13 +321,14 @@ def test_history_behaviour_for_ratings_and_labels():
     np.testing.assert_allclose(hist, np.array([1, 6, 1, 1, 1]) / 10)
 
 
-def test_run_evaluate_and_run_steer_write_the_run_directory(tmp_path, monkeypatch):
-    import perfit_probe.data as data
+def test_evaluate_and_steer_stages_write_the_run_directory(tmp_path, monkeypatch):
+    import perfit_probe.stages.fitted as fitted_module
     from perfit_probe.cli import main
-    from perfit_probe.evaluation.evaluate import EvalConfig, run_evaluate
-    from perfit_probe.evaluation.lora import LoraBaselineConfig
-    from perfit_probe.evaluation.steer import run_steer
-    from perfit_probe.rundir import RunDir
+    from perfit_probe.config import EvalConfig
+    from perfit_probe.config import LoraBaselineConfig
+    from perfit_probe.stages import evaluate as evaluate_stage
+    from perfit_probe.stages import steer as steer_stage
+    from perfit_probe.stages.rundir import RunDir
 
     loaded, task, split, perfit = planted_run()
     run = RunDir.create(tmp_path / "run", "fit", {}, 0, loaded.identity)
@@ -333,16 +337,16 @@ def test_run_evaluate_and_run_steer_write_the_run_directory(tmp_path, monkeypatc
     (run.path / "perfit" / "task.json").write_text(json.dumps({"task": "planted", "n_users": 6, "k": 2}))
     run.add_metrics("fit", {"stage1_train_s": 2.0, "stage2_train_s": 4.0})
     calls = []
-    monkeypatch.setattr(data, "load_task", lambda name, **kw: calls.append((name, kw)) or task)
+    monkeypatch.setattr(fitted_module, "load_task", lambda name, **kw: calls.append((name, kw)) or task)
     config = EvalConfig(methods=("base", "perfit", "lora"), lora=LoraBaselineConfig(epochs=1))
-    result = run_evaluate(run.path, loaded, config)
+    result = evaluate_stage.run(config, run.path, loaded).evaluation
     assert calls[0] == ("planted", {"n_users": 6})
     table = pd.read_csv(run.path / "eval" / "results.csv").set_index("method")
     assert table.loc["perfit", "train_s_per_user"] == pytest.approx(1.0)  # 4 s over 4 test users
     assert table.loc["perfit", "mae"] == pytest.approx(result.table.set_index("method").loc["perfit", "mae"])
     assert (run.path / "eval" / "predictions" / "lora.json").is_file()
     assert "perfit" in run.metrics()["evaluate"]
-    steer = run_steer(run.path, loaded, SteerConfig(alphas=(0.0, 1.0), experiments=("swap", "dose")))
+    steer = steer_stage.run(SteerConfig(alphas=(0.0, 1.0), experiments=("swap", "dose")), run.path, loaded).checks
     saved = pd.read_csv(run.path / "steer" / "steer.csv", dtype={"setting": str})
     assert len(saved) == len(steer.rows)
     verdict_lines = (run.path / "steer" / "verdicts.md").read_text().splitlines()

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+from perfit_probe.config import SteerConfig
 from perfit_probe.data.prompts import continuation
-from perfit_probe.evaluation.shared_prefix import score_label_variants, single_token_labels
-from perfit_probe.evaluation.steer import SteerConfig, random_subspace, steer_checks
+from perfit_probe.evaluation.shared_prefix import PrefixStore, score_label_variants, single_token_labels
+from perfit_probe.evaluation.steer import random_subspace, steer_checks
 from perfit_probe.evaluation.steer_stats import (
     dose_intervals,
     random_percentile,
@@ -224,3 +225,46 @@ def test_planted_personal_slot_pulls_swap_recipients_toward_its_label():
     rows = result.rows
     assert {"toward_donor_share_p", "toward_donor_share_ci_low", "shift_gap_correlation_p"} <= set(rows.metric)
     assert result.verdicts and result.verdicts[0].startswith("user swap: ")
+
+
+def test_shared_prefix_per_variant_users_stages_and_reused_prefixes_match_ordinary_passes():
+    """Oracle: ``score_labels`` (whole prompts, one pass per variant). Per-variant user ids (the
+    swap's donors), the collective stage and the model alone, and prefixes kept across calls
+    in a ``PrefixStore`` give the same scores as ordinary passes."""
+    loaded = tiny_model("llama")
+    perfit = random_perfit(loaded, ["a", "b"])
+    for bank in (perfit.collective, perfit.personal):  # the last two positions: a shared prefix
+        bank.spec = BankSpec(bank.spec.kind, bank.spec.sites, parse_positions("l2"), bank.spec.rank, bank.spec.d_model)
+    prompts = ["the first prompt is a bit longer than", "second one", "a third prompt here", "four"]
+    owners = ["a", "b", "b", "a"]
+    labels = ["1", "2", "3", "4", "5"]
+    store = PrefixStore()
+    donors = [["b"] * 4, ["a"] * 4, owners]
+    for _ in range(2):  # the second round reuses the stored prefixes
+        got = score_label_variants(loaded, prompts, labels, perfit=perfit, user_ids=donors, scales=[1.0] * 3,
+                                   batch_size=3, rows_per_pass=4, prefixes=store)
+        for v, ids in enumerate(donors):
+            want = score_labels(loaded, prompts, labels, perfit=perfit, user_ids=ids, batch_size=3)
+            torch.testing.assert_close(got[v], want, atol=1e-4, rtol=0)
+        for stage in ("collective", "none"):
+            got = score_label_variants(loaded, prompts, labels, perfit=perfit, user_ids=owners, scales=[1.0],
+                                       stage=stage, batch_size=3, prefixes=store)
+            want = score_labels(loaded, prompts, labels, perfit=perfit, user_ids=owners, stage=stage, batch_size=3)
+            torch.testing.assert_close(got[0], want, atol=1e-4, rtol=0)
+    assert len(store._caches) == 2  # one prefix per batch of prompts, computed once
+    with pytest.raises(Exception, match="one per prompt"):
+        score_label_variants(loaded, prompts, labels, perfit=perfit, user_ids=[owners], scales=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("clamp, positions, cut", [("pyreft", "l2", 4), ("cover", "l2", 2), ("pyreft", "l1", 2),
+                                                   ("cover", "last", 1), ("pyreft", "f1+l2", None)])
+def test_shared_prefix_cut_keeps_the_position_rule(clamp, positions, cut):
+    """Hand-computed cuts: under ``pyreft`` the last ``s`` tokens need a ``2 s``-token suffix
+    (``s' = min(s, n // 2)``), under ``cover`` ``s`` tokens; a first-token spec shares nothing."""
+    from perfit_probe.evaluation.shared_prefix import _prefix_length
+
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for row, length in enumerate((12, 9, 6)):  # left padding
+        mask[row, 12 - length:] = 1
+    iv = Intervention(sites=[Site(0)], positions=parse_positions(positions), position_clamp=clamp)
+    assert _prefix_length(iv, mask) == (0 if cut is None else 12 - cut)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from perfit_probe.config import TrainConfig
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.batching import Encoded, collate, encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.interventions.train import (
     BankAdamW,
-    TrainConfig,
     train_collective,
     train_personal,
     train_personal_sequential,

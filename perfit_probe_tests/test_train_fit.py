@@ -1,4 +1,4 @@
-"""``run_fit`` and ``perfit-probe fit`` end to end on a tiny model and the synthetic task."""
+"""The fit stage and ``perfit-probe fit`` end to end on a tiny model and the synthetic task."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import pandas as pd
 import pytest
 import torch
 
+from perfit_probe._io import read_json
 from perfit_probe.cli import main
+from perfit_probe.config import FitConfig
 from perfit_probe.data.splits import Split
 from perfit_probe.interventions.artifact import load_perfit
-from perfit_probe.interventions.fit import FitConfig, lora_parameter_count, run_fit
-from perfit_probe.rundir import read_json
+from perfit_probe.interventions.fit import lora_parameter_count
 from perfit_probe.sites import Site
+from perfit_probe.stages import fit as fit_stage
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
 SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1, -1), positions="f1+l1",
@@ -21,7 +23,7 @@ SMALL = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=1, layers=(1,
 
 def test_run_fit_writes_complete_run(tmp_path):
     loaded = tiny_model("llama")
-    run = run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+    run = fit_stage.run(FitConfig(**SMALL), tmp_path / "run", loaded).run
     pdir = run.path / "perfit"
     for name in ("stage1/intervention.safetensors", "bank/intervention.json", "split.json", "task.json",
                  "curves.csv", "params.json"):
@@ -46,7 +48,7 @@ def test_run_fit_writes_complete_run(tmp_path):
     task = read_json(pdir / "task.json")
     assert task["load"]["name"] == "synthetic" and task["load"]["n_users"] == 6
     with pytest.raises(Exception, match="already holds a fit"):
-        run_fit(FitConfig(**SMALL), tmp_path / "run", loaded)
+        fit_stage.run(FitConfig(**SMALL), tmp_path / "run", loaded)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -65,7 +67,7 @@ def test_cli_fit_and_one_line_errors(tmp_path, capsys):
     model_dir = save_tiny_model(tmp_path / "tiny")
     capsys.readouterr()
     base = ["fit", "--model", str(model_dir), "--task", "synthetic", "--users", "6", "--max-queries", "4",
-            "--heldout", "1", "--epochs1", "1", "--epochs2", "1", "--quiet", "--max-prompt-tokens", "96"]
+            "--heldout", "1", "--epochs1", "1", "--epochs2", "1", "--no-progress", "--max-prompt-tokens", "96"]
     assert main(base + ["--layers", "1", "--collective-rank", "33", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
     assert "rank 33" in err and len(err.splitlines()) == 1
@@ -101,7 +103,7 @@ def test_fit_config_checks_position_options():
     from perfit_probe.errors import ConfigError
 
     FitConfig(position_clamp="cover", share_weights=True).validate()
-    with pytest.raises(ConfigError, match="position clamp 'half'"):
+    with pytest.raises(ConfigError, match="position_clamp: expected one of 'pyreft' or 'cover', got str 'half'"):
         FitConfig(position_clamp="half").validate()
     with pytest.raises(ConfigError, match="share_weights"):
         FitConfig(share_weights="no").validate()
@@ -131,7 +133,7 @@ def test_torchrun_two_processes_give_the_same_fit(tmp_path):
     model = save_tiny_model(tmp_path / "tiny")
     args = ["fit", "--model", str(model), "--task", "synthetic", "--users", "8", "--max-queries", "5",
             "--heldout", "1", "--layers", "1,2", "--epochs1", "1", "--epochs2", "2", "--batch-size", "2",
-            "--val-per-user", "1", "--quiet", "--max-prompt-tokens", "96"]
+            "--val-per-user", "1", "--no-progress", "--max-prompt-tokens", "96"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

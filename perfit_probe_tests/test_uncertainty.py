@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from perfit_probe.config import UncertaintyConfig
 from perfit_probe.evaluation.metrics import score_task
 from perfit_probe.evaluation.uncertainty import (
     DIFFERENCE_COLUMNS,
     INTERVAL_COLUMNS,
     Scorer,
-    UncertaintyConfig,
     evaluation_uncertainty,
     metric_from_sums,
     query_statistics,

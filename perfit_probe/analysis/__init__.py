@@ -6,8 +6,8 @@ anisotropic Gaussian null, the random-text and format-matched controls, user-shu
 and bootstraps; ``controls`` compares the real history with each control; ``text_baseline``
 identifies users from the prompt text alone; ``collective`` measures the collective and
 personal parts;
-``tables.analyze_deltas`` runs it all into tidy frames; ``report.run_analysis`` does so for a
-run directory; ``synthetic.planted_deltas`` makes deltas with known structure for validation.
+``tables.analyze_deltas`` runs it all into tidy frames (``perfit_probe.stages.analyze`` does so
+for a run directory); ``synthetic.planted_deltas`` makes deltas with known structure for validation.
 """
 
 from perfit_probe.analysis.collective import (
@@ -18,16 +18,16 @@ from perfit_probe.analysis.controls import compare_to_control
 from perfit_probe.analysis.nulls import (
     NULLS, SOURCES, anisotropic_null, gaussian_null, null_rank_draws, rank_p_value, shuffled_deltas,
 )
-from perfit_probe.analysis.report import render_report, run_analysis
 from perfit_probe.analysis.shift import ShiftPCA, rank_at_energy
 from perfit_probe.analysis.synthetic import PlantedShift, planted_deltas
-from perfit_probe.analysis.tables import AnalysisConfig, AnalysisResult, analyze_deltas
+from perfit_probe.analysis.tables import AnalysisResult, analyze_deltas
 from perfit_probe.analysis.text_baseline import text_identification
+from perfit_probe.config import AnalysisConfig
 
 __all__ = [
     "AnalysisConfig", "AnalysisResult", "Identification", "NULLS", "PlantedShift", "SOURCES",
     "ShiftPCA", "VarianceRatio", "analyze_deltas", "anisotropic_null", "collective_direction",
     "collective_summary", "compare_to_control", "gaussian_null", "identify_users",
-    "null_rank_draws", "planted_deltas", "rank_at_energy", "rank_p_value", "render_report",
-    "run_analysis", "shuffled_deltas", "text_identification", "variance_ratio",
+    "null_rank_draws", "planted_deltas", "rank_at_energy", "rank_p_value",
+    "shuffled_deltas", "text_identification", "variance_ratio",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -33,14 +34,13 @@ from sklearn.neighbors import NearestCentroid
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from perfit_probe.config import Classifier
 from perfit_probe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CLASSIFIERS = ("centroid", "logistic")
-"""User-identification classifiers: nearest class mean (fast, the default), and multinomial
-logistic regression on standardised features (slow with many users: minutes per site for
-hundreds of users on a small CPU)."""
+CLASSIFIERS = get_args(Classifier)
+"""User-identification classifiers (``config.Classifier``)."""
 COLLECTIVE_STATISTICS = (
     "energy_share", "cos_to_mean_mean", "norm_ratio_mean", "norm_ratio_rms", "collective_norm",
     "delta_norm_mean",

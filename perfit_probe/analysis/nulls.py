@@ -38,17 +38,21 @@ bootstrap: their interval is the spread of repeated null draws.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 from jaxtyping import Float, Int, Real
 
 from perfit_probe.analysis.shift import cumulative_energy, energy_spectrum, rank_at_energy
+from perfit_probe.config import AnalysisSource, Bootstrap, ControlVariant
+from perfit_probe.data.controls import derangement
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 
-CONTROL_SOURCES = ("other_user", "format_random", "permuted")
+CONTROL_SOURCES = get_args(ControlVariant)
 """Sources from the opt-in control prompt variants (``Deltas.variant_deltas``)."""
 
-SOURCES = ("deltas", "gaussian_null", "control", "shuffled") + CONTROL_SOURCES
+SOURCES = get_args(AnalysisSource)
 """Every source the analysis can compare, the real deltas first."""
 
 NULLS = ("gaussian_null", "anisotropic_null")
@@ -63,16 +67,6 @@ def gaussian_null(x: Float[np.ndarray, "users d_model"],
     g = rng.standard_normal(x.shape)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return g / np.linalg.norm(g, axis=1, keepdims=True) * norms
-
-
-def derangement(n: int, rng: np.random.Generator) -> Int[np.ndarray, " n"]:
-    """A uniformly random permutation of ``range(n)`` with no fixed point (``n >= 2``)."""
-    if n < 2:
-        raise ValueError("a derangement needs at least two elements")
-    while True:
-        perm = rng.permutation(n)
-        if not np.any(perm == np.arange(n)):
-            return perm
 
 
 def shuffled_deltas(
@@ -169,7 +163,7 @@ def rank_p_value_randomized(observed: int | float, draws: Real[np.ndarray, " dra
     return float((1 + np.sum(draws < observed) + rng.integers(0, ties + 1)) / (1 + len(draws)))
 
 
-BOOTSTRAPS = ("bayesian", "classic")
+BOOTSTRAPS = get_args(Bootstrap)
 """Kinds of bootstrap over users (see :func:`bootstrap_weights`)."""
 
 

@@ -29,82 +29,25 @@ from jaxtyping import Float
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from perfit_probe._io import atomic_write_text, read_json, to_jsonable, write_json
 from perfit_probe.analysis.collective import (
     COLLECTIVE_STATISTICS, cosine_matrix, collective_summary, identify_users,
     per_user_collective, variance_ratio,
 )
 from perfit_probe.analysis.controls import CONTROL_COLUMNS, compare_to_control
 from perfit_probe.analysis.nulls import (
-    BOOTSTRAPS, CONTROL_SOURCES, NULLS, SOURCES, bootstrap_ranks, bootstrap_weights,
+    CONTROL_SOURCES, NULLS, bootstrap_ranks, bootstrap_weights,
     null_rank_draws, percentile_interval, rank_p_value, rank_p_value_randomized,
     source_matrices,
 )
 from perfit_probe.analysis.shift import ShiftPCA
 from perfit_probe.analysis.text_baseline import text_identification
+from perfit_probe.config import AnalysisConfig
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError, DataError, SiteError
-from perfit_probe.rundir import atomic_write_text, read_json, to_jsonable, write_json
 from perfit_probe.sites import parse_site
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AnalysisConfig:
-    """Options of the shift analysis (recorded in ``run.json``)."""
-
-    taus: tuple[float, ...] = (0.8, 0.9, 0.95)
-    """Energy shares at which ranks are reported."""
-    centers: tuple[bool, ...] = (False, True)
-    """Analyse uncentred deltas (``False``), mean-centred ones (``True``), or both."""
-    sources: tuple[str, ...] = SOURCES
-    """Sources to compare; ``deltas`` is always analysed, unavailable nulls are skipped."""
-    n_boot: int = 200
-    """Bootstrap resamples of users for confidence intervals (0: none)."""
-    bootstrap: str = "bayesian"
-    """``bayesian`` (Dirichlet user weights) or ``classic`` (users drawn with replacement);
-    see ``perfit_probe.analysis.nulls.bootstrap_weights``."""
-    n_perm: int = 200
-    """Label permutations for the F-ratio p-value."""
-    ci_level: float = 0.95
-    """Coverage of the percentile bootstrap intervals."""
-    classifier: str = "centroid"
-    """User-identification classifier: ``centroid`` (nearest class mean) or ``logistic``."""
-    heldout_fraction: float = 0.3
-    """Share of each user's queries (the last ones) held out for user identification."""
-    svd: str = "auto"
-    """SVD solver of the point estimates: ``auto``, ``exact`` or ``randomized``."""
-    figure_sites: tuple[str, ...] | None = None
-    """Sites for PC projections and cosine heatmaps (``None``: up to ``max_figure_sites``
-    evenly spaced sites)."""
-    max_figure_sites: int = 4
-    """How many sites ``figure_sites=None`` picks."""
-    seed: int = 0
-    """Seed of nulls, bootstraps, permutations and classifiers."""
-    progress: bool = False
-    """Show a progress bar over sites."""
-    n_null_draws: int = 200
-    """Independent draws of each Gaussian null (``nulls.NULLS``) for the rank p-values and the
-    null intervals (0: a single draw, no p-values)."""
-    alpha: float = 0.05
-    """Significance level that words the directions of the controls table and the report."""
-    blas_threads: int | None = 1
-    """BLAS threads while analysing. The work is many small SVDs and eigen-decompositions,
-    which multi-threaded BLAS slows down (20x measured on a busy 2-core machine); ``None``
-    keeps the library default."""
-
-    def __post_init__(self) -> None:
-        bad = [s for s in self.sources if s not in SOURCES]
-        if bad:
-            raise ConfigError(f"unknown analysis sources {bad}: choose from {SOURCES}")
-        if not self.centers:
-            raise ConfigError("analysis centers is empty: use (False,), (True,) or (False, True)")
-        if self.bootstrap not in BOOTSTRAPS:
-            raise ConfigError(f"unknown bootstrap {self.bootstrap!r}: choose from {BOOTSTRAPS}")
-        if self.n_boot < 0 or self.n_perm < 0 or self.n_null_draws < 0:
-            raise ConfigError("n_boot, n_perm and n_null_draws must be >= 0")
-        if not 0.0 < self.alpha < 1.0:
-            raise ConfigError(f"alpha={self.alpha} must lie in (0, 1)")
 
 
 TABLES = {

@@ -16,13 +16,16 @@ imported only when their backend is built.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from perfit_probe.backends.base import ActivationBackend, model_inputs
 from perfit_probe.backends.hooks import HookBackend
 from perfit_probe.backends.nnsight_backend import NNsightBackend
 from perfit_probe.backends.tlens import TransformerLensBackend
+from perfit_probe.config import Backend
 from perfit_probe.errors import ConfigError
 
-BACKEND_NAMES = ("hooks", "transformer_lens", "nnsight")
+BACKEND_NAMES = get_args(Backend)
 
 
 def get_backend(name: str, loaded) -> ActivationBackend:

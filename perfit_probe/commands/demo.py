@@ -2,41 +2,43 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from datetime import datetime
 from pathlib import Path
+from typing import Annotated
 
-from perfit_probe.commands.common import csv_items
-from perfit_probe.commands.run import add_seed_arguments, execute, execute_seeds
-from perfit_probe.pipeline import STAGES, demo_config, seed_config
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--users", type=int, default=24,
-                        help="MovieLens users (default 24: about 10 min on 2 CPU cores); half are test users")
-    parser.add_argument("--model", default="smollm2", help="model to use instead of the embedded SmolLM2")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--task", default=None, help="task instead of movielens (e.g. synthetic)")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
-    parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo-<time>)")
-    add_seed_arguments(parser, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+from perfit_probe.commands.run import SEEDS, execute, execute_seeds
+from perfit_probe.config import STAGES, Stage, seed_config
+from perfit_probe.pipeline import demo_config
 
 
-def run(args: argparse.Namespace) -> int:
+def demo(users: int = 24, model: str = "smollm2", device: str = "cpu", task: str = "movielens",
+         stages: tuple[Stage, ...] = STAGES, out: Path | None = None, seed: Annotated[int, SEEDS] = 0,
+         seeds: Annotated[tuple[int, ...] | None, SEEDS] = None, progress: bool = True) -> int:
+    """Run the whole pipeline on the embedded model and MovieLens data.
+
+    Args:
+        users: MovieLens users (default 24: about 10 min on 2 CPU cores); half are test users.
+        model: Model to use instead of the embedded SmolLM2.
+        device: cpu, cuda or auto.
+        task: Task instead of movielens (e.g. synthetic).
+        stages: Comma-separated stages to run.
+        out: Run directory (default runs/demo-<time>).
+        seed: Seed of the task, the split and every stage.
+        seeds: Comma-separated seeds: the whole pipeline once per seed into OUT/seed{s}, then
+            OUT/seeds_summary.{csv,md,json} with mean, std, min and max across seeds.
+        progress: Show progress bars.
+    """
     from transformers.utils import logging as hf_logging
 
     from perfit_probe.models import load_model
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: stderr is for errors
-    print(f"loading model {args.model!r}", flush=True)
-    loaded = load_model(args.model, device=args.device)
-    config = demo_config(n_users=args.users, model=args.model, device=args.device, n_layers=loaded.n_layers)
-    if args.task:
-        config.task["name"] = args.task
-    config.stages = csv_items(args.stages)
-    config.__post_init__()
-    out = args.out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if args.seeds is not None:
-        return execute_seeds(config, out, args.seeds, progress=not args.no_progress, loaded=loaded)
-    return execute(seed_config(config, args.seed), out, progress=not args.no_progress, loaded=loaded)
+    print(f"loading model {model!r}", flush=True)
+    loaded = load_model(model, device=device)
+    config = demo_config(n_users=users, model=model, device=device, n_layers=loaded.n_layers, task=task)
+    config = dataclasses.replace(config, stages=stages)
+    out = out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if seeds is not None:
+        return execute_seeds(config, out, seeds, progress=progress, loaded=loaded)
+    return execute(seed_config(config, seed), out, progress=progress, loaded=loaded)

@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from typing import Annotated
 
-from perfit_probe.commands.common import csv_items
-from perfit_probe.pipeline import (
-    PipelineConfig,
-    load_pipeline_config,
-    main_announce,
-    run_pipeline,
-    run_seeds,
-    seed_config,
-    summary_lines,
-)
+from tyro.conf import Positional, arg, create_mutex_group
 
+from perfit_probe.config import PipelineConfig, load_pipeline_config, seed_config
+from perfit_probe.stages.pipeline import main_announce, run_pipeline, run_seeds
+from perfit_probe.stages.report import summary_lines
+from perfit_probe.stages.seed_summary import headline_lines, seed_summary
 
-def seed_list(text: str) -> tuple[int, ...]:
-    """``--seeds 0,1,2`` as a tuple of integers."""
-    try:
-        return tuple(int(item) for item in csv_items(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
-
-
-def add_seed_arguments(parser: argparse.ArgumentParser, default: int | None) -> None:
-    """``--seed N`` (one run in OUT) or ``--seeds 0,1,2`` (one run per seed in OUT/seed{s}, and a summary)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--seed", type=int, default=default,
-                       help="seed of the task, the split and every stage"
-                            + (f" (default {default})" if default is not None else " (default: the config's)"))
-    group.add_argument("--seeds", type=seed_list, default=None,
-                       help="comma-separated seeds: the whole pipeline once per seed into OUT/seed{s}, then "
-                            "OUT/seeds_summary.{csv,md,json} with mean, std, min and max across seeds")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="pipeline TOML file (see examples/)")
-    parser.add_argument("--out", type=Path, required=True, help="run directory to create")
-    add_seed_arguments(parser, default=None)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+SEEDS = create_mutex_group(required=False, title="seeds (one of)")
+"""``--seed N`` (one run in OUT) or ``--seeds 0,1,2`` (one run per seed in OUT/seed{s}, and a summary)."""
 
 
 def execute(config: PipelineConfig, out: Path, progress: bool = True, loaded=None) -> int:
@@ -54,8 +27,6 @@ def execute(config: PipelineConfig, out: Path, progress: bool = True, loaded=Non
 
 def execute_seeds(config: PipelineConfig, out: Path, seeds, progress: bool = True, loaded=None) -> int:
     """Run a pipeline once per seed, printing where each run and the across-seed summary are."""
-    from perfit_probe.seed_summary import headline_lines, seed_summary
-
     runs, paths = run_seeds(config, out, seeds, progress=progress, announce=main_announce, loaded=loaded)
     print()
     print(f"{len(runs)} seeds; across seeds (mean +- std (min .. max)):")
@@ -68,13 +39,25 @@ def execute_seeds(config: PipelineConfig, out: Path, seeds, progress: bool = Tru
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def run(config: Annotated[Path, Positional, arg(metavar="CONFIG")], out: Path,
+        seed: Annotated[int | None, SEEDS] = None, seeds: Annotated[tuple[int, ...] | None, SEEDS] = None,
+        progress: bool = True) -> int:
+    """Run the pipeline described by a TOML config file.
+
+    Args:
+        config: Pipeline TOML file (see examples/).
+        out: Run directory to create.
+        seed: Seed of the task, the split and every stage (default: the config's).
+        seeds: Comma-separated seeds: the whole pipeline once per seed into OUT/seed{s}, then
+            OUT/seeds_summary.{csv,md,json} with mean, std, min and max across seeds.
+        progress: Show progress bars.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: stderr is for errors
-    config = load_pipeline_config(args.config)
-    if args.seeds is not None:
-        return execute_seeds(config, args.out, args.seeds, progress=not args.no_progress)
-    if args.seed is not None:
-        config = seed_config(config, args.seed)
-    return execute(config, args.out, progress=not args.no_progress)
+    pipeline = load_pipeline_config(config)
+    if seeds is not None:
+        return execute_seeds(pipeline, out, seeds, progress=progress)
+    if seed is not None:
+        pipeline = seed_config(pipeline, seed)
+    return execute(pipeline, out, progress=progress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from perfit_probe.config import query_cap
 from perfit_probe.data.lamp import load_lamp
 from perfit_probe.data.movielens import load_movielens
 from perfit_probe.data.records import (
@@ -15,20 +16,10 @@ from perfit_probe.data.records import (
 )
 from perfit_probe.data.synthetic import make_synthetic
 from perfit_probe.data.tasks import TASK_NAMES, canonical_task_name, task_spec
-from perfit_probe.errors import ConfigError, DataError
+from perfit_probe.errors import DataError
 
 __all__ = ["CONTROL_VARIANTS", "DEFAULT_VARIANTS", "TASK_NAMES", "VARIANTS", "Example", "ProfileItem",
            "Query", "TaskData", "TaskSpec", "User", "load_task", "query_cap", "task_spec"]
-
-def query_cap(max_queries: int | None) -> int | None:
-    """The one meaning of every ``max_queries`` option: ``None`` or ``0``: no cap (each task
-    loader's own default applies: MovieLens 40, synthetic 12, LaMP all); ``N >= 1``: at most
-    ``N`` queries per user. Negative values (and non-integers) raise ``ConfigError``."""
-    if max_queries is None:
-        return None
-    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 0:
-        raise ConfigError(f"max_queries={max_queries!r} must be an integer >= 1, or 0 for no cap")
-    return max_queries or None
 
 
 def load_task(

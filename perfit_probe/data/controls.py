@@ -30,6 +30,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 
 from perfit_probe.data.records import Example, ProfileItem, Query, TaskSpec, User
@@ -47,22 +48,32 @@ HISTORY_COLUMNS = ("user_id", "query_id", "variant", "history_ids", "n_items", "
 """Columns of ``history_frame`` (``history_ids`` is a JSON list)."""
 
 
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random permutation of ``range(n)`` with no fixed point (``n >= 2``), by rejection.
+
+    The one derangement of the package: the other-user control's donors, the shuffled-delta
+    null and the shuffled-user checks all draw theirs here.
+    """
+    if n < 2:
+        raise ConfigError(f"a derangement needs at least two elements, got {n}")
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
 def donor_assignment(user_ids: Sequence[str], seed: int = 0) -> dict[str, str]:
     """User id -> donor id: a uniformly random derangement of ``user_ids`` seeded by ``seed``.
 
-    No user is their own donor; needs at least two users (``ConfigError`` otherwise).
+    No user is their own donor; needs at least two distinct users (``ConfigError`` otherwise).
     """
     ids = [str(u) for u in user_ids]
     if len(ids) < 2:
-        raise ConfigError(f"the other_user variant needs at least two users, got {len(ids)}")
+        raise ConfigError(f"giving each user another user's data needs at least two users, got {len(ids)}")
     if len(set(ids)) != len(ids):
-        raise ConfigError("the other_user variant needs distinct user ids")
-    rng = random.Random(stable_rank("donors", seed))
-    while True:
-        perm = list(range(len(ids)))
-        rng.shuffle(perm)
-        if all(i != p for i, p in enumerate(perm)):
-            return {ids[i]: ids[p] for i, p in enumerate(perm)}
+        raise ConfigError("giving each user another user's data needs distinct user ids")
+    perm = derangement(len(ids), np.random.default_rng(stable_rank("donors", seed)))
+    return {ids[i]: ids[int(p)] for i, p in enumerate(perm)}
 
 
 def output_field(spec: TaskSpec) -> str:

@@ -26,11 +26,11 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from perfit_probe._io import atomic_write_text
 from perfit_probe.data.records import ProfileItem, Query, TaskData, User
 from perfit_probe.data.splits import stable_rank
 from perfit_probe.data.tasks import canonical_task_name, task_spec
 from perfit_probe.errors import DataError
-from perfit_probe.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ profile), which bounds the cost of stage 2 and of the per-user LoRA on CPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from typing import get_args
 
+from perfit_probe.config import PersonalData, PersonalSource, ProfileExampleMode
 from perfit_probe.data.prompts import build_examples, cut_words
 from perfit_probe.data.records import Example, ProfileItem, Query, TaskSpec, User
 from perfit_probe.data.records import TaskData
@@ -37,11 +38,11 @@ from perfit_probe.data.retrieval import date_key
 from perfit_probe.data.splits import Split, history_user
 from perfit_probe.errors import ConfigError, DataError
 
-PROFILE_EXAMPLE_MODES = ("all", "task_only")
+PROFILE_EXAMPLE_MODES = get_args(ProfileExampleMode)
 """``all``: every task has profile examples (the stand-ins of LaMP-1/7 included);
 ``task_only``: tasks whose items have no task form get none."""
 
-PERSONAL_SOURCES = ("profile", "queries")
+PERSONAL_SOURCES = get_args(PersonalSource)
 """Where a personal stage's training examples come from (see ``PersonalData.source``)."""
 
 QUERY_PREFIX = "profile/"
@@ -79,31 +80,6 @@ def item_query(spec: TaskSpec, item: ProfileItem) -> Query:
     query_fields = {k: v for k, v in item.fields.items() if k != spec.example_output}
     return Query(id=f"{QUERY_PREFIX}{item.id}", input=text, output=str(output), item_id=item.id,
                  fields=query_fields)
-
-
-@dataclass(frozen=True)
-class PersonalData:
-    """What a personal stage (PerFit stage 2, the per-user LoRA, OPPU's per-user step) trains on."""
-
-    source: str = "profile"
-    """``profile``: the user's history items as task examples (OPPU's protocol, the default);
-    ``queries``: the user's queries that are not held out (the toolkit's earlier protocol)."""
-    max_examples: int | None = 32
-    """``profile``: at most this many of the user's most recent items (None: all)."""
-    mode: str = "all"
-    """``profile``: ``all`` or ``task_only`` (see ``PROFILE_EXAMPLE_MODES``)."""
-
-    def __post_init__(self) -> None:
-        if self.source not in PERSONAL_SOURCES:
-            raise ConfigError(f"unknown personal data source {self.source!r}: choose from {PERSONAL_SOURCES}")
-        if self.mode not in PROFILE_EXAMPLE_MODES:
-            raise ConfigError(f"unknown profile example mode {self.mode!r}: choose from {PROFILE_EXAMPLE_MODES}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ConfigError(f"max profile examples {self.max_examples} must be >= 1 (or none for all)")
-
-    def to_dict(self) -> dict:
-        """Plain-JSON form (what ``RUN/perfit/task.json`` records under ``personal``)."""
-        return asdict(self)
 
 
 def training_queries(user: User, spec: TaskSpec, data: PersonalData = PersonalData()) -> list[tuple[User, Query]]:

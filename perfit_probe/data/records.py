@@ -9,21 +9,18 @@ consume.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, get_args
 
+from perfit_probe.config import BaseVariant, ControlVariant, Variant
 from perfit_probe.errors import DataError
 
-DEFAULT_VARIANTS = ("plain", "enhanced", "control")
-"""Variants cached by default: task input alone; with retrieved history; with neutral random
-text of the history's token length."""
+DEFAULT_VARIANTS = get_args(BaseVariant)
+"""Variants cached by default (``config.BaseVariant``)."""
 
-CONTROL_VARIANTS = ("other_user", "format_random", "permuted")
-"""Opt-in controls for the shift claims, each the history template filled with something else:
-another user's retrieved history (``other_user``), random items with random outputs from all
-users' profiles (``format_random``), the user's own retrieved items with their outputs
-permuted among them (``permuted``). See ``perfit_probe.data.controls``."""
+CONTROL_VARIANTS = get_args(ControlVariant)
+"""Opt-in controls for the shift claims (``config.ControlVariant``; ``perfit_probe.data.controls``)."""
 
-VARIANTS = DEFAULT_VARIANTS + CONTROL_VARIANTS
+VARIANTS = get_args(Variant)
 """Every prompt variant ``build_examples`` can make."""
 
 

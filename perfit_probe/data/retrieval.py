@@ -26,14 +26,16 @@ import random
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from typing import get_args
 
 from rank_bm25 import BM25Okapi
 
+from perfit_probe.config import Retriever
 from perfit_probe.data.records import ProfileItem, Query, User
 from perfit_probe.data.splits import stable_rank
 from perfit_probe.errors import ConfigError
 
-RETRIEVERS = ("bm25", "recent", "random")
+RETRIEVERS = get_args(Retriever)
 _WORD = re.compile(r"\w+")
 
 

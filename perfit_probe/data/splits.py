@@ -15,10 +15,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
+from perfit_probe._io import atomic_write_text
+from perfit_probe.config import TestUsersBy
 from perfit_probe.data.records import TaskData, User
 from perfit_probe.errors import ConfigError, DataError
-from perfit_probe.rundir import atomic_write_text
 
 
 def stable_rank(key: str, seed: int) -> int:
@@ -58,9 +60,8 @@ class Split:
             raise DataError(f"{path}: malformed split file ({exc})") from None
 
 
-TEST_USER_CHOICES = ("history", "queries")
-"""How test users are chosen: the users with the most ``history`` (profile items, as OPPU
-does) or with the most ``queries`` (the toolkit's earlier rule)."""
+TEST_USER_CHOICES = get_args(TestUsersBy)
+"""How test users are chosen (``config.TestUsersBy``)."""
 
 
 def make_split(

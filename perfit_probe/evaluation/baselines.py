@@ -45,7 +45,8 @@ from typing import Sequence
 
 import numpy as np
 
-from perfit_probe.data.profile_examples import PersonalData, chronological
+from perfit_probe.config import PersonalData
+from perfit_probe.data.profile_examples import chronological
 from perfit_probe.data.records import TaskData, TaskSpec, User
 from perfit_probe.data.retrieval import ProfileIndex
 from perfit_probe.data.splits import Split, heldout_user

@@ -23,10 +23,6 @@ Methods compared (one row each in ``RUN/eval/results.csv`` and ``results.md``):
   ``user_median``, ``user_majority``, ``global_majority``, ``global_mean``, ``bm25_top1``),
   each where it applies to the task kind (the others are skipped with a log line).
 
-``write_results`` adds the uncertainty of every metric (``perfit_probe.evaluation.uncertainty``):
-cluster-bootstrap intervals over test users (``uncertainty.csv``) and paired differences from
-PerFit and from the best trivial baseline with permutation p-values (``differences.csv``).
-
 Each row carries the LaMP metrics of the task kind, the trainable parameters per user, the
 shared trainable parameters, and the training time per user where known.
 
@@ -43,45 +39,33 @@ LaMP's rule (``float`` of the answer) for ``mae``/``rmse``; ``mae_lenient``/``rm
 All users' held-out prompts go through the model in mixed batches, each row with its own
 user's intervention (``perfit_probe.interventions.generate``).
 
-Re-evaluating a subset of the methods (``--methods base``) *merges* into ``RUN/eval/``: the
-rows of the other methods stay, as long as they were evaluated on the same basis (the same
-fit and model, and the same settings that every method shares, ``evaluation.json``). Results
-of another basis cannot share a table: when they hold methods not evaluated now, they are
-moved (never deleted) to ``RUN/eval/superseded/<time>/``, with a warning naming what differs.
-``RUN/eval/checksums.json`` holds the SHA-256 of every result and prediction file, verified
-before old results are merged.
+The ``evaluate`` stage (``perfit_probe.stages.evaluate``) runs ``evaluate_methods`` on a fitted
+run directory and writes ``RUN/eval/`` with the uncertainty of every metric
+(``perfit_probe.stages.eval_results``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Sequence, get_args
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from perfit_probe.config import Decoding, EvalConfig, Method, PersonalData
 from perfit_probe.data.prompts import build_examples, continuation
-from perfit_probe.data.profile_examples import PersonalData, personal_examples
+from perfit_probe.data.profile_examples import personal_examples
 from perfit_probe.data.records import Example, TaskData, TaskSpec
 from perfit_probe.data.splits import Split, heldout_user
 from perfit_probe.deltas import Deltas
-from perfit_probe.errors import ArtifactError, ConfigError
+from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.baselines import BASELINES, baseline_predictions, skip_reason
-from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
-from perfit_probe.evaluation.metrics import DIAGNOSTICS, HIGHER_IS_BETTER, METRICS, score_task, write_predictions
-from perfit_probe.evaluation.uncertainty import (
-    UncertaintyConfig,
-    describe_uncertainty,
-    differences_table,
-    evaluation_uncertainty,
-    with_intervals,
-)
+from perfit_probe.evaluation.lora import LoraBaseline, UserLora
+from perfit_probe.evaluation.metrics import METRICS, score_task
 from perfit_probe.interventions import PerFit, generate, score_labels
 from perfit_probe.interventions.fit import validation_indices
 from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
@@ -90,8 +74,8 @@ from perfit_probe.sites import parse_site
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "rag", "stage1", "perfit", "lora", "lora_task", "oppu", "steer_delta", *BASELINES)
-DECODINGS = ("auto", "constrained", "greedy")
+METHODS = get_args(Method)
+DECODINGS = get_args(Decoding)
 _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "base": ("plain", "none"),
     "rag": ("enhanced", "none"),
@@ -103,71 +87,6 @@ _METHOD_SETUP = {  # method -> (prompt variant, intervention stage)
     "steer_delta": ("plain", "none"),
     **{name: ("plain", "none") for name in BASELINES},
 }
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Settings of ``perfit-probe evaluate``."""
-
-    methods: tuple[str, ...] = METHODS
-    """Methods to evaluate, a subset of ``METHODS``."""
-    decoding: str = "auto"
-    """``auto``, ``constrained`` or ``greedy`` (see the module docstring)."""
-    max_new_tokens: int = 16
-    """Tokens generated per prompt by greedy decoding."""
-    batch_size: int = 16
-    """Prompts per forward pass."""
-    k: int | None = None
-    """History items retrieved into the ``rag`` prompt (None: the fit's value; 4 without one)."""
-    retriever: str | None = None
-    """Retriever of the ``rag`` prompt (None: the fit's; ``bm25`` without one)."""
-    chat: bool | None = None
-    """Wrap prompts in the chat template (None: as the fit did, else when the tokenizer has one)."""
-    use_stemmer: bool = False
-    """ROUGE with the Porter stemmer (LaMP's evaluation uses none)."""
-    max_prompt_tokens: int | None = None
-    """Longer prompts keep their last tokens."""
-    lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
-    """Hyperparameters of the per-user LoRA adapters (``lora`` and ``oppu``)."""
-    lora_task: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
-    """Hyperparameters of OPPU's shared task LoRA (``lora_task`` and ``oppu``)."""
-    seed: int = 0
-    """Seed of prompt construction and LoRA training (and of the bootstrap in ``write_results``)."""
-    val_per_user: int | None = None
-    """Model selection of the per-user LoRAs (``lora``, ``oppu``): this many of each test user's
-    history examples are held out and the user keeps its best epoch on them, epoch 0 being no
-    adapter (None: the fit's ``val_per_user`` in ``run_evaluate``, so the budgets match; 0: no
-    selection, every example trained on for all epochs)."""
-    val_seed: int | None = None
-    """Seed of the held-out choice (None: the fit's seed in ``run_evaluate``, else ``seed``)."""
-    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
-    """Bootstrap and permutation settings of the intervals and differences in ``write_results``."""
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ConfigError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
-        if self.decoding not in DECODINGS:
-            raise ConfigError(f"unknown decoding {self.decoding!r}: choose from {DECODINGS}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError(f"batch_size ({self.batch_size}) and max_new_tokens ({self.max_new_tokens}) "
-                              "must be at least 1")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None)")
-        if self.k is not None and self.k < 1:
-            raise ConfigError(f"k={self.k} must be >= 1: the rag prompt needs history items")
-        if self.val_per_user is not None and self.val_per_user < 0:
-            raise ConfigError(f"val_per_user={self.val_per_user} must be >= 0 (0: no model selection)")
-
-    def with_fit(self, recorded: dict) -> EvalConfig:
-        """Prompt options left unset (None) take the fit's ``recorded`` values, then the defaults.
-
-        An option set explicitly always wins, even when it equals a default.
-        """
-        fallback = {"k": 4, "retriever": "bm25", "chat": None}
-        values = {key: getattr(self, key) if getattr(self, key) is not None else recorded.get(key, default)
-                  for key, default in fallback.items()}
-        return replace(self, **values)
 
 
 @dataclass
@@ -524,39 +443,6 @@ def selection_summary(frame: pd.DataFrame) -> dict:
     return out
 
 
-def describe_lora_selection(summary: dict) -> str:
-    """The ``results.md`` section on the per-user LoRAs' model selection."""
-    lines = ["## Model selection of the per-user LoRAs (equal budgets)", ""]
-    for method, s in summary.items():
-        kept = ", ".join(f"{n} at epoch {epoch}" for epoch, n in s["kept_epoch_counts"].items())
-        if not s["users_validated"]:
-            lines.append(f"- {method}: no model selection (val_per_user 0): every user trained on all its "
-                         f"history examples for all epochs ({kept}).")
-            continue
-        start = "the base model" if method == "lora" else "the task model"
-        lines.append(f"- {method}: {s['val_per_user']} history examples per user held out (the ones PerFit's "
-                     f"stage 2 holds out), {s['users_validated']} of {s['users']} users selected; kept {kept} "
-                     f"(epoch 0 = no adapter, i.e. {start}); validation loss {s['val_loss_start']:.3f} before "
-                     f"training, {s['val_loss_last']:.3f} after the last epoch, {s['val_loss_kept']:.3f} as kept.")
-    return "\n".join(lines + ["", "Per user and epoch: `lora_selection.csv`.", ""])
-
-
-def write_lora_selection(result: EvalResult, directory: Path) -> dict:
-    """Write ``lora_selection.csv`` and add its section to ``results.md`` (after ``write_results``);
-    returns ``selection_summary`` (empty when no per-user LoRA ran)."""
-    from perfit_probe.rundir import atomic_write_text
-
-    if result.lora_selection.empty:
-        return {}
-    directory = Path(directory)
-    atomic_write_text(directory / "lora_selection.csv", result.lora_selection.to_csv(index=False))
-    summary = selection_summary(result.lora_selection)
-    results = directory / "results.md"
-    text = results.read_text(encoding="utf-8") if results.is_file() else ""
-    atomic_write_text(results, text.rstrip("\n") + "\n\n" + describe_lora_selection(summary))
-    return summary
-
-
 def steer_site(perfit: PerFit | None, deltas: Deltas) -> str | None:
     """Where ``steer_delta`` adds a user's delta: the first of the fit's sites that the cache
     measured (the first cached site without a fit); None when no fit site was cached."""
@@ -599,345 +485,3 @@ def _baseline_predictions(method: str, task: TaskData, split: Split, chosen: lis
         log.info("skipping %s: %s", method, reason)
         return None
     return baseline_predictions(method, task, split, [(e.user_id, e.query_id) for e in chosen], personal)
-
-
-# ---------------------------------------------------------------------- writing
-def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
-    """A GitHub-markdown table of ``frame`` (floats rounded), without extra dependencies."""
-    def cell(value) -> str:
-        if isinstance(value, (float, np.floating)):
-            return "n/a" if np.isnan(value) else f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
-        return str(value)
-
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
-
-
-RESULT_FILES = ("results.csv", "predictions.csv", "evaluation.json")
-"""Files of ``RUN/eval/`` that a later evaluation reads back to merge (with ``predictions/*.json``)."""
-_PER_METHOD_FIELDS = ("methods", "batch_size", "lora", "lora_task", "uncertainty", "val_per_user", "val_seed")
-"""``EvalConfig`` fields that do not change the other methods' numbers (not part of the basis)."""
-
-
-def evaluation_basis(config: EvalConfig, **identity) -> dict:
-    """What must be equal for two evaluations' rows to sit in one table: the ``EvalConfig``
-    fields every method shares, plus ``identity`` (the fit and model fingerprints)."""
-    from perfit_probe.rundir import to_jsonable
-
-    shared = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _PER_METHOD_FIELDS}
-    return to_jsonable({**shared, **identity})
-
-
-def _method_order(methods) -> list[str]:
-    """``methods`` in the order of ``METHODS`` (names not in it last, in their given order)."""
-    known = {m: i for i, m in enumerate(METHODS)}
-    unique = list(dict.fromkeys(methods))
-    return sorted(unique, key=lambda m: (known.get(m, len(known)), unique.index(m)))
-
-
-def verify_results(directory: Path) -> None:
-    """``ArtifactError`` when a result or prediction file in ``directory`` differs from its checksum."""
-    from perfit_probe.rundir import verify_checksums
-
-    if (Path(directory) / "results.csv").is_file():
-        verify_checksums(directory, error=ArtifactError, fix=f"delete {directory} and evaluate every method again")
-
-
-def _set_aside(directory: Path) -> Path:
-    """Move the result files of ``directory`` into ``directory/superseded/<UTC time>/``; return it."""
-    import shutil
-    from datetime import datetime, timezone
-
-    target = directory / "superseded" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    target.mkdir(parents=True)
-    for name in (*RESULT_FILES, "results.md", "checksums.json", "predictions", "uncertainty.csv",
-                 "differences.csv", "lora_selection.csv"):
-        if (directory / name).exists():
-            shutil.move(directory / name, target / name)
-    return target
-
-
-def _read_previous(directory: Path, basis: dict | None, methods=()) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The results and predictions already in ``directory`` that share ``basis`` (verified).
-
-    Empty frames when there are none or when they come from another basis; in that case, if
-    they hold methods other than ``methods`` (those evaluated now), they are moved aside
-    (``_set_aside``) with a warning. ``ArtifactError`` when a result file is corrupt.
-    """
-    from perfit_probe.rundir import read_json
-
-    empty = pd.DataFrame(), pd.DataFrame()
-    if not (directory / "results.csv").is_file():
-        return empty
-    verify_results(directory)
-    fix = f"delete {directory} and evaluate every method again"
-    try:
-        table = pd.read_csv(directory / "results.csv", dtype={"method": str})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise ArtifactError(f"cannot read the earlier results in {directory} ({exc}): {fix}".splitlines()[0]) from None
-    previous = read_json(directory / "evaluation.json") if (directory / "evaluation.json").is_file() else {}
-    old = previous.get("basis") or {}
-    if basis is None or old != basis:
-        held = [str(m) for m in table.get("method", pd.Series(dtype=str))]
-        if set(held) - set(methods):  # rows that this evaluation does not replace: keep them aside
-            differ = sorted(k for k in set(old) | set(basis or {}) if old.get(k) != (basis or {}).get(k))
-            where = _set_aside(directory)
-            log.warning("%s held results of %s evaluated with another %s: moved them to %s (they cannot share "
-                        "a table with these)", directory, ", ".join(held), ", ".join(differ) or "basis", where)
-        return empty
-    try:
-        text = {c: str for c in ("method", "user_id", "query_id", "gold", "output")}
-        predictions = pd.read_csv(directory / "predictions.csv", dtype=text, keep_default_na=False,
-                                  na_values={"expected": ["", "nan", "NaN"]})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise ArtifactError(f"cannot read the earlier results in {directory} ({exc}): {fix}".splitlines()[0]) from None
-    if "expected" in predictions.columns:
-        predictions["expected"] = pd.to_numeric(predictions["expected"])
-    return table, predictions
-
-
-def write_results(result: EvalResult, directory: Path, spec: TaskSpec, basis: dict | None = None, *,
-                  config: EvalConfig | None = None) -> pd.DataFrame:
-    """Write ``results.csv``, ``results.md``, ``predictions.csv``, LaMP-format ``predictions/{method}.json``,
-    the bootstrap intervals ``uncertainty.csv`` and the paired differences ``differences.csv``.
-
-    Results already in ``directory`` for other methods are kept when they were made on the same
-    ``basis`` (see ``evaluation_basis``; ``None``: never merge), and moved to
-    ``superseded/<time>/`` otherwise; the intervals and differences are computed on the merged
-    predictions. ``config`` gives the scoring options (``use_stemmer``), the ``uncertainty``
-    settings and the bootstrap's ``seed`` (default: ``EvalConfig()``). Returns the merged table.
-    """
-    from perfit_probe.rundir import atomic_write_text, write_checksums, write_json
-
-    config = config or EvalConfig()
-    directory = Path(directory)
-    new_methods = set(result.table["method"]) if not result.table.empty else set()
-    old_table, old_predictions = _read_previous(directory, basis, new_methods)
-    kept = old_table[~old_table["method"].isin(new_methods)] if not old_table.empty else old_table
-    table = pd.concat([kept, result.table], ignore_index=True) if not kept.empty else result.table.copy()
-    order = _method_order(table["method"]) if not table.empty else []
-    table = table.set_index("method").loc[order].reset_index() if order else table
-    predictions = result.predictions
-    if not old_predictions.empty:
-        kept_p = old_predictions[old_predictions["method"].isin(set(order) - new_methods)]
-        predictions = pd.concat([kept_p, predictions], ignore_index=True)
-    if not predictions.empty:
-        rank = {m: i for i, m in enumerate(order)}
-        predictions = predictions.sort_values("method", key=lambda c: c.map(rank), kind="stable")
-        predictions = predictions.reset_index(drop=True)
-
-    pred_dir = directory / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    for stale in pred_dir.glob("*.json"):
-        if stale.stem != "golds" and stale.stem not in order:
-            stale.unlink()
-    atomic_write_text(directory / "results.csv", table.to_csv(index=False))
-    atomic_write_text(directory / "predictions.csv", predictions.to_csv(index=False))
-    uncertainty = evaluation_uncertainty(predictions, spec.kind, spec.labels,
-                                         np.random.default_rng(config.seed), config.uncertainty,
-                                         use_stemmer=config.use_stemmer)
-    atomic_write_text(directory / "uncertainty.csv", uncertainty.intervals.to_csv(index=False))
-    atomic_write_text(directory / "differences.csv", uncertainty.differences.to_csv(index=False))
-    metrics = [m for m in METRICS[spec.kind] if m in table.columns]
-    diagnostics = [m for m in DIAGNOSTICS[spec.kind] if m in table.columns]
-    cols = ["method", *metrics, *diagnostics, "params_per_user", "shared_params", "train_s_per_user",
-            "n_queries", "decoding"]
-    cols = [c for c in cols if c in table.columns]
-    note = f"; diagnostics beside them: {', '.join(diagnostics)}" if diagnostics else ""
-    shown = with_intervals(table[cols], uncertainty.intervals) if not table.empty else table[cols]
-    text = (f"# Evaluation on {spec.name} ({spec.kind})\n\nHeld-out queries of the test users; "
-            f"metrics as LaMP defines them ({', '.join(metrics)}){note}. {describe_uncertainty(uncertainty)}\n\n"
-            + markdown_table(shown))
-    if not uncertainty.differences.empty:
-        diffs = uncertainty.differences[uncertainty.differences.metric.isin(metrics)]
-        text += ("\n## Differences from PerFit and from the best trivial baseline\n\n"
-                 f"d = metric(method) - metric(vs), {config.uncertainty.level:.0%} paired bootstrap interval, "
-                 "permutation p-value (two-sided)"
-                 + "".join(f"; {m}: {'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better" for m in metrics)
-                 + ".\n\n" + markdown_table(differences_table(diffs)))
-    atomic_write_text(directory / "results.md", text)
-    written = []
-    if not predictions.empty:
-        gold = predictions[predictions["method"] == predictions["method"].iloc[0]]
-        write_predictions(pred_dir / "golds.json", spec.name, _lamp_ids(gold), list(gold["gold"]))
-        written.append("predictions/golds.json")
-        for method, frame in predictions.groupby("method", sort=False):
-            write_predictions(pred_dir / f"{method}.json", spec.name,
-                              _lamp_ids(frame), list(frame["output"]), meta={"method": method})
-            written.append(f"predictions/{method}.json")
-    write_json(directory / "evaluation.json", {"basis": basis, "methods": order})
-    (directory / "checksums.json").unlink(missing_ok=True)  # the files above replace every entry
-    write_checksums(directory, [*RESULT_FILES, *written])
-    return table
-
-
-def _lamp_ids(frame: pd.DataFrame) -> list[str]:
-    """Query ids (LaMP's are unique); ``user/query`` when a task reuses query ids across users."""
-    ids = [str(q) for q in frame["query_id"]]
-    if len(set(ids)) == len(ids):
-        return ids
-    return [f"{u}/{q}" for u, q in zip(frame["user_id"], frame["query_id"])]
-
-
-# ---------------------------------------------------------------------- run directories
-@dataclass
-class FittedRun:
-    """What evaluation and steering read from a fitted run directory."""
-
-    task: TaskData
-    """The task, reloaded with the fit's load options (``RUN/perfit/task.json``)."""
-    split: Split
-    """Train/test users and held-out queries (``RUN/perfit/split.json``)."""
-    perfit: PerFit
-    """The fitted banks (``RUN/perfit/stage1``, ``RUN/perfit/bank``)."""
-    prompt_options: dict
-    """``k``, ``retriever``, ``chat`` of the fit's prompts."""
-    personal: PersonalData
-    """What the fit's stage 2 trained on (the per-user LoRA baselines train on the same)."""
-    costs: dict
-    """``stage1_train_s`` and ``stage2_train_s_per_user`` when the fit recorded them."""
-
-
-_LOAD_KEYS = {"name": ("name", "task"), "path": ("path", "task_path"), "outputs": ("outputs", "task_outputs"),
-              "n_users": ("n_users",), "seed": ("seed",), "max_queries": ("max_queries",)}
-
-
-def _first(mapping: dict, keys: Sequence[str]):
-    for key in keys:
-        if key in mapping and not isinstance(mapping[key], dict):
-            return mapping[key]
-    return None
-
-
-def task_load_options(data: dict) -> tuple[dict, dict]:
-    """``load_task`` keyword arguments and prompt options from a fit's ``task.json``.
-
-    Accepts a flat mapping (``task``/``name``, ``task_path``/``path``, ``n_users``, ``k``, ...)
-    or one nested under ``load``/``task`` and ``prompts``.
-    """
-    load = data.get("load") if isinstance(data.get("load"), dict) else \
-        data.get("task") if isinstance(data.get("task"), dict) else data
-    prompts = data.get("prompts") if isinstance(data.get("prompts"), dict) else data
-    kwargs = {key: _first(load, names) for key, names in _LOAD_KEYS.items()}
-    if not kwargs["name"]:
-        raise ConfigError("task.json of the fit names no task: re-run `perfit-probe fit`")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    options = {k: prompts[k] for k in ("k", "retriever", "chat") if k in prompts}
-    return kwargs, options
-
-
-def _fit_costs(run_dir: Path, n_users: int) -> dict:
-    """Training times the fit recorded in ``metrics.json`` (keys looked up leniently)."""
-    from perfit_probe.rundir import RunDir
-
-    metrics = RunDir(run_dir).metrics()
-    fit = metrics.get("fit", {}) if isinstance(metrics.get("fit"), dict) else {}
-    timings = metrics.get("timings", {})
-    out = {}
-    for key, names in (("stage1_train_s", ("stage1_train_s", "stage1_s", "collective_s")),
-                       ("stage2_train_s", ("stage2_train_s", "stage2_s", "personal_s"))):
-        value = _first(fit, names)
-        if value is None:
-            value = _first(timings, names)
-        if value is not None:
-            out[key] = float(value)
-    per_user = _first(fit, ("stage2_train_s_per_user",))
-    if per_user is not None:
-        out["stage2_train_s_per_user"] = float(per_user)
-    elif "stage2_train_s" in out and n_users:
-        out["stage2_train_s_per_user"] = out["stage2_train_s"] / n_users
-    return out
-
-
-def load_fitted_run(run_dir: Path, loaded: LoadedModel) -> FittedRun:
-    """Reload the task, split and fitted interventions of ``run_dir`` (checked against the model)."""
-    from perfit_probe.data import load_task
-    from perfit_probe.interventions.artifact import load_perfit, perfit_dir
-    from perfit_probe.rundir import read_json, verify_checksums
-
-    directory = perfit_dir(Path(run_dir))
-    verify_checksums(directory, ("split.json", "task.json"), error=ArtifactError,
-                     fix="refit with `perfit-probe fit --force`")
-    recorded = read_json(directory / "task.json")
-    kwargs, options = task_load_options(recorded)
-    personal = PersonalData(**recorded["personal"]) if isinstance(recorded.get("personal"), dict) else \
-        PersonalData(source="queries")
-    name = kwargs.pop("name")
-    task = load_task(name, **kwargs)
-    split = Split.load(directory / "split.json")
-    perfit = load_perfit(directory, loaded)
-    return FittedRun(task, split, perfit, options, personal, _fit_costs(Path(run_dir), len(split.test_users)))
-
-
-def fit_selection(run_dir: Path) -> tuple[int, int]:
-    """The fit's stage-2 model selection: ``(val_per_user, seed)`` from ``RUN/perfit/params.json``
-    (the fit's config), the seed else from ``task.json``; ``(0, 0)`` for fits that recorded none."""
-    from perfit_probe.interventions.artifact import perfit_dir
-    from perfit_probe.rundir import read_json
-
-    directory = perfit_dir(Path(run_dir))
-    params = directory / "params.json"
-    recorded = read_json(params).get("config", {}) if params.is_file() else {}
-    seed = recorded.get("seed")
-    if seed is None and (directory / "task.json").is_file():
-        seed = (read_json(directory / "task.json").get("load") or {}).get("seed")
-    return int(recorded.get("val_per_user") or 0), int(seed or 0)
-
-
-def run_evaluate(run_dir: Path, loaded: LoadedModel, config: EvalConfig = EvalConfig(), *,
-                 progress: bool = False, figures: bool = True) -> EvalResult:
-    """``perfit-probe evaluate``: evaluate a fitted run and write ``RUN/eval/`` (and, with
-    ``figures``, the interval figures of ``perfit_probe.plotting.eval_figures`` in ``RUN/figures/``).
-
-    The ``rag`` prompts use the fit's ``k``/``retriever``/``chat`` where ``config`` leaves them
-    unset (None); an explicit value always wins. So do the per-user LoRAs' ``val_per_user`` and
-    ``val_seed`` (the fit's stage-2 selection, ``fit_selection``): by default they hold out the
-    examples PerFit validated on and keep their best epoch, recorded in ``eval/lora_selection.csv``,
-    a section of ``results.md`` and ``lora_selection`` in ``metrics.json``.
-    """
-    from perfit_probe.rundir import RunDir
-
-    run = RunDir.open(run_dir)
-    fitted = load_fitted_run(run.path, loaded)
-    config = config.with_fit(fitted.prompt_options)
-    val_per_user, val_seed = fit_selection(run.path)
-    if config.val_per_user is not None and config.val_per_user != val_per_user:
-        log.warning("LoRA model selection on %d examples per user, PerFit's stage 2 on %d: the budgets differ",
-                    config.val_per_user, val_per_user)
-    config = replace(config, val_per_user=val_per_user if config.val_per_user is None else config.val_per_user,
-                     val_seed=val_seed if config.val_seed is None else config.val_seed)
-    basis = evaluation_basis(config, fit=fit_fingerprint(run.path), model=loaded.identity.fingerprint)
-    verify_results(run.path / "eval")  # a corrupt earlier result fails now, not after the work
-    run.add_stage("evaluate", config)
-    with run.timed("evaluate"):
-        deltas = Deltas.load(run.path / "deltas") if (run.path / "deltas").is_dir() else None
-        result = evaluate_methods(loaded, fitted.task, fitted.split, fitted.perfit, config,
-                                  personal=fitted.personal, deltas=deltas, perfit_costs=fitted.costs,
-                                  progress=progress)
-    table = write_results(result, run.sub("eval"), fitted.task.spec, basis, config=config)
-    selection = write_lora_selection(result, run.sub("eval"))
-    if selection:
-        run.add_metrics("lora_selection", selection)
-    if figures:
-        from perfit_probe.plotting.eval_figures import save_eval_figures
-
-        save_eval_figures(run.sub("eval"), run.sub("figures"))
-    metrics = [m for m in METRICS[fitted.task.spec.kind] if m in table.columns]
-    run.add_metrics("evaluate", {row["method"]: {m: row[m] for m in metrics} for row in table.to_dict("records")})
-    run.add_metrics("evaluate_wall_s", result.wall_s)
-    return result
-
-
-def fit_fingerprint(run_dir: Path) -> str:
-    """SHA-256 prefix over the fit's split, task and banks: changes whenever the fit does."""
-    from perfit_probe.interventions.artifact import TENSOR_FILE, perfit_dir
-    from perfit_probe.rundir import file_sha256
-
-    directory = perfit_dir(Path(run_dir))
-    digest = hashlib.sha256()
-    for rel in ("split.json", "task.json", f"stage1/{TENSOR_FILE}", f"bank/{TENSOR_FILE}"):
-        path = directory / rel
-        digest.update(f"{rel}:{file_sha256(path) if path.is_file() else '-'}\n".encode())
-    return digest.hexdigest()[:16]

@@ -38,15 +38,15 @@ principal directions of ``D`` (``analysis.subspaces.centred_pcs``):
    ``<h_q - h_bar, (D_u - mu) / ||D_u - mu||>``, correlated (Pearson and Spearman, with
    p-values) with the gold ratings: per query, and per user (means).
 
-``run_interpret`` writes ``RUN/interpret/`` (CSV files and ``report.md``) and the figures of
-``perfit_probe.plotting.interpret_figures``.
+The ``interpret`` stage (``perfit_probe.stages.interpret``) runs them on a run directory and
+writes ``RUN/interpret/`` (CSV files and ``report.md``) and the figures.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -58,14 +58,15 @@ from torch import Tensor
 from perfit_probe.analysis.lens import label_first_tokens, label_shift, lens_shift, top_tokens
 from perfit_probe.analysis.subspaces import angle_test, centred_pcs, random_null
 from perfit_probe.backends.hooks import HookBackend
+from perfit_probe.config import InterpretConfig, PersonalData, SteerMethod
 from perfit_probe.data.prompts import continuation
-from perfit_probe.data.profile_examples import PersonalData
 from perfit_probe.data.records import Example, TaskData
 from perfit_probe.data.splits import Split
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import heldout_examples
-from perfit_probe.evaluation.steer import derangement, history_behaviour
+from perfit_probe.data.controls import donor_assignment
+from perfit_probe.evaluation.steer import history_behaviour
 from perfit_probe.interventions import PerFit, score_labels
 from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.steering import (AdditiveSteering, label_ids_of, steer_last_token,
@@ -75,47 +76,8 @@ from perfit_probe.sites import LAST, batch_last_mask, parse_site
 
 log = logging.getLogger(__name__)
 
-STEER_METHODS = ("full", "personal", "pca", "other_user", "random")
+STEER_METHODS = get_args(SteerMethod)
 """Vectors added to the plain prompt (see the module docstring)."""
-
-
-@dataclass(frozen=True)
-class InterpretConfig:
-    """Settings of ``perfit-probe interpret``."""
-
-    sites: tuple[str, ...] | None = None
-    """Sites to study (None: the fit's sites that the cache measured)."""
-    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
-    """Scales of the added delta vectors (0 is the unsteered plain prompt)."""
-    methods: tuple[str, ...] = STEER_METHODS
-    """Steering vectors, a subset of ``STEER_METHODS``."""
-    k: int = 4
-    """Top centred principal directions of the deltas (the delta subspace)."""
-    n_null: int = 200
-    """Random subspaces in the principal-angle null."""
-    n_boot: int = 1000
-    """Bootstrap resamples of users for the KL intervals."""
-    level: float = 0.95
-    """Coverage of the bootstrap intervals."""
-    n_tokens: int = 10
-    """Promoted and demoted tokens listed per direction."""
-    n_pcs: int = 2
-    """Personal principal directions read with the logit lens."""
-    max_queries_per_user: int | None = None
-    """Held-out queries per test user in the steering and monitoring (None: all)."""
-    seed: int = 0
-    """Seed of the derangement, the random vectors, the null and the bootstrap."""
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in STEER_METHODS]
-        if bad or not self.methods:
-            raise ConfigError(f"unknown steering method(s) {bad}: choose from {STEER_METHODS}")
-        if not self.alphas:
-            raise ConfigError("give at least one alpha")
-        if self.k < 1 or self.n_null < 1 or self.n_boot < 1:
-            raise ConfigError("k, n_null and n_boot must be >= 1")
-        if not 0 < self.level < 1:
-            raise ConfigError(f"level={self.level} must lie in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -132,33 +94,6 @@ class PromptSettings:
     """Longer prompts keep their last tokens."""
     seed: int = 0
     """Seed of prompt construction."""
-
-
-def prompt_settings(run_dir: Path) -> PromptSettings:
-    """The run's prompt settings: ``RUN/perfit/task.json``'s prompts, overridden by what the last
-    ``evaluate`` stage recorded in ``run.json`` (non-null values), as ``evaluate`` resolves them."""
-    from perfit_probe.evaluation.evaluate import task_load_options
-    from perfit_probe.interventions.artifact import perfit_dir
-    from perfit_probe.rundir import RunDir, read_json
-
-    run = RunDir.open(run_dir)
-    recorded = read_json(perfit_dir(run.path) / "task.json")
-    _, options = task_load_options(recorded)
-    prompts = recorded.get("prompts") if isinstance(recorded.get("prompts"), dict) else {}
-    values = {"k": options.get("k"), "retriever": options.get("retriever"), "chat": options.get("chat"),
-              "max_prompt_tokens": prompts.get("max_prompt_tokens"),
-              "seed": (recorded.get("load") or {}).get("seed")}
-    evaluations = [s for s in run.info().get("stages", []) if s.get("command") == "evaluate"]
-    if evaluations:
-        config = evaluations[-1].get("config") or {}
-        values.update({key: config[key] for key in ("k", "retriever", "chat", "seed") if config.get(key) is not None})
-        if "max_prompt_tokens" in config:  # evaluate's own value, None included
-            values["max_prompt_tokens"] = config["max_prompt_tokens"]
-    defaults = PromptSettings()
-    for key in ("k", "retriever", "seed"):
-        if values[key] is None:
-            values[key] = getattr(defaults, key)
-    return PromptSettings(**values)
 
 
 @dataclass
@@ -228,7 +163,7 @@ def steering_vectors(deltas_at_site: np.ndarray, users: list[str], all_users: li
     d = deltas_at_site[[rows[u] for u in users]].astype(np.float64)
     pcs = centred_pcs(deltas_at_site, k)
     out = {"full": d, "personal": d - pcs.mean, "pca": d @ pcs.components.T @ pcs.components}
-    mapping = derangement(users, seed)
+    mapping = donor_assignment(users, seed)
     out["other_user"] = deltas_at_site[[rows[mapping[u]] for u in users]].astype(np.float64)
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(d.shape)
@@ -270,7 +205,7 @@ class _Context:
         self.labels = list(self.spec.labels) if self.spec.labels else []
         self.label_texts = [continuation(lab, loaded.tokenizer, settings.chat) for lab in self.labels]
         self.site_deltas = {s: deltas.enhanced[:, deltas.site_index(s)].double().numpy() for s in self.sites}
-        self.pcs = {s: centred_pcs(self.site_deltas[s], config.k) for s in self.sites}
+        self.pcs = {s: centred_pcs(self.site_deltas[s], config.subspace_dim) for s in self.sites}
         self.hidden: dict[tuple[str, str, str], torch.Tensor] = {}  # (site, user, query) -> [T, d] plain states
 
     def delta_row(self, user: str) -> int:
@@ -316,7 +251,7 @@ def _steering_table(ctx: _Context) -> tuple[AdditiveSteering, dict[tuple[str, st
     """The steering vectors of experiment 1 as one ``AdditiveSteering`` with one slot per (user,
     site, method), only that site's entry non-zero; and the slot of each (user, site, method)."""
     c, users, n_sites, methods = ctx.config, ctx.users, len(ctx.sites), list(ctx.config.methods)
-    per_site = {s: steering_vectors(ctx.site_deltas[s], users, ctx.deltas.user_ids, c.k, c.methods,
+    per_site = {s: steering_vectors(ctx.site_deltas[s], users, ctx.deltas.user_ids, c.subspace_dim, c.methods,
                                     c.seed + i) for i, s in enumerate(ctx.sites)}
     table = torch.zeros(len(users) * n_sites * len(methods), n_sites, ctx.deltas.d_model)
     slot = {}
@@ -580,7 +515,7 @@ def interpret(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit,
         _capture_hidden(ctx)
     angles, summary, energy = alignment(ctx) if ctx.sites else (pd.DataFrame(),) * 3
     tokens, labels, monitoring, stats = readouts(ctx, personal) if ctx.sites else (pd.DataFrame(),) * 3 + ([],)
-    used = {"sites": ctx.sites, "alphas": list(config.alphas), "methods": list(config.methods), "k": config.k,
+    used = {"sites": ctx.sites, "alphas": list(config.alphas), "methods": list(config.methods), "k": config.subspace_dim,
             "n_null": config.n_null, "n_boot": config.n_boot, "n_users": len(ctx.users),
             "n_queries": len(ctx.plain), "prompts": settings.__dict__,
             "delta_positions": deltas.meta.get("positions")}
@@ -588,49 +523,3 @@ def interpret(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerFit,
         log.warning("interpret: %s", note)
     return InterpretResult(kl_users, kl, angles, summary, energy, tokens, labels, monitoring,
                            pd.DataFrame.from_records(stats), ctx.notes, used)
-
-
-FILES = ("kl_users", "kl", "angles", "alignment", "energy", "lens_tokens", "lens_labels", "monitoring", "stats")
-
-
-def run_interpret(run_dir, loaded: LoadedModel, config: InterpretConfig = InterpretConfig(), *,
-                  figures: bool = True) -> InterpretResult:
-    """``perfit-probe interpret``: write ``RUN/interpret/`` (a CSV per frame, ``report.md``,
-    ``interpret.json``) and, with ``figures``, ``RUN/figures/interpret_*.png``."""
-    import json
-
-    from perfit_probe.evaluation.evaluate import load_fitted_run
-    from perfit_probe.evaluation.interpret_report import render_report
-    from perfit_probe.rundir import RunDir, atomic_write_text, to_jsonable
-
-    run = RunDir.open(run_dir)
-    fitted = load_fitted_run(run.path, loaded)
-    deltas = Deltas.load(run.path / "deltas")
-    settings = prompt_settings(run.path)
-    run.add_stage("interpret", config)
-    with run.timed("interpret"):
-        result = interpret(loaded, fitted.task, fitted.split, fitted.perfit, deltas, config, settings,
-                           fitted.personal)
-    out = run.sub("interpret")
-    for name in FILES:
-        atomic_write_text(out / f"{name}.csv", getattr(result, name).to_csv(index=False))
-    atomic_write_text(out / "interpret.json", json.dumps(to_jsonable({"settings": result.settings,
-                                                                       "notes": result.notes}), indent=1) + "\n")
-    atomic_write_text(out / "report.md", render_report(result))
-    run.add_metrics("interpret", _headline(result))
-    if figures:
-        from perfit_probe.plotting.interpret_figures import save_interpret_figures
-
-        save_interpret_figures(out, run.sub("figures"))
-    return result
-
-
-def _headline(result: InterpretResult) -> dict:
-    out = {}
-    if not result.kl.empty:
-        for r in result.kl.itertuples():
-            out[f"kl/{r.site}/{r.method}/{r.alpha:g}"] = r.mean
-    if not result.alignment.empty:
-        for (site, bank), part in result.alignment.groupby(["site", "bank"]):
-            out[f"alignment/{site}/{bank}/percentile"] = float(part.percentile.mean())
-    return out

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from perfit_probe.config import LoraBaselineConfig
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.batching import Encoded, collate, continuation_logprobs, encode
 from perfit_probe.models import LoadedModel
@@ -49,41 +50,6 @@ log = logging.getLogger(__name__)
 
 FUSED_QKV = ("c_attn", "query_key_value", "Wqkv", "qkv_proj")
 """Fused query/key/value projections, used when a model has no separate q/v projections."""
-
-
-@dataclass(frozen=True)
-class LoraBaselineConfig:
-    """Hyperparameters of the per-user LoRA baseline (OPPU defaults)."""
-
-    rank: int = 8
-    """LoRA rank r."""
-    alpha: float = 8.0
-    """LoRA scaling numerator (``lora_alpha``); the update is ``alpha / r * B A``."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
-    targets: tuple[str, ...] = ()
-    """Module names to adapt; empty: ``q_proj`` and ``v_proj``, or the fused qkv projection
-    (GPT-2's ``c_attn``) when the model has no separate ones."""
-    lr: float = 1e-4
-    """AdamW learning rate."""
-    weight_decay: float = 1e-2
-    """AdamW weight decay."""
-    max_grad_norm: float = 0.3
-    """Gradient-norm clip."""
-    epochs: int = 2
-    """Passes over the user's history examples."""
-    batch_size: int = 4
-    """Examples per optimisation step."""
-    warmup_ratio: float = 0.1
-    """Share of steps of linear warm-up before the linear decay to 0."""
-    max_length: int = 512
-    """Longest training sequence in tokens; longer prompts lose their first tokens."""
-
-    def __post_init__(self) -> None:
-        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("LoRA rank, epochs and batch size must be at least 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
 
 
 @dataclass(frozen=True)

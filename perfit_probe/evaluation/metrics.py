@@ -41,8 +41,8 @@ from typing import Sequence
 
 import numpy as np
 
+from perfit_probe._io import atomic_write_text
 from perfit_probe.errors import ConfigError, DataError
-from perfit_probe.rundir import atomic_write_text
 
 TASK_KINDS = ("classification", "rating", "generation")
 RATING_PARSES = ("lamp", "first_number")

@@ -35,12 +35,7 @@ label distribution, a behaviour summary more sensitive than the discrete predict
     Reported: the real subspace's ``metric_lost``, ``gain_removed``, its ``random_percentile``
     and one-sided empirical ``random_p`` among the random ones, the random ones' mean and
     2.5/97.5 percentiles (setting ``random_subspaces``), and one row per random subspace
-    (``SteerResult.random_subspaces``, ``ablation_random.csv``). With single-token labels
-    (ratings) the variants share the un-edited prompt prefix and run many to a forward pass
-    (``perfit_probe.evaluation.shared_prefix``): with the demo's last-2-position interventions
-    (a SmolLM2-shaped model, prompts of ~90-135 tokens, measured on 1 thread) 8 variants of 8
-    prompts cost about 0.3 of an ordinary pass over those prompts, so the 50 random subspaces
-    cost about 3 passes (prefix included) instead of 50, and the 13 dose scales about 1.5.
+    (``SteerResult.random_subspaces``, ``ablation_random.csv``).
 (c) **dose**: the personal edit scaled by ``alpha`` (``h + e_c + alpha e_p`` for ``sum``
     stacking), alpha in 0, 0.25, ..., 3 by default; at each alpha the metric and mean
     prediction with 95% intervals of a bootstrap over test users (``_ci_low``, ``_ci_high``),
@@ -51,13 +46,22 @@ label distribution, a behaviour summary more sensitive than the discrete predict
     ``W_u - R_u`` and ``b_u`` (same rank and edit size, no learned content); and the personal
     bank with user ids *shuffled* (a derangement: everyone gets another user's
     intervention). Compared with stage 1 and PerFit.
+
+Every check scores the same held-out prompts under some intervention. With single-token labels
+(ratings) under constrained decoding the un-edited prompt prefix is computed once for the whole
+stage (``perfit_probe.evaluation.shared_prefix.PrefixStore``) and each intervention (the
+references, each swap donor, each random subspace, each dose, the controls) runs on the edited
+suffix only, many variants to a forward pass: with the demo's last-2-position interventions
+(a SmolLM2-shaped model, prompts of ~90-135 tokens, measured on 1 thread) 8 variants of 8
+prompts cost about 0.3 of an ordinary pass over those prompts. Scores then equal ordinary
+passes up to floating-point summation order (tested); other tasks run ordinary passes.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -65,14 +69,16 @@ import torch
 from tqdm.auto import tqdm
 
 from perfit_probe.backends.hooks import HookBackend
+from perfit_probe.config import Experiment, PersonalData, SteerConfig
+from perfit_probe.data.controls import donor_assignment
 from perfit_probe.data.records import TaskData
-from perfit_probe.data.profile_examples import PersonalData, training_queries
+from perfit_probe.data.profile_examples import training_queries
 from perfit_probe.data.splits import Split, history_user
 from perfit_probe.errors import ConfigError
 from perfit_probe.data.prompts import continuation
 from perfit_probe.evaluation.evaluate import Predictions, heldout_examples, label_values, predict, resolve_decoding
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, primary_metric, score_task
-from perfit_probe.evaluation.shared_prefix import score_label_variants, single_token_labels
+from perfit_probe.evaluation.shared_prefix import PrefixStore, score_label_variants, single_token_labels
 from perfit_probe.evaluation.steer_stats import dose_intervals, random_percentile, summary, swap_tests, verdicts
 from perfit_probe.evaluation.uncertainty import Scorer, query_statistics
 from perfit_probe.interventions import PerFit
@@ -83,71 +89,8 @@ from perfit_probe.sites import batch_last_mask, batch_positions
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = ("swap", "ablation", "dose", "control")
+EXPERIMENTS = get_args(Experiment)
 STEER_COLUMNS = ["experiment", "setting", "metric", "value"]
-
-
-@dataclass(frozen=True)
-class SteerConfig:
-    """Settings of ``perfit-probe steer``."""
-
-    experiments: tuple[str, ...] = EXPERIMENTS
-    """Which checks to run."""
-    alphas: tuple[float, ...] = tuple(i / 4 for i in range(13))
-    """Scales of the personal edit for the dose response (0, 0.25, ..., 3)."""
-    max_pairs: int = 60
-    """At most this many (donor, recipient) pairs in the swap (a seeded sample of all pairs)."""
-    ablate_energy: float = 0.9
-    """Share of the personal edits' squared norm the ablated subspace holds."""
-    ablate_max_k: int = 16
-    """Largest ablated subspace."""
-    ablate_mode: str = "hidden"
-    """``hidden`` (project out of the edited hidden state) or ``edit`` (out of the edit only)."""
-    n_random_subspaces: int = 50
-    """Random subspaces of the ablation's control distribution (the demo keeps 50: with
-    single-token labels they share the prompt prefix and cost about 3 ordinary passes)."""
-    n_boot: int = 2000
-    """Bootstrap resamples of the users (swap: recipients; dose: test users)."""
-    n_perm: int = 10000
-    """Sign patterns / donor permutations of the swap tests (exact over all 2^n_recipients
-    sign patterns when that is <= n_perm)."""
-    level: float = 0.95
-    """Coverage of the intervals."""
-    rows_per_pass: int = 64
-    """Rows of one forward pass when variants share a prompt prefix (each row copies its
-    prompt's key/value cache)."""
-    decoding: str = "auto"
-    """Decoding of the metric rows (see ``perfit_probe.evaluation.evaluate``)."""
-    chat: bool | None = None
-    """Wrap prompts in the chat template (None: when the tokenizer has one)."""
-    batch_size: int = 16
-    """Prompts per forward pass."""
-    max_new_tokens: int = 16
-    """Tokens generated by greedy decoding."""
-    max_prompt_tokens: int | None = None
-    """Longer prompts keep their last tokens."""
-    seed: int = 0
-    """Seed of pair sampling, the random subspace and the random bank."""
-
-    def __post_init__(self) -> None:
-        unknown = [e for e in self.experiments if e not in EXPERIMENTS]
-        if unknown or not self.experiments:
-            raise ConfigError(f"unknown experiment(s) {unknown}: choose from {', '.join(EXPERIMENTS)}")
-        if not 0 < self.ablate_energy <= 1:
-            raise ConfigError(f"ablate_energy={self.ablate_energy} must be in (0, 1]")
-        if self.n_random_subspaces < 1 or self.n_boot < 1 or self.n_perm < 1 or self.rows_per_pass < 1:
-            raise ConfigError(f"n_random_subspaces={self.n_random_subspaces}, n_boot={self.n_boot}, "
-                              f"n_perm={self.n_perm} and rows_per_pass={self.rows_per_pass} must be >= 1")
-        if not 0 < self.level < 1:
-            raise ConfigError(f"level={self.level} must be between 0 and 1")
-        if not self.alphas:
-            raise ConfigError("alphas must hold at least one scale")
-        small = {name: getattr(self, name) for name in ("max_pairs", "ablate_max_k", "batch_size", "max_new_tokens")
-                 if getattr(self, name) < 1}
-        if small:
-            raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in small.items())}: must be at least 1")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or None)")
 
 
 @dataclass
@@ -188,6 +131,13 @@ class _Runner:
         self.owners = [e.user_id for e in examples]
         self.golds = [e.target for e in examples]
         self.users = list(split.test_users)
+        self.labels = [continuation(label, loaded.tokenizer, config.chat) for label in task.spec.labels or ()]
+        # Every check scores the same prompts: with single-token labels under constrained
+        # decoding the un-edited prefixes are computed once and every intervention runs on the
+        # edited suffix only (``shared_prefix``).
+        self.shared = (self.mode == "constrained"
+                       and single_token_labels(loaded.tokenizer, self.labels) is not None)
+        self.prefixes = PrefixStore()
 
     def predict(self, prompts=None, user_ids=None, *, perfit=None, stage="perfit", scale=1.0,
                 ablate_basis=None, mode=None) -> Predictions:
@@ -198,24 +148,35 @@ class _Runner:
                        ablate_basis=ablate_basis, ablate_mode=c.ablate_mode, batch_size=c.batch_size,
                        max_new_tokens=c.max_new_tokens, max_prompt_tokens=c.max_prompt_tokens)
 
-    def variants(self, scales: Sequence[float], bases: torch.Tensor | None = None) -> list[Predictions]:
-        """PerFit predictions under each variant (scale ``scales[v]``, ablating ``bases[v]`` if given).
+    def variants(self, scales: Sequence[float], bases: torch.Tensor | None = None, *,
+                 user_ids: Sequence[Sequence[str]] | None = None, perfit: PerFit | None = None,
+                 stage: str = "perfit") -> list[Predictions]:
+        """Predictions under each variant ``v``: the ``stage`` intervention of ``perfit`` (default:
+        the run's) with the outermost edit scaled by ``scales[v]``, ablating ``bases[v]`` if given,
+        each prompt with the slot of ``user_ids[v]`` (default: its owner).
 
         Variants share the prompt prefix (``shared_prefix``) under constrained decoding with
         single-token labels; otherwise each runs as an ordinary pass.
         """
         c = self.config
-        labels = [continuation(label, self.loaded.tokenizer, c.chat) for label in self.spec.labels or ()]
-        if self.mode != "constrained" or single_token_labels(self.loaded.tokenizer, labels) is None:
-            return [self.predict(scale=float(s), ablate_basis=None if bases is None else bases[v])
-                    for v, s in enumerate(scales)]
-        logp = score_label_variants(self.loaded, self.prompts, labels, perfit=self.perfit, user_ids=self.owners,
-                                    scales=[float(s) for s in scales], ablate_bases=bases,
-                                    ablate_mode=c.ablate_mode, batch_size=c.batch_size,
-                                    rows_per_pass=c.rows_per_pass, max_prompt_tokens=c.max_prompt_tokens)
+        ids = [self.owners] * len(scales) if user_ids is None else [list(u) for u in user_ids]
+        if not self.shared:
+            return [self.predict(user_ids=ids[v], perfit=perfit, stage=stage, scale=float(s),
+                                 ablate_basis=None if bases is None else bases[v]) for v, s in enumerate(scales)]
+        logp = score_label_variants(self.loaded, self.prompts, self.labels, perfit=perfit or self.perfit,
+                                    user_ids=ids, scales=[float(s) for s in scales], ablate_bases=bases,
+                                    ablate_mode=c.ablate_mode, stage=stage, batch_size=c.batch_size,
+                                    rows_per_pass=c.rows_per_pass, max_prompt_tokens=c.max_prompt_tokens,
+                                    prefixes=self.prefixes)
         values = label_values(self.spec)
         return [Predictions([self.spec.labels[i] for i in lp.argmax(1).tolist()], lp,
                             None if values is None else lp.softmax(1).double().numpy() @ values) for lp in logp]
+
+    def reference(self, stage: str = "perfit", *, perfit: PerFit | None = None,
+                  user_ids: Sequence[str] | None = None) -> Predictions:
+        """Predictions of one intervention (``stage`` of ``perfit``) on the held-out prompts."""
+        return self.variants([1.0], user_ids=None if user_ids is None else [user_ids], perfit=perfit,
+                             stage=stage)[0]
 
     def query_stats(self, preds: Predictions):
         """Per-query statistics of the headline metric (and ``mean_pred``) for the user bootstrap."""
@@ -273,8 +234,28 @@ def _behaviour_of(kind: str, preds: Predictions, rows: list[int]) -> np.ndarray:
     return preds.label_logprobs[rows].softmax(1).mean(0).numpy()
 
 
-def user_swap(runner: _Runner) -> tuple[list[dict], pd.DataFrame]:
-    """Experiment (a); see the module docstring."""
+def _swapped(runner: _Runner, pairs: list[tuple[str, str]], rows_of: dict[str, list[int]]) -> dict:
+    """Each pair's predictions on the recipient's queries with the donor's intervention:
+    ``{(donor, recipient): (predictions, rows)}``. With a shared prefix every donor runs as a
+    variant over all prompts; otherwise the pairs' prompts run in one ordinary pass."""
+    if runner.shared:
+        donors = [u for u in runner.users if any(a == u for a, _ in pairs)]
+        preds = runner.variants([1.0] * len(donors), user_ids=[[a] * len(runner.prompts) for a in donors])
+        by_donor = dict(zip(donors, preds))
+        return {(a, b): (by_donor[a], rows_of[b]) for a, b in pairs}
+    prompts, donors, spans = [], [], []
+    for a, b in pairs:
+        idx = rows_of[b]
+        spans.append(list(range(len(prompts), len(prompts) + len(idx))))
+        prompts += [runner.prompts[i] for i in idx]
+        donors += [a] * len(idx)
+    swapped = runner.predict(prompts, donors, mode="constrained")
+    return {pair: (swapped, span) for pair, span in zip(pairs, spans)}
+
+
+def user_swap(runner: _Runner, own: Predictions | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """Experiment (a); see the module docstring. ``own``: PerFit's constrained predictions on
+    the held-out prompts, when already computed."""
     spec = runner.spec
     if spec.kind == "generation" or not spec.labels:
         log.warning("user swap needs a label set; skipped for %s", spec.name)
@@ -285,19 +266,14 @@ def user_swap(runner: _Runner) -> tuple[list[dict], pd.DataFrame]:
     if len(pairs) > runner.config.max_pairs:
         pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), runner.config.max_pairs, replace=False))]
     rows_of = {u: [i for i, o in enumerate(runner.owners) if o == u] for u in users}
-    own = runner.predict(mode="constrained")
-    prompts, donors, spans = [], [], []
-    for a, b in pairs:
-        idx = rows_of[b]
-        spans.append(list(range(len(prompts), len(prompts) + len(idx))))
-        prompts += [runner.prompts[i] for i in idx]
-        donors += [a] * len(idx)
-    swapped = runner.predict(prompts, donors, mode="constrained")
+    if own is None:
+        own = runner.predict(mode="constrained")
+    swapped = _swapped(runner, pairs, rows_of)
     behaviour = {u: history_behaviour(runner.task, runner.split, u, runner.personal) for u in users}
     records = []
-    for (a, b), span in zip(pairs, spans):
+    for a, b in pairs:
         own_b = _behaviour_of(spec.kind, own, rows_of[b])
-        swap_b = _behaviour_of(spec.kind, swapped, span)
+        swap_b = _behaviour_of(spec.kind, *swapped[(a, b)])
         donor_pred = _behaviour_of(spec.kind, own, rows_of[a])
         rec = {"donor": a, "recipient": b,
                "own_distance": _distance(spec.kind, own_b, behaviour[a]),
@@ -493,26 +469,14 @@ def random_bank(bank: InterventionBank, seed: int) -> InterventionBank:
     return out.to(bank.device)
 
 
-def derangement(users: Sequence[str], seed: int) -> dict[str, str]:
-    """Each user mapped to another user (a seeded random permutation without fixed points)."""
-    users = list(users)
-    if len(users) < 2:
-        raise ConfigError("shuffling interventions needs at least 2 test users")
-    rng = np.random.default_rng(seed)
-    while True:
-        perm = rng.permutation(len(users))
-        if all(perm[i] != i for i in range(len(users))):
-            return {u: users[j] for u, j in zip(users, perm)}
-
-
 def control(runner: _Runner, stage1_rows: list[dict], perfit_rows: list[dict]) -> list[dict]:
     """Experiment (d); see the module docstring."""
     perfit = runner.perfit
     rows = [dict(r, experiment="control") for r in stage1_rows + perfit_rows]
     fake = PerFit(perfit.collective, random_bank(perfit.personal, runner.config.seed), perfit.stacking, perfit.model)
-    rows += runner.rows("control", "random_bank", runner.predict(perfit=fake))
-    mapping = derangement(runner.users, runner.config.seed)
-    rows += runner.rows("control", "shuffled_users", runner.predict(user_ids=[mapping[u] for u in runner.owners]))
+    rows += runner.rows("control", "random_bank", runner.reference(perfit=fake))
+    mapping = donor_assignment(runner.users, runner.config.seed)
+    rows += runner.rows("control", "shuffled_users", runner.reference(user_ids=[mapping[u] for u in runner.owners]))
     return rows
 
 
@@ -529,13 +493,14 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
     rows: list[dict] = []
     pairs = pd.DataFrame()
     basis = None
-    stage1 = runner.rows("reference", "stage1", runner.predict(stage="collective"))
-    full = runner.rows("reference", "perfit", runner.predict())
-    base = runner.rows("reference", "base", runner.predict(stage="none"))
+    stage1 = runner.rows("reference", "stage1", runner.reference("collective"))
+    full_preds = runner.reference()
+    full = runner.rows("reference", "perfit", full_preds)
+    base = runner.rows("reference", "base", runner.reference("none"))
     rows += base + stage1 + full
     bar.update()
     if "swap" in config.experiments:
-        swap_rows, pairs = user_swap(runner)
+        swap_rows, pairs = user_swap(runner, full_preds if runner.mode == "constrained" else None)
         rows += swap_rows
         bar.update()
     random_table = pd.DataFrame()
@@ -554,44 +519,3 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
     log.info("steer: %d rows (%s higher is better: %s)", len(frame), runner.metric,
              HIGHER_IS_BETTER[runner.metric])
     return SteerResult(frame, pairs, basis, random_table, verdicts(frame))
-
-
-def run_steer(run_dir, loaded: LoadedModel, config: SteerConfig = SteerConfig(), *,
-              figures: bool = True, progress: bool = False) -> SteerResult:
-    """``perfit-probe steer``: run the checks on a fitted run; write ``RUN/steer/`` and ``RUN/figures/``.
-
-    ``RUN/steer/``: ``steer.csv`` (tidy rows), ``swap_pairs.csv`` (one row per pair),
-    ``ablation_random.csv`` (one row per random subspace), ``personal_subspace.safetensors``
-    and ``verdicts.md`` (one line per check, for the report).
-    """
-    from dataclasses import replace
-
-    from safetensors.torch import save_file
-
-    from perfit_probe.evaluation.evaluate import load_fitted_run
-    from perfit_probe.rundir import RunDir, atomic_write_text
-
-    run = RunDir.open(run_dir)
-    fitted = load_fitted_run(run.path, loaded)
-    if "chat" in fitted.prompt_options and config.chat is None:
-        config = replace(config, chat=fitted.prompt_options["chat"])
-    run.add_stage("steer", config)
-    with run.timed("steer"):
-        result = steer_checks(loaded, fitted.task, fitted.split, fitted.perfit, config, fitted.personal,
-                              progress=progress)
-    out = run.sub("steer")
-    atomic_write_text(out / "steer.csv", result.rows.to_csv(index=False))
-    atomic_write_text(out / "swap_pairs.csv", result.pairs.to_csv(index=False))
-    if result.basis is not None:
-        save_file({"basis": result.basis.contiguous()}, str(out / "personal_subspace.safetensors"))
-        atomic_write_text(out / "ablation_random.csv", result.random_subspaces.to_csv(index=False))
-    atomic_write_text(out / "verdicts.md", "".join(f"- {line}\n" for line in result.verdicts))
-    for line in result.verdicts:
-        log.info("%s", line)
-    summary = {f"{r.experiment}/{r.setting}/{r.metric}": r.value for r in result.rows.itertuples()}
-    run.add_metrics("steer", summary)
-    if figures:
-        from perfit_probe.plotting.steer_figures import save_steer_figures
-
-        save_steer_figures(out, run.sub("figures"))
-    return result

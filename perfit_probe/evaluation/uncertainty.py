@@ -40,7 +40,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from perfit_probe.errors import ConfigError, DataError
+from perfit_probe.config import UncertaintyConfig
+from perfit_probe.errors import DataError
 from perfit_probe.evaluation.baselines import BASELINES
 from perfit_probe.evaluation.metrics import (
     HIGHER_IS_BETTER,
@@ -61,26 +62,6 @@ DIFFERENCE_COLUMNS = ("method", "against", "reference", "metric", "estimate", "c
 """Columns of ``differences.csv`` (one row per method x reference x metric); ``against`` is
 ``reference`` (the reference method) or ``best_baseline``."""
 _TIE = 1e-12
-
-
-@dataclass(frozen=True)
-class UncertaintyConfig:
-    """Settings of the bootstrap intervals and permutation tests."""
-
-    n_boot: int = 2000
-    """Bootstrap resamples of the test users."""
-    n_perm: int = 2000
-    """Random user-blocked swap patterns of the permutation test (exact when 2^n_users <= n_perm)."""
-    level: float = 0.95
-    """Coverage of the percentile intervals."""
-    reference: str = "perfit"
-    """Method every other method is compared with."""
-
-    def __post_init__(self) -> None:
-        if self.n_boot < 1 or self.n_perm < 1:
-            raise ConfigError(f"n_boot={self.n_boot} and n_perm={self.n_perm} must be >= 1")
-        if not 0 < self.level < 1:
-            raise ConfigError(f"level={self.level} must be between 0 and 1")
 
 
 @dataclass(frozen=True)

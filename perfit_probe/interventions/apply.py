@@ -30,17 +30,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import get_args
 
 import torch
 from jaxtyping import Bool, Float, Integer, Shaped
 from torch import Tensor, nn
 
+from perfit_probe.config import AblateMode, Stacking
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
 from perfit_probe.sites import READ_CLAMP, PositionSpec, Site, batch_last_mask, batch_positions, check_clamp
 
-STACKINGS = ("sum", "compose")
-ABLATE_MODES = ("hidden", "edit")
+STACKINGS = get_args(Stacking)
+ABLATE_MODES = get_args(AblateMode)
 
 
 class Intervention:

@@ -24,11 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import perfit_probe
+from perfit_probe._io import atomic_write_text, verify_checksums, write_checksums
 from perfit_probe.errors import ArtifactError
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.models import LoadedModel, ModelIdentity
-from perfit_probe.rundir import atomic_write_text, verify_checksums, write_checksums
 
 FORMAT = "perfit-probe/intervention-bank/1"
 TENSOR_FILE = "intervention.safetensors"
@@ -146,6 +146,7 @@ class PerFit:
             stacking=self.stacking,
             sites=self.collective.spec.sites,
             positions=self.collective.spec.positions,
+            position_clamp=self.collective.spec.position_clamp,
             ablate_basis=ablate_basis,
             ablate_mode=ablate_mode,
         )

@@ -59,16 +59,18 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import get_args
 
 import torch
 from jaxtyping import Bool, Float, Integer
 from torch import Tensor, nn
 
+from perfit_probe.config import Init, InterventionKind
 from perfit_probe.errors import ConfigError
 from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, PositionSpec, Site, parse_positions, parse_site
 
-INTERVENTION_KINDS = ("loreft", "noreft", "lobireft")
-INITS = ("zero", "random")
+INTERVENTION_KINDS = get_args(InterventionKind)
+INITS = get_args(Init)
 
 
 @dataclass(frozen=True)

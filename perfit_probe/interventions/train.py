@@ -36,13 +36,13 @@ epoch the step belongs to) and, with validation, one row per (user, completed ep
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from perfit_probe.config import TrainConfig
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.batching import Encoded, collate, continuation_logprobs
@@ -50,36 +50,6 @@ from perfit_probe.interventions.modules import InterventionBank, slot_generator
 from perfit_probe.models import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings of one stage."""
-
-    epochs: int = 2
-    """Passes over the data (each user's own data in stage 2)."""
-    lr: float = 1e-3
-    """AdamW learning rate (the paper reports 1e-4 for Llama-2-7B)."""
-    weight_decay: float = 1e-2
-    """AdamW decoupled weight decay, applied to W and b (R's free parameter is scale-free)."""
-    max_grad_norm: float = 0.3
-    """Gradient-norm clip, per user in stage 2 (0 disables)."""
-    batch_size: int = 8
-    """Rows per step in stage 1; rows per user per step in stage 2."""
-    rows_per_forward: int = 64
-    """At most this many rows per forward/backward pass (a step is split into chunks)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    seed: int = 0
-    """Seed of the data order."""
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.rows_per_forward < 1:
-            raise ConfigError("epochs must be >= 0, batch_size and rows_per_forward >= 1")
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be positive, got {self.lr}")
 
 
 class BankAdamW:

@@ -1,6 +1,6 @@
 """Across-seed summaries: the spread of every headline number of runs that differ only in seed.
 
-A multi-seed pipeline (``perfit_probe.pipeline.run_seeds``) writes one run directory per
+A multi-seed pipeline (``perfit_probe.stages.pipeline.run_seeds``) writes one run directory per
 seed; this module reads their ``metrics.json`` and summarises them. ``flatten_metrics``
 turns a ``metrics.json`` into ``{path: value}`` over its numeric leaves (paths joined with
 ``/``, e.g. ``evaluate/perfit/mae``, ``fit/stage2/last_epoch_loss``,
@@ -21,6 +21,9 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
+
+from perfit_probe._io import atomic_write_text, write_json
+from perfit_probe.stages.markdown import markdown_table
 
 SKIPPED_SECTIONS = ("timings", "pipeline")
 """Top-level sections of ``metrics.json`` that hold costs, not results."""
@@ -69,9 +72,6 @@ def seed_summary(metrics_by_seed: Mapping[int, Mapping]) -> pd.DataFrame:
 
 def write_seed_summary(summary: pd.DataFrame, directory: Path, runs: Mapping[int, Path]) -> dict[str, Path]:
     """Write ``seeds_summary.csv``/``.md``/``.json`` into ``directory``; returns their paths by suffix."""
-    from perfit_probe.evaluation.evaluate import markdown_table
-    from perfit_probe.rundir import atomic_write_text, write_json
-
     directory = Path(directory)
     paths = {name.rsplit(".", 1)[1]: directory / name for name in SUMMARY_FILES}
     atomic_write_text(paths["csv"], summary.to_csv(index=False))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from perfit_probe.evaluation.evaluate import markdown_table
+from perfit_probe.evaluation.interpret import InterpretResult
+from perfit_probe.stages.markdown import markdown_table
 
 
 def _kl_table(kl: pd.DataFrame) -> str:
@@ -21,7 +22,7 @@ def _kl_table(kl: pd.DataFrame) -> str:
     return markdown_table(wide.reset_index())
 
 
-def render_report(result) -> str:
+def render_report(result: InterpretResult) -> str:
     """The markdown report of an ``InterpretResult``."""
     st = result.settings
     lines = ["# From shift to steering and back", "",

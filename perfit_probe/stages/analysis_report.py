@@ -1,29 +1,17 @@
-"""``run_analysis``: analyse a run directory's delta vectors, write CSVs, report and figures.
+"""``RUN/analysis/report.md``: the shift analysis as paper-style tables, with its nulls and controls.
 
-Reads ``RUN/deltas`` (written by ``perfit-probe cache``), runs
-:func:`perfit_probe.analysis.tables.analyze_deltas`, and writes::
-
-    RUN/analysis/*.csv, analysis.json   the tidy tables (see ``AnalysisResult``)
-    RUN/analysis/report.md             paper-style rank tables next to the nulls, collective stats
-    RUN/figures/shift_*.png            figures drawn from the saved CSVs only
-    RUN/metrics.json ["analysis"]      headline numbers (``AnalysisResult.summary``)
+:func:`render_report` is a pure function of an ``AnalysisResult``
+(``perfit_probe.analysis.tables``): rank tables next to the nulls, collective statistics, the
+controls and user identification against the text baselines.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
 
 import pandas as pd
 
-from perfit_probe.analysis.tables import (
-    EXTRA_TABLES, TABLES, TEXT_SITE, AnalysisConfig, AnalysisResult, analyze_deltas,
-)
-from perfit_probe.deltas import Deltas
-from perfit_probe.rundir import RunDir, atomic_write_text, staged_dir
-
-log = logging.getLogger(__name__)
+from perfit_probe.analysis.tables import EXTRA_TABLES, TABLES, TEXT_SITE, AnalysisResult
 
 SOURCE_LABELS = {
     "deltas": "deltas",
@@ -50,40 +38,6 @@ NULL_LABELS = {
     "gaussian_null": "isotropic Gaussian, matched norms",
     "anisotropic_null": "Gaussian with the deltas' covariance, mean zero",
 }
-
-
-def run_analysis(
-    run_dir: Path | str, config: AnalysisConfig | None = None, *, figures: bool = True
-) -> AnalysisResult:
-    """Analyse ``RUN/deltas`` and write tables, ``report.md``, figures and metrics.
-
-    ``figures=False`` skips the PNGs (``analyses/shift_figures.py`` can draw them later from
-    the CSVs).
-    """
-    config = config or AnalysisConfig()
-    run = RunDir.open(run_dir)
-    deltas = Deltas.load(run.path / "deltas")
-    history_path = run.path / "deltas" / "history.csv"
-    history = (pd.read_csv(history_path, dtype={"user_id": str, "query_id": str}, keep_default_na=False)
-               if history_path.is_file() else None)
-    log.info("analysing %d users x %d sites (d_model %d)", len(deltas.user_ids),
-             len(deltas.sites), deltas.d_model)
-    run.add_stage("analyze", config)
-    with run.timed("analyze"):
-        result = analyze_deltas(deltas, config, history)
-    with staged_dir(run.path / "analysis") as staged:  # an earlier analysis stays until this one is whole
-        result.save(staged)
-        atomic_write_text(staged / "report.md", render_report(result, model=run.info().get("model")))
-    out = run.path / "analysis"
-    if figures:
-        # Figures are drawn from the CSVs just saved; plotting is the last stage of the data
-        # flow, imported here only so that one call leaves a complete analysis behind.
-        from perfit_probe.plotting.shift_figures import save_shift_figures
-
-        save_shift_figures(out, run.sub("figures"))
-    run.add_metrics("analysis", result.summary())
-    log.info("wrote %s", out / "report.md")
-    return result
 
 
 def render_report(result: AnalysisResult, model: dict | None = None) -> str:
