@@ -35,7 +35,7 @@ from perfit_probe.interventions.fit import lora_parameter_count
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.interventions.train import train_personal, train_personal_sequential
 from perfit_probe.models import load_model
-from perfit_probe.sites import batch_positions, parse_positions, parse_site
+from perfit_probe.sites import Site, batch_positions, parse_positions
 
 
 def _examples(loaded, n_users: int, per_user: int, prompt_tokens: int, seed: int):
@@ -175,15 +175,15 @@ def bench_pyreft_step(loaded, batch, spec, n_steps: int, pyreft_dir: Path) -> di
     sys.path.append(str(pyreft_dir))
     import pyreft
 
-    layers = [parse_site(s).layer for s in spec.sites]
-    if any(parse_site(s).kind != "resid_post" for s in spec.sites):
+    layers = [site.layer for site in spec.sites]
+    if any(site.kind != "resid_post" for site in spec.sites):
         return {"pyreft": "compared at hook_resid_post sites only"}
     modules = [pyreft.LoreftIntervention(embed_dim=spec.d_model, low_rank_dimension=spec.rank, dtype=torch.float32)
                for _ in layers]
     reft = pyreft.get_reft_model(loaded.model, pyreft.ReftConfig(representations=[
         {"layer": layer, "component": "block_output", "low_rank_dimension": spec.rank, "intervention": m}
         for layer, m in zip(layers, modules)]))
-    index, _ = batch_positions(parse_positions(spec.positions), batch.prompt_mask, spec.position_clamp)
+    index, _ = batch_positions(spec.positions, batch.prompt_mask, spec.position_clamp)
     locations = {"sources->base": (None, [index.tolist()] * len(layers))}
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -276,8 +276,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     loaded = load_model(args.model, device=args.device)
-    sites = tuple(f"blocks.{int(layer)}.hook_resid_post" for layer in args.layers.split(","))
-    spec = BankSpec("loreft", sites, "f1+l2", args.rank, loaded.d_model)
+    sites = tuple(Site(int(layer)) for layer in args.layers.split(","))
+    spec = BankSpec("loreft", sites, parse_positions("f1+l2"), args.rank, loaded.d_model)
     examples = _examples(loaded, args.users, args.per_user, args.prompt_tokens, args.seed)
     config = TrainConfig(epochs=1, lr=1e-3, batch_size=args.per_user, seed=args.seed)
     result = {"model": loaded.identity.name, "device": str(loaded.device), "threads": torch.get_num_threads(),
@@ -288,7 +288,7 @@ def main() -> None:
     if sizes:
         result["scaling"] = bench_scaling(loaded, examples, spec, config, sizes, args.scaling_repeats)
     rows = [e for exs in examples.values() for e in exs][: args.step_rows]
-    step_spec = BankSpec("loreft", sites, "f1+l2", 8, loaded.d_model)
+    step_spec = BankSpec("loreft", sites, parse_positions("f1+l2"), 8, loaded.d_model)
     result["step"] = bench_step(loaded, rows, step_spec, args.step_repeats, args.pyreft_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "bench_perfit.json", result)

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -45,10 +46,13 @@ from tqdm.auto import tqdm
 from perfit_probe import cache_store as store
 from perfit_probe.backends import ActivationBackend, get_backend
 from perfit_probe.cache_store import ActivationCache
-from perfit_probe.config import CacheConfig
-from perfit_probe.data.records import Example
+from perfit_probe.config import CacheConfig, query_cap
+from perfit_probe.data import load_task
+from perfit_probe.data.prompts import build_examples
+from perfit_probe.data.records import Example, User
+from perfit_probe.data.splits import stable_rank
 from perfit_probe.errors import CacheError, ConfigError, DataError
-from perfit_probe.sites import Site, batch_positions, gather_positions, parse_positions, parse_sites
+from perfit_probe.sites import PositionSpec, Site, batch_positions, gather_positions, parse_positions, parse_sites
 
 log = logging.getLogger(__name__)
 
@@ -188,66 +192,143 @@ def cache_activations(
     spec = parse_positions(positions)
     n_slots = 1 if spec.mode == "mean" or (spec.first, spec.last) == (0, 1) else spec.first + spec.last
     dtype = store.storage_dtype(storage_dtype)
+    _check_ranks(rank, world_size)
+    index = plan_rows(examples, token_lengths(loaded.tokenizer, [ex.prompt for ex in examples]), shard_rows)
+    config = _cache_config(loaded, examples, index, site_list, spec, n_slots, dtype, shard_rows)
+    manifest, rebuild = _check_existing(out_dir, config, resume)  # every rank checks before anyone writes
+    config_sha = store.config_fingerprint(config)
+    _barrier(world_size)
+    if rank == 0:
+        manifest = _start_manifest(out_dir, manifest, config, index)
+    _barrier(world_size)
+    start = time.perf_counter()
+    bounds = index.groupby("shard")["row"].agg(["min", "count"])
+    todo, skipped = _shards_to_compute(out_dir, bounds, config_sha if rebuild else None, resume=resume, rank=rank,
+                                       world_size=world_size)
+    runner = get_backend(backend, loaded) if isinstance(backend, str) else backend
+    reader = _BatchReader(runner, loaded.tokenizer, site_list, spec, n_slots, padding_side, loaded.device, dtype)
+    n_todo = _compute_shards(out_dir, todo, index, [ex.prompt for ex in examples], reader, config_sha,
+                             batch_size=batch_size, progress=progress,
+                             desc=f"cache{f' rank {rank}' if world_size > 1 else ''}")
+    wall = time.perf_counter() - start
+    counts = _sum_across_ranks([len(todo), skipped, n_todo], world_size)
+    _barrier(world_size)
+    if rank == 0:
+        run = _run_record(counts, wall, runner, world_size, batch_size, padding_side)
+        _finalize(out_dir, manifest, index, bounds, run)
+    _barrier(world_size)
+    return ActivationCache.open(out_dir)
+
+
+def _run_record(counts: list[int], wall: float, runner: ActivationBackend, world_size: int, batch_size: int,
+                padding_side: str) -> dict:
+    """The manifest's record of one caching run; ``counts``: shards computed and skipped, rows
+    computed (summed over ranks)."""
+    computed, skipped_all, rows_done = counts
+    return {
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world_size,
+        "computed_shards": computed, "skipped_shards": skipped_all, "computed_rows": rows_done,
+        "wall_s": round(wall, 3), "rows_per_s": round(rows_done / wall, 2) if wall > 0 else None,
+        "backend": getattr(runner, "name", type(runner).__name__), "batch_size": batch_size,
+        "padding_side": padding_side,
+    }
+
+
+def _check_ranks(rank: int, world_size: int) -> None:
+    """``ConfigError`` for a rank outside the world, or several ranks without ``torch.distributed``."""
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
     if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ConfigError("world_size > 1 needs torch.distributed initialised (launch with torchrun)")
 
-    tokenizer = loaded.tokenizer
-    lengths = token_lengths(tokenizer, [ex.prompt for ex in examples])
-    index = plan_rows(examples, lengths, shard_rows)
-    n_shards = int(index["shard"].max()) + 1
-    config = {
-        "sites": [s.name for s in site_list],
+
+def _cache_config(loaded, examples: Sequence[Example], index: pd.DataFrame, sites: list[Site], spec: PositionSpec,
+                  n_slots: int, dtype: torch.dtype, shard_rows: int) -> dict:
+    """The manifest's ``config``: what a resumed cache must match (and what its shards are stamped with)."""
+    return {
+        "sites": [s.name for s in sites],
         "positions": "last" if spec.text == "l1" else spec.text,
         "n_slots": n_slots,
         "storage_dtype": str(dtype).removeprefix("torch."),
         "shard_rows": shard_rows,
         "n_rows": len(index),
-        "n_shards": n_shards,
+        "n_shards": int(index["shard"].max()) + 1,
         "examples_fingerprint": examples_fingerprint(examples),
         "model": loaded.identity.to_dict(),
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
     }
-    manifest, rebuild = _check_existing(out_dir, config, resume)  # every rank checks before anyone writes
-    config_sha = store.config_fingerprint(config)
-    _barrier(world_size)
-    if rank == 0:
-        manifest = manifest or {"format_version": store.FORMAT_VERSION, "runs": []}
-        manifest.update(config=config, status="in_progress", shards=[])
-        (out_dir / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        store.write_index(out_dir, index)
-        store.write_manifest(out_dir, manifest)
-    _barrier(world_size)
 
-    start = time.perf_counter()
-    bounds = index.groupby("shard")["row"].agg(["min", "count"])
-    mine = [s for s in range(n_shards) if s % world_size == rank]
+
+def _start_manifest(out_dir: Path, manifest: dict | None, config: dict, index: pd.DataFrame) -> dict:
+    """Write the index and an ``in_progress`` manifest (rank 0, before any shard); returns the manifest."""
+    manifest = manifest or {"format_version": store.FORMAT_VERSION, "runs": []}
+    manifest.update(config=config, status="in_progress", shards=[])
+    (out_dir / store.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    store.write_index(out_dir, index)
+    store.write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _shards_to_compute(out_dir: Path, bounds: pd.DataFrame, rebuilt_sha: str | None, *,
+                       resume: bool, rank: int, world_size: int) -> tuple[list[int], int]:
+    """This rank's shards (shard ``i`` to rank ``i % world_size``) not already stored intact (all
+    of them without ``resume``), and how many were; ``rebuilt_sha``: the config fingerprint a
+    shard must carry when the manifest is rebuilt."""
+    mine = [s for s in range(len(bounds)) if s % world_size == rank]
     todo = []
     for shard in mine:
         stored = resume and store.shard_is_stored(out_dir, shard, int(bounds.loc[shard, "count"]),
-                                                  int(bounds.loc[shard, "min"]), config_sha if rebuild else None)
+                                                  int(bounds.loc[shard, "min"]), rebuilt_sha)
         if not stored:
             todo.append(shard)
     skipped = len(mine) - len(todo)
     if skipped:
         log.info("rank %d: %d of %d shards already stored, computing %d", rank, skipped, len(mine), len(todo))
-    runner = get_backend(backend, loaded) if isinstance(backend, str) else backend
-    prompts = [ex.prompt for ex in examples]
+    return todo, skipped
+
+
+@dataclass(frozen=True)
+class _BatchReader:
+    """What reading a batch of prompts needs (see ``_read_batch``)."""
+
+    backend: ActivationBackend
+    """The activation backend."""
+    tokenizer: object
+    """The model's tokenizer."""
+    sites: list[Site]
+    """Sites to read."""
+    spec: PositionSpec
+    """Positions to keep."""
+    n_slots: int
+    """Token slots per row (1 for ``last`` and ``mean``)."""
+    padding_side: str
+    """``left`` or ``right``."""
+    device: torch.device
+    """The model's device."""
+    dtype: torch.dtype
+    """Storage dtype."""
+
+    def read(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """``_read_batch`` of ``prompts``."""
+        return _read_batch(self.backend, self.tokenizer, prompts, self.sites, self.spec, self.n_slots,
+                           self.padding_side, self.device, self.dtype)
+
+
+def _compute_shards(out_dir: Path, todo: list[int], index: pd.DataFrame, prompts: list[str], reader: _BatchReader,
+                    config_sha: str, *, batch_size: int, progress: bool, desc: str) -> int:
+    """Compute and write the shards ``todo`` in batches of ``batch_size``; returns the rows computed."""
     by_shard = {s: part for s, part in index.groupby("shard")}
     n_todo = int(sum(len(by_shard[s]) for s in todo))
-    bar = tqdm(total=n_todo, unit="row", desc=f"cache{f' rank {rank}' if world_size > 1 else ''}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=n_todo, unit="row", desc=desc, disable=not progress, dynamic_ncols=True)
     with bar:
         for shard in todo:
             store.remove_stale_temporaries(out_dir, shard)
             part = by_shard[shard]
-            chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in site_list}
+            chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in reader.sites}
             valids: list[torch.Tensor] = []
             for b in range(0, len(part), batch_size):
                 batch = [prompts[i] for i in part["example"].iloc[b:b + batch_size]]
-                values, valid = _read_batch(runner, tokenizer, batch, site_list, spec, n_slots,
-                                            padding_side, loaded.device, dtype)
+                values, valid = reader.read(batch)
                 for name, value in values.items():
                     chunks[name].append(value)
                 if valid is not None:
@@ -258,19 +339,7 @@ def cache_activations(
             if valids:
                 tensors["valid"] = torch.cat(valids).to(torch.uint8)
             store.write_shard(out_dir, shard, tensors, config_sha)
-    wall = time.perf_counter() - start
-    computed, skipped_all, rows_done = _sum_across_ranks([len(todo), skipped, n_todo], world_size)
-    _barrier(world_size)
-    if rank == 0:
-        _finalize(out_dir, manifest, index, bounds, {
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world_size,
-            "computed_shards": computed, "skipped_shards": skipped_all, "computed_rows": rows_done,
-            "wall_s": round(wall, 3), "rows_per_s": round(rows_done / wall, 2) if wall > 0 else None,
-            "backend": getattr(runner, "name", type(runner).__name__), "batch_size": batch_size,
-            "padding_side": padding_side,
-        })
-    _barrier(world_size)
-    return ActivationCache.open(out_dir)
+    return n_todo
 
 
 def check_cache_options(positions: str, storage_dtype: str, batch_size: int, shard_rows: int,
@@ -369,11 +438,6 @@ def default_sites(n_layers: int) -> list[int]:
 
 def build_task_examples(config: CacheConfig, tokenizer) -> tuple[list[Example], dict]:
     """Load the task, choose users and queries, build the prompts; also return a short report."""
-    from perfit_probe.data import load_task, query_cap
-    from perfit_probe.data.prompts import build_examples
-    from perfit_probe.data.records import User
-    from perfit_probe.data.splits import stable_rank
-
     task = load_task(config.task, path=config.task_path, outputs=config.task_outputs,
                      n_users=config.n_users, seed=config.seed)
     cap = query_cap(config.max_queries)

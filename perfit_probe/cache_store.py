@@ -33,14 +33,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Bool, Float
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import Tensor
 
 from perfit_probe._io import atomic_write_bytes, atomic_write_text, to_jsonable
 from perfit_probe.errors import CacheError
@@ -200,24 +202,25 @@ class CachedRows:
     """Index rows: ``example, user_id, query_id, variant, n_tokens, row, shard, offset``."""
     sites: list[str]
     """Canonical site names, in the order of the second axis of ``values``."""
-    values: torch.Tensor
+    values: Float[Tensor, "rows sites d_model"] | Float[Tensor, "rows sites k d_model"]
     """``[n_rows, n_sites, d_model]`` (or ``[n_rows, n_sites, k, d_model]`` for multi-token specs)."""
-    valid: torch.Tensor | None = None
+    valid: Bool[Tensor, "rows k"] | None = None
     """``[n_rows, k]`` bool, which of the ``k`` token slots are real (multi-token specs only)."""
 
-    def site(self, site: str | int | Site) -> torch.Tensor:
+    def site(self, site: str | int | Site) -> Float[Tensor, "rows d_model"] | Float[Tensor, "rows k d_model"]:
         """Values at one site (canonical name, layer index or ``Site``)."""
         name = parse_site(site).name
         if name not in self.sites:
             raise CacheError(f"site {name!r} is not in this selection (have {self.sites})")
         return self.values[:, self.sites.index(name)]
 
-    def pooled(self) -> torch.Tensor:
+    def pooled(self) -> Float[Tensor, "rows sites d_model"]:
         """``[n_rows, n_sites, d_model]``: multi-token values mean-pooled over valid slots."""
         return pool_values(self.values, self.valid)
 
 
-def pool_values(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def pool_values(values: Float[Tensor, "rows sites d_model"] | Float[Tensor, "rows sites k d_model"],
+                valid: Bool[Tensor, "rows k"] | None) -> Float[Tensor, "rows sites d_model"]:
     """Mean over the valid token slots of ``[n, s, k, d]`` values; ``[n, s, d]`` passes through."""
     if valid is None:
         return values

@@ -28,23 +28,22 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
+from jaxtyping import Float, Float64
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from perfit_probe._io import atomic_write_text, verify_checksums, write_checksums
+from perfit_probe.cache_store import ActivationCache, pool_values
 from perfit_probe.data.records import CONTROL_VARIANTS
 from perfit_probe.errors import CacheError
 from perfit_probe.sites import parse_site
 
-if TYPE_CHECKING:
-    from perfit_probe.cache_store import ActivationCache
-
 log = logging.getLogger(__name__)
 
-TENSOR_FILE = "deltas.safetensors"
+DELTAS_TENSOR_FILE = "deltas.safetensors"
 META_FILE = "deltas.json"
 
 
@@ -56,13 +55,13 @@ class Deltas:
     """Users, in the order of the first axis."""
     sites: list[str]
     """Canonical site names, in the order of the second axis."""
-    enhanced: torch.Tensor
+    enhanced: Float[Tensor, "users sites d_model"]
     """``[n_users, n_sites, d_model]``: mean(enhanced) - mean(plain) per user."""
-    control: torch.Tensor | None = None
+    control: Float[Tensor, "users sites d_model"] | None = None
     """``[n_users, n_sites, d_model]``: mean(control) - mean(plain), when cached."""
-    mean_plain: torch.Tensor | None = None
+    mean_plain: Float[Tensor, "users sites d_model"] | None = None
     """``[n_users, n_sites, d_model]``: mean plain hidden state per user."""
-    query_delta: torch.Tensor | None = None
+    query_delta: Float[Tensor, "queries sites d_model"] | None = None
     """``[n_queries, n_sites, d_model]``: enhanced - plain for each query."""
     query_user_ids: list[str] = field(default_factory=list)
     """Owner of each row of ``query_delta``."""
@@ -70,10 +69,10 @@ class Deltas:
     """Query id of each row of ``query_delta``."""
     meta: dict = field(default_factory=dict)
     """Provenance: task, positions, model identity, counts."""
-    variant_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    variant_deltas: dict[str, Float[Tensor, "users sites d_model"]] = field(default_factory=dict)
     """Variant name (of ``CONTROL_VARIANTS``) -> ``[n_users, n_sites, d_model]``:
     mean(variant) - mean(plain), for the control variants that were cached for every user."""
-    variant_query_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    variant_query_deltas: dict[str, Float[Tensor, "queries sites d_model"]] = field(default_factory=dict)
     """Variant name -> ``[n_queries, n_sites, d_model]``: variant - plain per query, rows as in
     ``query_delta``, for the variants cached for every one of those queries."""
 
@@ -121,9 +120,9 @@ class Deltas:
             tensors[f"variant.{name}"] = value.float().contiguous()
         for name, value in self.variant_query_deltas.items():
             tensors[f"variant_query.{name}"] = value.float().contiguous()
-        tmp = directory / f".{TENSOR_FILE}.tmp"
+        tmp = directory / f".{DELTAS_TENSOR_FILE}.tmp"
         save_file(tensors, str(tmp))
-        tmp.replace(directory / TENSOR_FILE)
+        tmp.replace(directory / DELTAS_TENSOR_FILE)
         meta = {
             "user_ids": self.user_ids,
             "sites": self.sites,
@@ -132,16 +131,16 @@ class Deltas:
             "meta": self.meta,
         }
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1) + "\n")
-        write_checksums(directory, (TENSOR_FILE, META_FILE))
+        write_checksums(directory, (DELTAS_TENSOR_FILE, META_FILE))
 
     @classmethod
     def load(cls, directory: Path) -> Deltas:
         """Read what :meth:`save` wrote; ``CacheError`` when missing or corrupt."""
         directory = Path(directory)
-        tpath, mpath = directory / TENSOR_FILE, directory / META_FILE
+        tpath, mpath = directory / DELTAS_TENSOR_FILE, directory / META_FILE
         if not tpath.is_file() or not mpath.is_file():
             raise CacheError(f"no delta vectors in {directory}: run `perfit-probe cache` first")
-        verify_checksums(directory, (TENSOR_FILE, META_FILE), error=CacheError,
+        verify_checksums(directory, (DELTAS_TENSOR_FILE, META_FILE), error=CacheError,
                          fix="recompute the deltas with `perfit-probe cache --resume`")
         try:
             tensors = load_file(str(tpath))
@@ -176,94 +175,135 @@ def compute_deltas(cache: ActivationCache, *, sites=None, meta: dict | None = No
     variant, in the order of their plain prompts in the list that was cached; a control
     variant's per-query deltas are kept when every one of those queries has it.
     """
-    from perfit_probe.cache_store import pool_values
-
     names = cache.resolve_sites(sites)
-    index = cache.index.sort_values("example")
-    users = list(dict.fromkeys(index["user_id"]))
-    user_pos = {u: i for i, u in enumerate(users)}
-    variants = ("plain", "enhanced", "control") + CONTROL_VARIANTS
-    sums = torch.zeros(len(variants), len(users), len(names), cache.d_model, dtype=torch.float64)
-    counts = torch.zeros(len(variants), len(users), dtype=torch.long)
-    keyed = index.set_index(["user_id", "query_id"])
-    plain_keys = keyed[index["variant"].to_numpy() == "plain"].index
-    enh_keys = set(keyed[index["variant"].to_numpy() == "enhanced"].index)
-    pairs = [key for key in plain_keys if key in enh_keys]
-    query_pos = {key: i for i, key in enumerate(pairs)}
-    query_sum = torch.zeros(len(pairs), len(names), cache.d_model, dtype=torch.float64)
-    present = set(index["variant"])
-    extra = [v for v in CONTROL_VARIANTS if v in present]
-    extra_sum = {v: torch.zeros_like(query_sum) for v in extra}
-    extra_hits = {v: torch.zeros(len(pairs), dtype=torch.long) for v in extra}
+    sums = _DeltaSums(cache.index.sort_values("example"), len(names), cache.d_model)
     for rows, tensors in cache.iter_shards(names):
         stacked = torch.stack([tensors[n] for n in names], dim=1).double()
-        values = pool_values(stacked, tensors.get("valid"))
-        for v, variant in enumerate(variants):
-            sel = (rows["variant"] == variant).to_numpy(copy=True)
-            if not sel.any():
-                continue
-            picked = values[torch.from_numpy(sel)]
-            who = torch.tensor([user_pos[u] for u in rows["user_id"][sel]], dtype=torch.long)
-            sums[v].index_add_(0, who, picked)
-            counts[v].index_add_(0, who, torch.ones_like(who))
-            if variant in ("plain", "enhanced") or variant in extra_sum:
-                keys = list(zip(rows["user_id"][sel], rows["query_id"][sel]))
-                hit = [i for i, key in enumerate(keys) if key in query_pos]
-                if hit:
-                    dest = torch.tensor([query_pos[keys[i]] for i in hit], dtype=torch.long)
-                    if variant == "plain":  # subtracted from every per-query difference
-                        for acc in (query_sum, *extra_sum.values()):
-                            acc.index_add_(0, dest, -picked[hit])
-                    elif variant == "enhanced":
-                        query_sum.index_add_(0, dest, picked[hit])
-                    else:
-                        extra_sum[variant].index_add_(0, dest, picked[hit])
-                        extra_hits[variant].index_add_(0, dest, torch.ones_like(dest))
-    keep = ((counts[0] > 0) & (counts[1] > 0)).nonzero().flatten()
-    if len(keep) == 0:
-        raise CacheError(f"no user of {cache.path} has both plain and enhanced prompts cached: "
-                         "cache the variants plain and enhanced")
-    kept_set = set(keep.tolist())
-    dropped = [users[i] for i in range(len(users)) if i not in kept_set]
-    if dropped:
-        log.warning("%d users lack plain or enhanced prompts and get no delta: %s", len(dropped), dropped[:5])
-    means = sums[:, keep] / counts[:, keep].clamp(min=1)[..., None, None].double()
-    control = None
-    if bool((counts[2, keep] > 0).all()):
-        control = (means[2] - means[0]).float()
-    elif bool((counts[2] > 0).any()):
-        log.warning("control prompts are missing for some users: no control deltas")
-    kept_users = [users[i] for i in keep.tolist()]
+        sums.add(rows, pool_values(stacked, tensors.get("valid")))
+    keep = sums.kept(cache.path)
+    means = sums.sums[:, keep] / sums.counts[:, keep].clamp(min=1)[..., None, None].double()
+    control = sums.control_deltas(means, keep)
+    kept_users = [sums.users[i] for i in keep.tolist()]
     kept = set(kept_users)
-    qrows = [i for i, key in enumerate(pairs) if key[0] in kept]
-    variant_deltas, variant_query = {}, {}
-    for v in extra:
-        vi = variants.index(v)
-        if bool((counts[vi, keep] > 0).all()):
-            variant_deltas[v] = (means[vi] - means[0]).float()
-        else:
-            log.warning("%s prompts are missing for some users: no %s deltas", v, v)
-        if qrows and bool((extra_hits[v][qrows] > 0).all()):
-            variant_query[v] = extra_sum[v][qrows].float()
-    info = {"positions": cache.positions, "storage_dtype": cache.config["storage_dtype"],
-            "model": cache.model, "cache": str(cache.path),
-            "n_plain": counts[0, keep].tolist(), "n_enhanced": counts[1, keep].tolist(),
-            "n_control": counts[2, keep].tolist(),
-            **{f"n_{v}": counts[variants.index(v), keep].tolist() for v in extra}}
-    info.update(meta or {})
+    qrows = [i for i, key in enumerate(sums.pairs) if key[0] in kept]
+    variant_deltas, variant_query = sums.variant_deltas(means, keep, qrows)
     return Deltas(
         user_ids=kept_users,
         sites=names,
         enhanced=(means[1] - means[0]).float(),
         control=control,
         mean_plain=means[0].float(),
-        query_delta=query_sum[qrows].float(),
-        query_user_ids=[pairs[i][0] for i in qrows],
-        query_ids=[pairs[i][1] for i in qrows],
-        meta=info,
+        query_delta=sums.query_sum[qrows].float(),
+        query_user_ids=[sums.pairs[i][0] for i in qrows],
+        query_ids=[sums.pairs[i][1] for i in qrows],
+        meta=_provenance(cache, sums, keep, meta),
         variant_deltas=variant_deltas,
         variant_query_deltas=variant_query,
     )
+
+
+_VARIANTS = ("plain", "enhanced", "control") + CONTROL_VARIANTS
+"""The variants ``compute_deltas`` sums, in the order of ``_DeltaSums.sums``' first axis."""
+
+
+class _DeltaSums:
+    """Running float64 sums of a cache's pooled hidden states: per variant and user (``sums``
+    ``[n_variants, n_users, n_sites, d]``, ``counts``), and per query that has both a plain and
+    an enhanced prompt (``query_sum``: enhanced minus plain; ``extra_sum``: each cached control
+    variant minus plain, ``extra_hits`` counting the variant's rows)."""
+
+    def __init__(self, index: pd.DataFrame, n_sites: int, d_model: int) -> None:
+        self.users = list(dict.fromkeys(index["user_id"]))
+        self.user_pos = {u: i for i, u in enumerate(self.users)}
+        self.sums = torch.zeros(len(_VARIANTS), len(self.users), n_sites, d_model, dtype=torch.float64)
+        self.counts = torch.zeros(len(_VARIANTS), len(self.users), dtype=torch.long)
+        keyed = index.set_index(["user_id", "query_id"])
+        plain_keys = keyed[index["variant"].to_numpy() == "plain"].index
+        enh_keys = set(keyed[index["variant"].to_numpy() == "enhanced"].index)
+        self.pairs = [key for key in plain_keys if key in enh_keys]
+        self.query_pos = {key: i for i, key in enumerate(self.pairs)}
+        self.query_sum = torch.zeros(len(self.pairs), n_sites, d_model, dtype=torch.float64)
+        present = set(index["variant"])
+        self.extra = [v for v in CONTROL_VARIANTS if v in present]
+        self.extra_sum = {v: torch.zeros_like(self.query_sum) for v in self.extra}
+        self.extra_hits = {v: torch.zeros(len(self.pairs), dtype=torch.long) for v in self.extra}
+
+    def add(self, rows: pd.DataFrame, values: Float64[Tensor, "rows sites d_model"]) -> None:
+        """Add one shard: its index ``rows`` and pooled hidden states ``values``."""
+        for v, variant in enumerate(_VARIANTS):
+            sel = (rows["variant"] == variant).to_numpy(copy=True)
+            if not sel.any():
+                continue
+            picked = values[torch.from_numpy(sel)]
+            who = torch.tensor([self.user_pos[u] for u in rows["user_id"][sel]], dtype=torch.long)
+            self.sums[v].index_add_(0, who, picked)
+            self.counts[v].index_add_(0, who, torch.ones_like(who))
+            if variant in ("plain", "enhanced") or variant in self.extra_sum:
+                self._add_queries(variant, list(zip(rows["user_id"][sel], rows["query_id"][sel])), picked)
+
+    def _add_queries(self, variant: str, keys: list[tuple[str, str]], picked: torch.Tensor) -> None:
+        """Add the rows of one variant (``keys``: their user and query ids) to the per-query sums."""
+        hit = [i for i, key in enumerate(keys) if key in self.query_pos]
+        if not hit:
+            return
+        dest = torch.tensor([self.query_pos[keys[i]] for i in hit], dtype=torch.long)
+        if variant == "plain":  # subtracted from every per-query difference
+            for acc in (self.query_sum, *self.extra_sum.values()):
+                acc.index_add_(0, dest, -picked[hit])
+        elif variant == "enhanced":
+            self.query_sum.index_add_(0, dest, picked[hit])
+        else:
+            self.extra_sum[variant].index_add_(0, dest, picked[hit])
+            self.extra_hits[variant].index_add_(0, dest, torch.ones_like(dest))
+
+    def kept(self, where: Path) -> torch.Tensor:
+        """Indices of the users with both plain and enhanced rows (the others are logged);
+        ``CacheError`` when there is none."""
+        keep = ((self.counts[0] > 0) & (self.counts[1] > 0)).nonzero().flatten()
+        if len(keep) == 0:
+            raise CacheError(f"no user of {where} has both plain and enhanced prompts cached: "
+                             "cache the variants plain and enhanced")
+        kept_set = set(keep.tolist())
+        dropped = [self.users[i] for i in range(len(self.users)) if i not in kept_set]
+        if dropped:
+            log.warning("%d users lack plain or enhanced prompts and get no delta: %s", len(dropped), dropped[:5])
+        return keep
+
+    def control_deltas(self, means: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """mean(control) - mean(plain) of the kept users, when every one of them has control rows."""
+        if bool((self.counts[2, keep] > 0).all()):
+            return (means[2] - means[0]).float()
+        if bool((self.counts[2] > 0).any()):
+            log.warning("control prompts are missing for some users: no control deltas")
+        return None
+
+    def variant_deltas(self, means: torch.Tensor, keep: torch.Tensor,
+                       qrows: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-user and per-query deltas of each cached control variant that every kept user
+        (every kept query, ``qrows``) has."""
+        variant_deltas, variant_query = {}, {}
+        for v in self.extra:
+            vi = _VARIANTS.index(v)
+            if bool((self.counts[vi, keep] > 0).all()):
+                variant_deltas[v] = (means[vi] - means[0]).float()
+            else:
+                log.warning("%s prompts are missing for some users: no %s deltas", v, v)
+            if qrows and bool((self.extra_hits[v][qrows] > 0).all()):
+                variant_query[v] = self.extra_sum[v][qrows].float()
+        return variant_deltas, variant_query
+
+
+def _provenance(cache: ActivationCache, sums: _DeltaSums, keep: torch.Tensor, meta: dict | None) -> dict:
+    """``Deltas.meta``: the cache's positions, dtype, model and path, rows per kept user and
+    variant, then ``meta``."""
+    counts = sums.counts
+    info = {"positions": cache.positions, "storage_dtype": cache.config["storage_dtype"],
+            "model": cache.model, "cache": str(cache.path),
+            "n_plain": counts[0, keep].tolist(), "n_enhanced": counts[1, keep].tolist(),
+            "n_control": counts[2, keep].tolist(),
+            **{f"n_{v}": counts[_VARIANTS.index(v), keep].tolist() for v in sums.extra}}
+    info.update(meta or {})
+    return info
 
 
 def delta_frame(deltas: Deltas) -> pd.DataFrame:

@@ -27,13 +27,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from perfit_probe.data.prompts import enhanced_prompt, plain_prompt
+from perfit_probe.data.prompts import continuation, enhanced_prompt, plain_prompt
 from perfit_probe.data.records import Query, User
 from perfit_probe.data.splits import history_user
+from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.evaluate import predict, steer_site
 from perfit_probe.evaluation.interpret import PromptSettings
+from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
 from perfit_probe.models import LoadedModel, default_cache_dir, load_model
+from perfit_probe.sites import parse_site
 from perfit_probe.stages.fitted import FittedRun, load_fitted_run, prompt_settings
 from perfit_probe.stages.rundir import RunDir
 
@@ -80,8 +83,6 @@ class PerFitRun:
     @classmethod
     def open(cls, run_dir: Path | str, loaded: LoadedModel | None = None, *, device: str | None = None) -> PerFitRun:
         """Open ``run_dir``; ``loaded`` defaults to the model recorded in its ``run.json``."""
-        from perfit_probe.deltas import Deltas
-
         path = Path(run_dir)
         loaded = loaded if loaded is not None else load_run_model(path, device=device)
         fitted = load_fitted_run(path, loaded)
@@ -137,8 +138,6 @@ class PerFitRun:
     def predict(self, user_id: str, item: str, *, alpha: float = 1.0, steer_site: str | None = None,
                 conditions: tuple[str, ...] = CONDITIONS) -> UserPrediction:
         """Predictions and label distributions of ``item`` for ``user_id`` under ``conditions``."""
-        from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
-
         spec, s = self.task.spec, self.settings
         plain = self.prompt(user_id, item)
         stages = {"base": ("none", plain), "stage1": ("collective", plain), "perfit": ("perfit", plain),
@@ -155,10 +154,8 @@ class PerFitRun:
                 rows[name] = out.label_logprobs[0].softmax(-1).numpy()
         if "steer_delta" in conditions and spec.labels and self.steer_site is not None \
                 and user_id in self.deltas.user_ids:
-            from perfit_probe.data.prompts import continuation
-
             site = steer_site or self.steer_site
-            steering = AdditiveSteering(self.delta(user_id, site).view(1, 1, -1), [site])
+            steering = AdditiveSteering(self.delta(user_id, site).view(1, 1, -1), [parse_site(site)])
             labels = [continuation(lab, self.loaded.tokenizer, s.chat) for lab in spec.labels]
             logp = steered_label_logprobs(self.loaded, [plain], labels, steering=steering, slots=[0], scales=[alpha],
                                           max_prompt_tokens=s.max_prompt_tokens)[0]
@@ -167,7 +164,3 @@ class PerFitRun:
         frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(spec.labels)) if rows else None
         return UserPrediction(user_id, plain, preds, frame)
 
-
-def load_run(run_dir: Path | str, loaded: LoadedModel | None = None) -> PerFitRun:
-    """``PerFitRun.open``."""
-    return PerFitRun.open(run_dir, loaded)

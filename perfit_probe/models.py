@@ -27,9 +27,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -200,6 +202,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     The conversion is written to a temporary directory and renamed into place, so an
     interrupted conversion never leaves a half-written cache.
     """
+    # transformers takes seconds to import: deferred until a model is actually loaded
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target = _converted_dir(gguf, cache_dir)
@@ -238,6 +241,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def _hub_snapshot(repo_id: str) -> Path | None:
     """Directory of a hub model already in the local Hugging Face cache, if any (no network)."""
+    # the Hugging Face hub client is imported only when a hub id is given
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo_id, "config.json")
@@ -246,9 +250,7 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's host accepts a TCP connection within ``timeout`` seconds."""
-    import socket
-    from urllib.parse import urlparse
-
+    # the Hugging Face hub client is imported only when a hub id is given
     from huggingface_hub import constants
 
     host = urlparse(constants.ENDPOINT).hostname or ""
@@ -273,42 +275,53 @@ def load_model(
     ``attn_implementation`` defaults to ``"eager"`` so that every backend (transformer-lens
     switches models to eager attention) computes the same numbers.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     kwargs: dict = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    load_from, local, name = _model_source(name, cache, offline)
+    model, tokenizer = _from_pretrained(load_from, name, local=local, offline=offline, **kwargs)
+    return prepare_model(model, tokenizer, name, dev)
+
+
+def _model_source(name: str, cache: Path, offline: bool) -> tuple[str, bool, str]:
+    """Where ``load_model`` loads ``name`` from: ``(load_from, local, name)``, with ``local``
+    True for files on disk (an embedded or converted GGUF, a model directory, a cached hub
+    snapshot) and ``name`` resolved to an absolute path for local paths. ``ModelLoadError``
+    for a missing path, or a hub id neither cached nor reachable."""
     path = Path(name).expanduser()
     if name.lower() in EMBEDDED_ALIASES:
-        source = convert_gguf(embedded_gguf_path(), cache)
-        load_from, local = str(source), True
-    elif path.suffix == ".gguf":
+        return str(convert_gguf(embedded_gguf_path(), cache)), True, name
+    if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"model file {name!r} does not exist")
-        load_from, local = str(convert_gguf(path.resolve(), cache)), True
-        name = str(path.resolve())
-    elif path.exists():
+        return str(convert_gguf(path.resolve(), cache)), True, str(path.resolve())
+    if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{name!r} is not a Hugging Face model directory (no config.json)")
-        load_from, local = str(path), True
-        name = str(path.resolve())
-    elif _looks_like_hub_id(name):
-        snapshot = _hub_snapshot(name)
-        if snapshot is not None:
-            load_from, local = str(snapshot), True
-        elif offline or not _hub_reachable():
-            raise ModelLoadError(
-                f"hub model {name!r} is not in the local Hugging Face cache and the hub cannot "
-                f"be reached ({'offline mode' if offline else 'no network'}); pass a local model "
-                "directory instead"
-            )
-        else:
-            load_from, local = name, False
-    else:
+        return str(path), True, str(path.resolve())
+    if not _looks_like_hub_id(name):
         raise ModelLoadError(f"model path {name!r} does not exist")
+    snapshot = _hub_snapshot(name)
+    if snapshot is not None:
+        return str(snapshot), True, name
+    if offline or not _hub_reachable():
+        raise ModelLoadError(
+            f"hub model {name!r} is not in the local Hugging Face cache and the hub cannot "
+            f"be reached ({'offline mode' if offline else 'no network'}); pass a local model "
+            "directory instead"
+        )
+    return name, False, name
+
+
+def _from_pretrained(load_from: str, name: str, *, local: bool, offline: bool, **kwargs) -> tuple[nn.Module, object]:
+    """The model and tokenizer at ``load_from`` (``from_pretrained`` with ``kwargs``), local files
+    only when ``local`` or ``offline``; any failure becomes a one-line ``ModelLoadError``."""
+    # transformers takes seconds to import: deferred until a model is actually loaded
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         if local or offline:
             model = AutoModelForCausalLM.from_pretrained(load_from, local_files_only=True, **kwargs)
@@ -326,7 +339,7 @@ def load_model(
         detail = (str(exc).splitlines() or [""])[0][:300]
         raise ModelLoadError(f"could not load model from {name!r} ({type(exc).__name__}: {detail}): "
                              "check that its files are complete") from None
-    return prepare_model(model, tokenizer, name, dev)
+    return model, tokenizer
 
 
 def prepare_model(model: nn.Module, tokenizer: object, name: str, device: str | torch.device = "cpu") -> LoadedModel:

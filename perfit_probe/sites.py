@@ -49,7 +49,8 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from torch import nn
+from jaxtyping import Bool, Float, Int64, Shaped
+from torch import Tensor, nn
 
 from perfit_probe.errors import SiteError
 
@@ -72,6 +73,10 @@ class Site:
     """Index of the transformer block, from 0."""
     kind: str = "resid_post"
     """One of ``SITE_KINDS``."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise SiteError(f"unknown site kind {self.kind!r}: choose from {SITE_KINDS}")
 
     @property
     def name(self) -> str:
@@ -125,7 +130,7 @@ def _first_attr(obj: object, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def parse_site(name: str | Site, n_layers: int | None = None) -> Site:
+def parse_site(name: str | int | Site, n_layers: int | None = None) -> Site:
     """Parse ``blocks.{l}.hook_{kind}`` (or a bare layer index, meaning ``resid_post``).
 
     Negative layer indices count from the end when ``n_layers`` is given. Raises
@@ -142,20 +147,26 @@ def parse_site(name: str | Site, n_layers: int | None = None) -> Site:
                 f"unknown site name {name!r}: expected 'blocks.<layer>.hook_<kind>' with kind "
                 f"in {SITE_KINDS}, or a layer index"
             )
+        if match.group(2) not in SITE_KINDS:
+            raise SiteError(f"unknown site kind {match.group(2)!r} in {name!r}: choose from {SITE_KINDS}")
         site = Site(int(match.group(1)), match.group(2))
-    if site.kind not in SITE_KINDS:
-        raise SiteError(f"unknown site kind {site.kind!r} in {name!r}: choose from {SITE_KINDS}")
     if n_layers is not None:
-        layer = site.layer + n_layers if site.layer < 0 else site.layer
-        if not 0 <= layer < n_layers:
-            raise SiteError(
-                f"layer {site.layer} is out of range for a model with {n_layers} layers "
-                f"(valid: 0..{n_layers - 1})"
-            )
-        site = Site(layer, site.kind)
-    elif site.layer < 0:
+        return resolve_site(site, n_layers)
+    if site.layer < 0:
         raise SiteError(f"negative layer {site.layer} needs the model's layer count")
     return site
+
+
+def resolve_site(site: Site, n_layers: int) -> Site:
+    """``site`` in a model of ``n_layers`` blocks: a negative layer counts from the end;
+    ``SiteError`` for a layer outside ``[0, n_layers)``."""
+    layer = site.layer + n_layers if site.layer < 0 else site.layer
+    if not 0 <= layer < n_layers:
+        raise SiteError(
+            f"layer {site.layer} is out of range for a model with {n_layers} layers "
+            f"(valid: 0..{n_layers - 1})"
+        )
+    return Site(layer, site.kind)
 
 
 def parse_sites(names: list[str | int | Site] | str, n_layers: int | None = None) -> list[Site]:
@@ -239,6 +250,10 @@ class PositionSpec:
         return list(range(p)) + list(range(n - s, n))
 
 
+LAST = PositionSpec(0, 1)
+"""The last prompt token (the spec ``last``, i.e. ``l1``)."""
+
+
 def check_clamp(clamp: str) -> None:
     """``SiteError`` unless ``clamp`` is one of ``POSITION_CLAMPS``."""
     if clamp not in POSITION_CLAMPS:
@@ -251,7 +266,7 @@ def parse_positions(spec: str | PositionSpec) -> PositionSpec:
         return spec
     text = spec.strip().lower()
     if text == "last":
-        return PositionSpec(0, 1)
+        return LAST
     if text in ("mean", "all"):
         return PositionSpec(0, 0, text)
     match = re.fullmatch(r"(?:f(\d+))?\+?(?:l(\d+))?", text)
@@ -266,8 +281,8 @@ def parse_positions(spec: str | PositionSpec) -> PositionSpec:
 
 
 def batch_positions(
-    spec: PositionSpec, attention_mask: torch.Tensor, clamp: str = READ_CLAMP
-) -> tuple[torch.Tensor, torch.Tensor]:
+    spec: PositionSpec, attention_mask: Shaped[Tensor, "batch seq"], clamp: str = READ_CLAMP
+) -> tuple[Int64[Tensor, "batch k"], Bool[Tensor, "batch k"]]:
     """Absolute positions selected in each row of a padded batch.
 
     Works for left and right padding alike: a row's prompt tokens are where
@@ -293,7 +308,8 @@ def batch_positions(
     return index.to(attention_mask.device), valid.to(attention_mask.device)
 
 
-def batch_last_mask(spec: PositionSpec, attention_mask: torch.Tensor, clamp: str = READ_CLAMP) -> torch.Tensor:
+def batch_last_mask(spec: PositionSpec, attention_mask: Shaped[Tensor, "batch seq"],
+                    clamp: str = READ_CLAMP) -> Bool[Tensor, "batch k"]:
     """``[batch, k]`` bool, aligned with ``batch_positions``: True where the entry is one of the
     row's last-``s'`` positions (False for the first-``p'`` ones and for padding entries)."""
     _, valid = batch_positions(spec, attention_mask, clamp)
@@ -304,8 +320,8 @@ def batch_last_mask(spec: PositionSpec, attention_mask: torch.Tensor, clamp: str
 
 
 def gather_positions(
-    hidden: torch.Tensor, spec: PositionSpec, attention_mask: torch.Tensor
-) -> torch.Tensor:
+    hidden: Float[Tensor, "batch seq d_model"], spec: PositionSpec, attention_mask: Shaped[Tensor, "batch seq"]
+) -> Float[Tensor, "batch d_model"] | Float[Tensor, "batch k d_model"]:
     """Read ``spec``'s positions from ``hidden`` ``[batch, seq, d]``.
 
     Returns ``[batch, d]`` for ``last`` and ``mean`` (``mean`` pools the selected tokens),

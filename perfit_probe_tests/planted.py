@@ -15,6 +15,7 @@ from perfit_probe.evaluation.evaluate import continuation
 from perfit_probe.interventions import PerFit
 from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe.interventions.train import train_collective, train_personal
 from perfit_probe_tests.tiny import tiny_model
 
@@ -52,7 +53,7 @@ def planted_run():
     def enc(examples):
         return [encode(tok, e.prompt, continuation(e.target, tok, None), eos=True) for e in examples]
 
-    spec = BankSpec("loreft", ("blocks.2.hook_resid_post",), "l1", 4, loaded.d_model)
+    spec = BankSpec("loreft", (Site(2),), parse_positions("l1"), 4, loaded.d_model)
     collective = InterventionBank.initialised(spec, ["collective"], "zero", 0)
     config = TrainConfig(epochs=6, lr=0.2, batch_size=4, max_grad_norm=1.0)
     train_ex = build_examples([task.user(u) for u in split.train_users], SPEC, tok, variants=("plain",))
@@ -66,7 +67,7 @@ def planted_run():
 
 def random_perfit(loaded, users, kind="loreft"):
     """Untrained PerFit with random non-zero edits at two sites (no training needed)."""
-    spec = BankSpec(kind, ("blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"), "f1+l2", 3, loaded.d_model)
+    spec = BankSpec(kind, (Site(1), Site(2, "resid_pre")), parse_positions("f1+l2"), 3, loaded.d_model)
     collective = InterventionBank.initialised(spec, ["collective"], "random", 1)
     personal = InterventionBank.initialised(spec, list(users), "random", 2)
     with torch.no_grad():

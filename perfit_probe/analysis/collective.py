@@ -27,6 +27,7 @@ from typing import get_args
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Bool, Float, Shaped
 from scipy.stats import binomtest
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestCentroid
@@ -47,14 +48,15 @@ COLLECTIVE_STATISTICS = (
 _TINY = 1e-30
 
 
-def collective_direction(x: np.ndarray) -> np.ndarray:
+def collective_direction(x: Float[np.ndarray, "users d_model"]) -> Float[np.ndarray, " d_model"]:
     """Unit vector along the mean delta ``mu / ||mu||`` (zeros when ``mu = 0``)."""
     mu = np.asarray(x, dtype=np.float64).mean(0)
     norm = np.linalg.norm(mu)
     return mu / norm if norm > _TINY else np.zeros_like(mu)
 
 
-def collective_summary(x: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def collective_summary(x: Float[np.ndarray, "users d_model"], weights: Float[np.ndarray, "boot users"] | None = None,
+                       ) -> dict[str, Float[np.ndarray, " boot"]]:
     """The statistics of ``COLLECTIVE_STATISTICS`` for ``x`` ``[n, d]``.
 
     ``weights`` (``[B, n]`` resampling counts, each row summing to ``n``) evaluates them on
@@ -82,7 +84,7 @@ def collective_summary(x: np.ndarray, weights: np.ndarray | None = None) -> dict
     }
 
 
-def per_user_collective(x: np.ndarray, user_ids: list[str]) -> pd.DataFrame:
+def per_user_collective(x: Float[np.ndarray, "users d_model"], user_ids: list[str]) -> pd.DataFrame:
     """One row per user: ``cos_to_mean``, ``norm``, ``personal_norm``, ``norm_ratio``."""
     x = np.asarray(x, dtype=np.float64)
     mu = x.mean(0)
@@ -98,7 +100,7 @@ def per_user_collective(x: np.ndarray, user_ids: list[str]) -> pd.DataFrame:
     })
 
 
-def cosine_matrix(x: np.ndarray) -> np.ndarray:
+def cosine_matrix(x: Float[np.ndarray, "users d_model"]) -> Float[np.ndarray, "users users"]:
     """``[n, n]`` cosine similarities between the rows of ``x``."""
     x = np.asarray(x, dtype=np.float64)
     unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _TINY)
@@ -124,7 +126,8 @@ class VarianceRatio:
 
 
 def variance_ratio(
-    q: np.ndarray, labels: list[str] | np.ndarray, n_perm: int, rng: np.random.Generator
+    q: Float[np.ndarray, "queries d_model"], labels: list[str] | Shaped[np.ndarray, " queries"], n_perm: int,
+    rng: np.random.Generator,
 ) -> VarianceRatio:
     """Trace F ratio of per-query deltas ``q`` (``[N, d]``) grouped by ``labels``.
 
@@ -189,7 +192,8 @@ class Identification:
     """Held-out queries."""
 
 
-def heldout_mask(labels: list[str] | np.ndarray, heldout_fraction: float) -> np.ndarray:
+def heldout_mask(labels: list[str] | Shaped[np.ndarray, " queries"],
+                 heldout_fraction: float) -> Bool[np.ndarray, " queries"]:
     """Deterministic split: the last ``max(1, round(f * n_u))`` of each user's queries (in stored
     order) are held out, keeping at least one for training; users with one query only train."""
     if not 0.0 < heldout_fraction < 1.0:
@@ -206,8 +210,8 @@ def heldout_mask(labels: list[str] | np.ndarray, heldout_fraction: float) -> np.
 
 
 def identify_users(
-    q: np.ndarray,
-    labels: list[str] | np.ndarray,
+    q: Float[np.ndarray, "queries features"],
+    labels: list[str] | Shaped[np.ndarray, " queries"],
     *,
     heldout_fraction: float = 0.3,
     classifier: str = "centroid",

@@ -19,6 +19,7 @@ any source (``perfit_probe.analysis.tables``).
 from __future__ import annotations
 
 import numpy as np
+from jaxtyping import Float
 from scipy.stats import wilcoxon
 
 CONTROL_COLUMNS = ["site", "layer", "control", "n_users", "cos_mean_delta", "norm_real_mean",
@@ -29,7 +30,8 @@ DIRECTIONS = ("real > control", "control > real", "no clear difference")
 _TINY = 1e-30
 
 
-def compare_to_control(real: np.ndarray, control: np.ndarray, alpha: float = 0.05) -> dict:
+def compare_to_control(real: Float[np.ndarray, "users d_model"], control: Float[np.ndarray, "users d_model"],
+                       alpha: float = 0.05) -> dict:
     """The statistics of the module docstring for ``real`` and ``control`` (``[n, d]`` each)."""
     real = np.asarray(real, dtype=np.float64)
     control = np.asarray(control, dtype=np.float64)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
+from jaxtyping import Float
+from torch import Tensor, nn
 
 from perfit_probe.errors import ConfigError
 
@@ -47,7 +48,7 @@ def final_readout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 @torch.no_grad()
-def logit_lens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def logit_lens(model: nn.Module, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
     """``lm_head(norm(hidden))`` in float32, for ``hidden [..., d]`` (any leading shape)."""
     norm, head = final_readout(model)
     param = next(head.parameters())
@@ -55,7 +56,8 @@ def logit_lens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lens_shift(model: nn.Module, base: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+def lens_shift(model: nn.Module, base: Float[Tensor, " d_model"],
+               directions: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
     """``[n, vocab]``: ``log_softmax(lens(base + v)) - log_softmax(lens(base))`` for each row ``v``
     of ``directions [n, d]`` at the base state ``base [d]``."""
     base = base.float().view(1, -1)
@@ -64,7 +66,8 @@ def lens_shift(model: nn.Module, base: torch.Tensor, directions: torch.Tensor) -
     return with_v - without
 
 
-def top_tokens(shift: torch.Tensor, tokenizer, n: int = 10) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+def top_tokens(shift: Float[Tensor, " vocab"], tokenizer,
+               n: int = 10) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """The ``n`` most promoted and most demoted tokens of one shift row ``[vocab]``, decoded."""
     shift = shift.float()
     n = min(n, shift.numel())
@@ -88,8 +91,9 @@ def label_first_tokens(tokenizer, labels: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def label_shift(model: nn.Module, base: torch.Tensor, directions: torch.Tensor,
-                label_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def label_shift(model: nn.Module, base: Float[Tensor, " d_model"], directions: Float[Tensor, "n d_model"],
+                label_ids: list[int],
+                ) -> tuple[Float[np.ndarray, "n labels"], Float[np.ndarray, " labels"], Float[np.ndarray, "n labels"]]:
     """Per direction: each label's log-probability shift over the vocabulary ``[n, n_labels]``,
     and the label distributions (softmax over the labels' lens logits) without ``[n_labels]``
     and with the direction ``[n, n_labels]``."""

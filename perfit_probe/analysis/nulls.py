@@ -41,6 +41,7 @@ from __future__ import annotations
 from typing import get_args
 
 import numpy as np
+from jaxtyping import Float, Int, Real
 
 from perfit_probe.analysis.shift import cumulative_energy, energy_spectrum, rank_at_energy
 from perfit_probe.config import AnalysisSource, Bootstrap, ControlVariant
@@ -60,7 +61,8 @@ NULLS = ("gaussian_null", "anisotropic_null")
 _CHUNK_BYTES = 256 * 2**20
 
 
-def gaussian_null(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def gaussian_null(x: Float[np.ndarray, "users d_model"],
+                  rng: np.random.Generator) -> Float[np.ndarray, "users d_model"]:
     """Isotropic Gaussian directions with the row norms of ``x`` (``[n, d]``)."""
     g = rng.standard_normal(x.shape)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -68,14 +70,16 @@ def gaussian_null(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def shuffled_deltas(
-    enhanced: np.ndarray, mean_plain: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+    enhanced: Float[np.ndarray, "users d_model"], mean_plain: Float[np.ndarray, "users d_model"],
+    rng: np.random.Generator,
+) -> tuple[Float[np.ndarray, "users d_model"], Int[np.ndarray, " users"]]:
     """``n_u - m_{pi(u)}`` with ``n_u = m_u + delta_u``; returns the matrix and ``pi``."""
     perm = derangement(len(enhanced), rng)
     return (mean_plain + enhanced) - mean_plain[perm], perm
 
 
-def source_matrices(deltas: Deltas, site: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def source_matrices(deltas: Deltas, site: int,
+                    rng: np.random.Generator) -> dict[str, Float[np.ndarray, "users d_model"]]:
     """``[n_users, d]`` float64 matrices of every source available at ``site``.
 
     ``control`` needs control deltas and ``shuffled`` plain means (and two users); a source
@@ -93,7 +97,8 @@ def source_matrices(deltas: Deltas, site: int, rng: np.random.Generator) -> dict
     return out
 
 
-def anisotropic_null(x: np.ndarray, rng: np.random.Generator, n_draws: int | None = None) -> np.ndarray:
+def anisotropic_null(x: Float[np.ndarray, "users d_model"], rng: np.random.Generator, n_draws: int | None = None,
+                     ) -> Float[np.ndarray, "*draws users d_model"]:
     """Draws of ``n`` rows from ``N(0, S)``, ``S = Xc^T Xc / (n - 1)`` the sample covariance of ``x``.
 
     Sampled exactly without forming ``S``: ``Z Xc / sqrt(n - 1)`` with ``Z`` standard normal
@@ -122,9 +127,9 @@ def _null_draws(x: np.ndarray, kind: str, n_draws: int, rng: np.random.Generator
 
 
 def null_rank_draws(
-    x: np.ndarray, kind: str, n_draws: int, rng: np.random.Generator,
+    x: Float[np.ndarray, "users d_model"], kind: str, n_draws: int, rng: np.random.Generator,
     centers: tuple[bool, ...], taus: tuple[float, ...],
-) -> dict[bool, np.ndarray]:
+) -> dict[bool, Int[np.ndarray, "draws taus"]]:
     """``{center: [n_draws, len(taus)]}``: ``r(tau)`` of ``n_draws`` independent draws of the
     null ``kind`` (``NULLS``) for ``x``; each draw is analysed both uncentred and centred."""
     x = np.asarray(x, dtype=np.float64)
@@ -139,7 +144,7 @@ def null_rank_draws(
     return {c: np.concatenate(v) if v else np.zeros((0, len(taus)), dtype=int) for c, v in out.items()}
 
 
-def rank_p_value(observed: float, draws: np.ndarray) -> float:
+def rank_p_value(observed: int | float, draws: Real[np.ndarray, " draws"]) -> float:
     """``(1 + #{draws <= observed}) / (1 + n_draws)``: how often a null draw has a rank at most
     the observed one (small: the observed rank is lower than the null's). With ties (ranks are
     integers) the p-value is conservative: ``P(p <= a) <= a`` under the null."""
@@ -147,7 +152,8 @@ def rank_p_value(observed: float, draws: np.ndarray) -> float:
     return float((1 + np.sum(draws <= observed)) / (1 + len(draws)))
 
 
-def rank_p_value_randomized(observed: float, draws: np.ndarray, rng: np.random.Generator) -> float:
+def rank_p_value_randomized(observed: int | float, draws: Real[np.ndarray, " draws"],
+                            rng: np.random.Generator) -> float:
     """``(1 + #{draws < observed} + K) / (1 + n_draws)`` with ``K`` uniform on ``0..#{draws ==
     observed}``: ties broken at random, so that under the null (the observed rank exchangeable
     with the draws) the p-value is exactly uniform on ``{1, ..., n_draws + 1} / (n_draws + 1)``.
@@ -161,7 +167,8 @@ BOOTSTRAPS = get_args(Bootstrap)
 """Kinds of bootstrap over users (see :func:`bootstrap_weights`)."""
 
 
-def bootstrap_weights(n: int, n_boot: int, rng: np.random.Generator, kind: str = "bayesian") -> np.ndarray:
+def bootstrap_weights(n: int, n_boot: int, rng: np.random.Generator,
+                      kind: str = "bayesian") -> Float[np.ndarray, "boot n"]:
     """``[n_boot, n]`` user weights, each row summing to ``n``.
 
     ``classic``: resampling counts (rows drawn with replacement; about a third of the users
@@ -179,7 +186,8 @@ def bootstrap_weights(n: int, n_boot: int, rng: np.random.Generator, kind: str =
     raise ConfigError(f"unknown bootstrap {kind!r}: choose from {BOOTSTRAPS}")
 
 
-def bootstrap_spectra(x: np.ndarray, weights: np.ndarray, center: bool) -> np.ndarray:
+def bootstrap_spectra(x: Float[np.ndarray, "users d_model"], weights: Float[np.ndarray, "boot users"],
+                      center: bool) -> Float[np.ndarray, "boot k"]:
     """Squared singular values of ``diag(sqrt(w)) (x - mu_w)`` for every weight row ``w``.
 
     ``mu_w = sum_u w_u x_u / n`` when ``center`` (else 0); with resampling counts as weights this
@@ -214,15 +222,18 @@ def bootstrap_spectra(x: np.ndarray, weights: np.ndarray, center: bool) -> np.nd
 
 
 def bootstrap_ranks(
-    x: np.ndarray, weights: np.ndarray, center: bool, taus: tuple[float, ...]
-) -> np.ndarray:
+    x: Float[np.ndarray, "users d_model"], weights: Float[np.ndarray, "boot users"], center: bool,
+    taus: tuple[float, ...],
+) -> Int[np.ndarray, "boot taus"]:
     """``[n_boot, len(taus)]``: ``r(tau)`` of ``x`` under every bootstrap weight row."""
     cum = cumulative_energy(bootstrap_spectra(x, weights, center))
     return np.stack([rank_at_energy(cum, tau) for tau in taus], axis=1)
 
 
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap interval along axis 0 (NaN where there are no draws)."""
+def percentile_interval(values: Real[np.ndarray, " draws *rest"], level: float = 0.95,
+                        ) -> tuple[Float[np.ndarray, "*rest"] | np.floating, Float[np.ndarray, "*rest"] | np.floating]:
+    """Percentile bootstrap interval along axis 0 (NaN where there are no draws); numpy
+    scalars for one-dimensional ``values``."""
     values = np.asarray(values, dtype=np.float64)
     if values.shape[0] == 0:
         nan = np.full(values.shape[1:], np.nan)

@@ -21,6 +21,7 @@ import logging
 from typing import Literal
 
 import numpy as np
+from jaxtyping import Float, Int
 from sklearn.utils.extmath import randomized_svd, svd_flip
 
 from perfit_probe.errors import ConfigError
@@ -34,7 +35,7 @@ ENERGY_TOL = 1e-9
 """Slack when comparing a cumulative energy share with ``tau`` (floating-point round-off)."""
 
 
-def rank_at_energy(cumulative: np.ndarray, tau: float) -> int:
+def rank_at_energy(cumulative: Float[np.ndarray, "*batch k"], tau: float) -> int | Int[np.ndarray, "*batch"]:
     """Smallest ``k >= 1`` with ``cumulative[k-1] >= tau`` (0 when the total energy is zero).
 
     ``cumulative`` may be batched: the last axis holds the curve and an integer array is
@@ -50,7 +51,7 @@ def rank_at_energy(cumulative: np.ndarray, tau: float) -> int:
     return int(ranks) if ranks.ndim == 0 else ranks
 
 
-def energy_spectrum(x: np.ndarray, center: bool) -> np.ndarray:
+def energy_spectrum(x: Float[np.ndarray, "*batch n d"], center: bool) -> Float[np.ndarray, "*batch k"]:
     """Squared singular values of (optionally centred) ``x``, descending, length ``min(n, d)``.
 
     Computed from the smaller Gram matrix (``x x^T`` or ``x^T x``) with ``eigvalsh`` in
@@ -66,7 +67,7 @@ def energy_spectrum(x: np.ndarray, center: bool) -> np.ndarray:
     return np.clip(eig, 0.0, None)
 
 
-def cumulative_energy(spectrum: np.ndarray) -> np.ndarray:
+def cumulative_energy(spectrum: Float[np.ndarray, "*batch k"]) -> Float[np.ndarray, "*batch k"]:
     """Cumulative share of energy ``energy(k)`` from squared singular values (last axis)."""
     spectrum = np.asarray(spectrum, dtype=np.float64)
     total = spectrum.sum(-1, keepdims=True)
@@ -101,7 +102,7 @@ class ShiftPCA:
         self.random_state = random_state
         """Seed of the randomized solver."""
 
-    def fit(self, x: np.ndarray) -> ShiftPCA:
+    def fit(self, x: Float[np.ndarray, "n d"]) -> ShiftPCA:
         """Estimate the principal directions of ``x`` (``[n, d]``); returns ``self``."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 1:
@@ -141,7 +142,7 @@ class ShiftPCA:
         return self
 
     @property
-    def cumulative_ratio_(self) -> np.ndarray:
+    def cumulative_ratio_(self) -> Float[np.ndarray, " k"]:
         """``energy(k)`` for ``k = 1..n_components_``."""
         return np.cumsum(self.explained_variance_ratio_)
 
@@ -165,10 +166,10 @@ class ShiftPCA:
         """``1000 * r(tau) / max_rank_`` (``n - 1`` replaces ``n`` when centred)."""
         return 1000.0 * self.rank_at(tau) / self.max_rank_
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
+    def transform(self, x: Float[np.ndarray, "m d"]) -> Float[np.ndarray, "m k"]:
         """Coordinates of ``x`` (``[m, d]``) on the components: ``(x - mean_) @ components_.T``."""
         return (np.asarray(x, dtype=np.float64) - self.mean_) @ self.components_.T
 
-    def inverse_transform(self, z: np.ndarray) -> np.ndarray:
+    def inverse_transform(self, z: Float[np.ndarray, "m k"]) -> Float[np.ndarray, "m d"]:
         """Back from coordinates: ``z @ components_ + mean_``."""
         return np.asarray(z, dtype=np.float64) @ self.components_ + self.mean_

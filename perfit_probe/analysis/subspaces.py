@@ -23,11 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from jaxtyping import Float
 
 from perfit_probe.errors import ConfigError
 
 
-def orthonormal_basis(rows: np.ndarray, tol: float = 1e-10) -> np.ndarray:
+def orthonormal_basis(rows: Float[np.ndarray, "*n d"], tol: float = 1e-10) -> Float[np.ndarray, "k d"]:
     """``[k, d]`` orthonormal rows spanning the row space of ``rows [n, d]`` (rank-revealing SVD)."""
     rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     _, svals, vh = np.linalg.svd(rows, full_matrices=False)
@@ -37,7 +38,7 @@ def orthonormal_basis(rows: np.ndarray, tol: float = 1e-10) -> np.ndarray:
     return vh[keep]
 
 
-def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def principal_angles(a: Float[np.ndarray, "*m d"], b: Float[np.ndarray, "*n d"]) -> Float[np.ndarray, " angles"]:
     """Principal angles (degrees, ascending) between the row spaces of ``a [., d]`` and ``b [., d]``."""
     qa, qb = orthonormal_basis(a), orthonormal_basis(b)
     if qa.shape[1] != qb.shape[1]:
@@ -46,12 +47,12 @@ def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(svals, -1.0, 1.0)))
 
 
-def overlap(angles_deg: np.ndarray) -> float:
+def overlap(angles_deg: Float[np.ndarray, " angles"]) -> float:
     """``mean cos^2`` of principal angles (1: nested subspaces; ``dim / d`` by chance)."""
     return float(np.mean(np.cos(np.radians(angles_deg)) ** 2))
 
 
-def random_rows(k: int, d: int, rng: np.random.Generator) -> np.ndarray:
+def random_rows(k: int, d: int, rng: np.random.Generator) -> Float[np.ndarray, "k d"]:
     """A uniformly random ``k``-dimensional subspace of R^d (orthonormal rows)."""
     q, _ = np.linalg.qr(rng.standard_normal((d, k)))
     return q.T
@@ -61,13 +62,13 @@ def random_rows(k: int, d: int, rng: np.random.Generator) -> np.ndarray:
 class AngleTest:
     """Principal angles of two subspaces against random subspaces of the second one's dimension."""
 
-    angles: np.ndarray
+    angles: Float[np.ndarray, " angles"]
     """Observed principal angles (degrees, ascending)."""
-    null_angles: np.ndarray
+    null_angles: Float[np.ndarray, "draws angles"]
     """``[n_draws, n_angles]``: principal angles of the random draws."""
     overlap: float
     """``mean cos^2`` of the observed angles."""
-    null_overlap: np.ndarray
+    null_overlap: Float[np.ndarray, " draws"]
     """``[n_draws]``: the same for each random draw."""
 
     @property
@@ -76,8 +77,8 @@ class AngleTest:
         return float(100.0 * np.mean(self.null_overlap < self.overlap))
 
 
-def random_null(reference: np.ndarray, dim: int, *, n_draws: int = 200,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_null(reference: Float[np.ndarray, "k d"], dim: int, *, n_draws: int = 200, rng: np.random.Generator,
+                ) -> tuple[Float[np.ndarray, "draws angles"], Float[np.ndarray, " draws"]]:
     """Principal angles ``[n_draws, n]`` and overlaps ``[n_draws]`` between ``reference`` and
     ``n_draws`` uniformly random ``dim``-dimensional subspaces."""
     ref = orthonormal_basis(reference)
@@ -85,9 +86,10 @@ def random_null(reference: np.ndarray, dim: int, *, n_draws: int = 200,
     return angles, np.array([overlap(row) for row in angles])
 
 
-def angle_test(reference: np.ndarray, other: np.ndarray, *, n_draws: int = 200,
+def angle_test(reference: Float[np.ndarray, "k d"], other: Float[np.ndarray, "r d"], *, n_draws: int = 200,
                rng: np.random.Generator | None = None,
-               null: tuple[np.ndarray, np.ndarray] | None = None) -> AngleTest:
+               null: tuple[Float[np.ndarray, "draws angles"], Float[np.ndarray, " draws"]] | None = None,
+               ) -> AngleTest:
     """Principal angles between ``reference`` and ``other`` and between ``reference`` and
     ``n_draws`` random subspaces of ``other``'s dimension (see the module docstring).
 
@@ -101,7 +103,7 @@ def angle_test(reference: np.ndarray, other: np.ndarray, *, n_draws: int = 200,
     return AngleTest(observed, null[0], overlap(observed), null[1])
 
 
-def energy_share(vectors: np.ndarray, basis: np.ndarray) -> float:
+def energy_share(vectors: Float[np.ndarray, "*n d"], basis: Float[np.ndarray, "*k d"]) -> float:
     """``sum ||Q e||^2 / sum ||e||^2`` of ``vectors [n, d]`` inside the span of ``basis``."""
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
     q = orthonormal_basis(basis)
@@ -115,17 +117,17 @@ def energy_share(vectors: np.ndarray, basis: np.ndarray) -> float:
 class CentredPCs:
     """Top principal directions of a stack of vectors after centring."""
 
-    mean: np.ndarray
+    mean: Float[np.ndarray, " d"]
     """``[d]``: the mean vector (the collective shift for delta vectors)."""
-    components: np.ndarray
+    components: Float[np.ndarray, "k d"]
     """``[k, d]``: orthonormal principal directions, by decreasing variance."""
-    scales: np.ndarray
+    scales: Float[np.ndarray, " k"]
     """``[k]``: standard deviation of the rows along each direction (``sigma_i / sqrt(n)``)."""
-    explained: np.ndarray
+    explained: Float[np.ndarray, " k"]
     """``[k]``: share of the centred rows' squared norm along each direction."""
 
 
-def centred_pcs(rows: np.ndarray, k: int) -> CentredPCs:
+def centred_pcs(rows: Float[np.ndarray, "n d"], k: int) -> CentredPCs:
     """The ``k`` leading principal directions of ``rows [n, d]`` after removing their mean
     (``k`` is capped at ``n - 1``); signs fixed so that each direction's largest |entry| is positive."""
     rows = np.asarray(rows, dtype=np.float64)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float
 
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
@@ -28,11 +29,11 @@ from perfit_probe.errors import ConfigError
 class PlantedShift:
     """Ground truth of :func:`planted_deltas`."""
 
-    collective: np.ndarray
+    collective: Float[np.ndarray, "sites d_model"]
     """``[n_sites, d_model]``: the planted collective shift ``collective_norm * c_l``."""
-    personal_basis: np.ndarray
+    personal_basis: Float[np.ndarray, "sites rank d_model"]
     """``[n_sites, rank, d_model]``: orthonormal personal directions ``B_l``."""
-    coefficients: np.ndarray
+    coefficients: Float[np.ndarray, "users sites rank"]
     """``[n_users, n_sites, rank]``: personal coefficients ``a_{u,l}``."""
     rank: int
     """Planted personal rank."""
@@ -40,7 +41,7 @@ class PlantedShift:
     """Expected norm of one per-query noise vector."""
 
     @property
-    def collective_direction(self) -> np.ndarray:
+    def collective_direction(self) -> Float[np.ndarray, "sites d_model"]:
         """``[n_sites, d_model]``: unit collective directions (zeros where none was planted)."""
         norm = np.linalg.norm(self.collective, axis=-1, keepdims=True)
         return np.where(norm > 0, self.collective / np.where(norm > 0, norm, 1.0), 0.0)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Float
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -40,6 +41,7 @@ from perfit_probe.analysis.nulls import (
     source_matrices,
 )
 from perfit_probe.analysis.shift import ShiftPCA
+from perfit_probe.analysis.text_baseline import text_identification
 from perfit_probe.config import AnalysisConfig
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError, DataError, SiteError
@@ -142,13 +144,6 @@ class AnalysisResult:
         meta = read_json(meta_path) if meta_path.is_file() else {}
         return cls(meta=meta, **frames)
 
-    def rank_table(self, centered: bool) -> pd.DataFrame:
-        """Wide view: one row per site x source, columns ``rank@tau`` and ``per_mille@tau``."""
-        sub = self.ranks[self.ranks["centered"] == centered]
-        wide = sub.pivot_table(index=["layer", "site", "source"], columns="statistic",
-                               values="value", sort=False)
-        return wide.reset_index()
-
     def summary(self) -> dict:
         """Headline numbers for ``metrics.json``: ranks at the site where the deltas'
         uncentred (else centred) ``r(0.9)`` is lowest, and that site's collective statistics."""
@@ -184,60 +179,15 @@ def analyze_deltas(
 
 
 def _analyze(deltas: Deltas, config: AnalysisConfig, history: pd.DataFrame | None) -> AnalysisResult:
-    n_users, d_model = len(deltas.user_ids), deltas.d_model
-    if n_users < 2:
-        raise ConfigError(f"shift analysis needs at least 2 users, the deltas have {n_users}")
-    zero = [site for i, site in enumerate(deltas.sites) if not bool(deltas.enhanced[:, i].abs().amax() > 0)]
-    if zero:
-        raise DataError(f"every user's delta vector is exactly 0 at {', '.join(zero)}: the enhanced prompts "
-                        "equal the plain ones there (k=0, or identical prompts); cache with k >= 1")
+    """``analyze_deltas`` within its BLAS thread limit: every site's rows, then the text baselines."""
+    n_users = len(deltas.user_ids)
+    _check_deltas(deltas)
     figure_sites = _figure_sites(deltas, config)
     rows: dict[str, list] = {name: [] for name in {**TABLES, **EXTRA_TABLES}}
     skipped: set[str] = set()
     q_all = deltas.query_delta.double().numpy() if deltas.query_delta is not None else None
-    q_labels = np.asarray(deltas.query_user_ids)
     for index in tqdm(range(len(deltas.sites)), desc="sites", disable=not config.progress):
-        site = deltas.sites[index]
-        key = {"site": site, "layer": _layer(site, index)}
-        seq = np.random.SeedSequence([config.seed, index])
-        g_null, g_boot, g_perm, g_draws = (np.random.default_rng(s) for s in seq.spawn(4))
-        mats = source_matrices(deltas, index, g_null)
-        skipped |= {s for s in config.sources if s not in mats}
-        mats = {s: m for s, m in mats.items() if s in config.sources or s == "deltas"}
-        weights = bootstrap_weights(n_users, config.n_boot, g_boot, config.bootstrap)
-        draws = {}
-        if config.n_null_draws:
-            for kind in NULLS:
-                if kind in config.sources or kind == "anisotropic_null":
-                    draws[kind] = null_rank_draws(mats["deltas"], kind, config.n_null_draws, g_draws,
-                                                  config.centers, config.taus)
-            rows["null_tests"] += _null_test_rows(key, mats["deltas"], draws, config, g_draws)
-        for source, x in mats.items():
-            rows["ranks"] += _rank_rows(key, source, x, weights, config, draws.get(source))
-            rows["curves"] += _curve_rows(key, source, x, config)
-            rows["collective"] += _collective_rows(key, source, x, weights, config)
-            users = per_user_collective(x, deltas.user_ids)
-            rows["user_stats"].append(users.assign(**key, source=source))
-            if source == "control" or source in CONTROL_SOURCES:
-                rows["controls"].append({**key, "control": source,
-                                         **compare_to_control(mats["deltas"], x, config.alpha)})
-        if q_all is not None and len(q_all):
-            query_rows, ident = _query_rows(key, q_all[:, index], q_labels, g_perm, config)
-            rows["collective"] += query_rows
-            if ident is not None:
-                rows["identification"].append(_ident_row(key, "hidden_state", ident))
-            for variant, q_var in deltas.variant_query_deltas.items():
-                ident = _identify(key, q_var[:, index].double().numpy(), q_labels, config)
-                if ident is not None:
-                    rows["identification"].append(_ident_row(key, f"hidden_state_{variant}", ident))
-        if site in figure_sites:
-            x = mats["deltas"]
-            rows["projection"].append(_projection(key, x, deltas, q_all, index, config))
-            cos = cosine_matrix(x)
-            ids = np.asarray(deltas.user_ids)
-            rows["user_cosine"].append(pd.DataFrame({
-                **key, "user_a": np.repeat(ids, n_users), "user_b": np.tile(ids, n_users),
-                "cosine": cos.ravel()}))
+        skipped |= _site_rows(rows, deltas, index, config, q_all, figure=deltas.sites[index] in figure_sites)
     rows["identification"] += _text_rows(deltas, history, config)
     not_cached = sorted(skipped & set(CONTROL_SOURCES))  # opt-in cache variants: no warning
     skipped -= set(CONTROL_SOURCES)
@@ -246,7 +196,7 @@ def _analyze(deltas: Deltas, config: AnalysisConfig, history: pd.DataFrame | Non
     if not_cached:
         log.info("control variants not cached (add them to the cache's variants): %s", not_cached)
     meta = {
-        "config": config, "n_users": n_users, "d_model": d_model, "sites": list(deltas.sites),
+        "config": config, "n_users": n_users, "d_model": deltas.d_model, "sites": list(deltas.sites),
         "taus": list(config.taus), "figure_sites": figure_sites, "skipped_sources": sorted(skipped),
         "controls_not_cached": not_cached,
         "n_queries": 0 if q_all is None else len(q_all), "deltas_meta": deltas.meta,
@@ -265,6 +215,81 @@ def _analyze(deltas: Deltas, config: AnalysisConfig, history: pd.DataFrame | Non
         controls=pd.DataFrame(rows["controls"], columns=CONTROL_COLUMNS),
         identification=pd.DataFrame(rows["identification"], columns=IDENTIFICATION_COLUMNS),
     )
+
+
+def _check_deltas(deltas: Deltas) -> None:
+    """``ConfigError`` for fewer than 2 users, ``DataError`` for a site where every delta is 0."""
+    n_users = len(deltas.user_ids)
+    if n_users < 2:
+        raise ConfigError(f"shift analysis needs at least 2 users, the deltas have {n_users}")
+    zero = [site for i, site in enumerate(deltas.sites) if not bool(deltas.enhanced[:, i].abs().amax() > 0)]
+    if zero:
+        raise DataError(f"every user's delta vector is exactly 0 at {', '.join(zero)}: the enhanced prompts "
+                        "equal the plain ones there (k=0, or identical prompts); cache with k >= 1")
+
+
+def _site_rows(rows: dict[str, list], deltas: Deltas, index: int, config: AnalysisConfig,
+               q_all: Float[np.ndarray, "queries sites d_model"] | None, *, figure: bool) -> set[str]:
+    """Append site number ``index``'s rows to ``rows`` (one list per table); returns the
+    requested sources the deltas cannot provide. Seeded by ``(config.seed, index)``."""
+    site = deltas.sites[index]
+    key = {"site": site, "layer": _layer(site, index)}
+    seq = np.random.SeedSequence([config.seed, index])
+    g_null, g_boot, g_perm, g_draws = (np.random.default_rng(s) for s in seq.spawn(4))
+    mats = source_matrices(deltas, index, g_null)
+    skipped = {s for s in config.sources if s not in mats}
+    mats = {s: m for s, m in mats.items() if s in config.sources or s == "deltas"}
+    weights = bootstrap_weights(len(deltas.user_ids), config.n_boot, g_boot, config.bootstrap)
+    draws = {}
+    if config.n_null_draws:
+        for kind in NULLS:
+            if kind in config.sources or kind == "anisotropic_null":
+                draws[kind] = null_rank_draws(mats["deltas"], kind, config.n_null_draws, g_draws,
+                                              config.centers, config.taus)
+        rows["null_tests"] += _null_test_rows(key, mats["deltas"], draws, config, g_draws)
+    for source, x in mats.items():
+        rows["ranks"] += _rank_rows(key, source, x, weights, config, draws.get(source))
+        rows["curves"] += _curve_rows(key, source, x, config)
+        rows["collective"] += _collective_rows(key, source, x, weights, config)
+        users = per_user_collective(x, deltas.user_ids)
+        rows["user_stats"].append(users.assign(**key, source=source))
+        if source == "control" or source in CONTROL_SOURCES:
+            rows["controls"].append({**key, "control": source,
+                                     **compare_to_control(mats["deltas"], x, config.alpha)})
+    if q_all is not None and len(q_all):
+        _query_site_rows(rows, key, deltas, q_all, index, g_perm, config)
+    if figure:
+        _figure_rows(rows, key, mats["deltas"], deltas, q_all, index, config)
+    return skipped
+
+
+def _query_site_rows(rows: dict[str, list], key: dict, deltas: Deltas,
+                     q_all: Float[np.ndarray, "queries sites d_model"], index: int, g_perm: np.random.Generator,
+                     config: AnalysisConfig) -> None:
+    """The per-query rows of one site: between/within-user statistics and user identification
+    from the hidden-state shifts (the history's, and each control variant's)."""
+    q_labels = np.asarray(deltas.query_user_ids)
+    query_rows, ident = _query_rows(key, q_all[:, index], q_labels, g_perm, config)
+    rows["collective"] += query_rows
+    if ident is not None:
+        rows["identification"].append(_ident_row(key, "hidden_state", ident))
+    for variant, q_var in deltas.variant_query_deltas.items():
+        ident = _identify(key, q_var[:, index].double().numpy(), q_labels, config)
+        if ident is not None:
+            rows["identification"].append(_ident_row(key, f"hidden_state_{variant}", ident))
+
+
+def _figure_rows(rows: dict[str, list], key: dict, x: Float[np.ndarray, "users d_model"], deltas: Deltas,
+                 q_all: Float[np.ndarray, "queries sites d_model"] | None, index: int, config: AnalysisConfig) -> None:
+    """The rows only figures use, at a figure site: the projection on the top directions and
+    the user-by-user cosine matrix of the deltas ``x``."""
+    n_users = len(deltas.user_ids)
+    rows["projection"].append(_projection(key, x, deltas, q_all, index, config))
+    cos = cosine_matrix(x)
+    ids = np.asarray(deltas.user_ids)
+    rows["user_cosine"].append(pd.DataFrame({
+        **key, "user_a": np.repeat(ids, n_users), "user_b": np.tile(ids, n_users),
+        "cosine": cos.ravel()}))
 
 
 _COLLECTIVE_COLUMNS = ["site", "layer", "source", "statistic", "value", "ci_low", "ci_high", "p_value"]
@@ -367,8 +392,6 @@ def _identify(key: dict, q: np.ndarray, labels: np.ndarray, config: AnalysisConf
 
 def _text_rows(deltas: Deltas, history: pd.DataFrame | None, config: AnalysisConfig) -> list[dict]:
     """Identification rows of the text baselines (``TEXT_SITE``), when the history is known."""
-    from perfit_probe.analysis.text_baseline import text_identification
-
     if history is None or deltas.query_delta is None or not len(deltas.query_user_ids):
         return []
     try:

@@ -18,6 +18,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Bool, Float
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from perfit_probe.analysis.collective import Identification, heldout_mask, identify_users
@@ -26,12 +27,10 @@ from perfit_probe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TEXT_FEATURES = ("item_ids", "history_tfidf")
-"""Text feature sets of ``text_identification``."""
 MAX_TFIDF_FEATURES = 2048
 
 
-def item_id_features(ids: list[list[str]], train: np.ndarray) -> np.ndarray:
+def item_id_features(ids: list[list[str]], train: Bool[np.ndarray, " rows"]) -> Float[np.ndarray, "rows vocab"]:
     """``[n, vocab]`` 0/1 matrix: which training-vocabulary item ids each row's prompt shows."""
     vocab = sorted({i for row, keep in zip(ids, train) if keep for i in row})
     pos = {item: j for j, item in enumerate(vocab)}
@@ -43,7 +42,7 @@ def item_id_features(ids: list[list[str]], train: np.ndarray) -> np.ndarray:
     return out
 
 
-def tfidf_features(texts: list[str], train: np.ndarray) -> np.ndarray:
+def tfidf_features(texts: list[str], train: Bool[np.ndarray, " rows"]) -> Float[np.ndarray, "rows vocab"]:
     """``[n, vocab]`` TF-IDF rows of ``texts``, the vectoriser fitted on the training rows."""
     vec = TfidfVectorizer(sublinear_tf=True, max_features=MAX_TFIDF_FEATURES)
     try:
@@ -72,7 +71,8 @@ def text_identification(
     history: pd.DataFrame, user_ids: list[str], query_ids: list[str], *,
     heldout_fraction: float = 0.3, classifier: str = "centroid", seed: int = 0,
 ) -> dict[str, Identification]:
-    """User identification from each of ``TEXT_FEATURES`` of the enhanced prompts' history.
+    """User identification from each text feature set of the enhanced prompts' history
+    (``item_ids``: which items were retrieved; ``history_tfidf``: TF-IDF of the history text).
 
     ``user_ids``/``query_ids`` give the queries in the order of the per-query deltas, so the
     held-out split is the one the hidden-state identification uses.

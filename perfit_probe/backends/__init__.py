@@ -10,8 +10,8 @@ only in how they reach inside the model:
   without weight processing so values match Hugging Face's;
 - ``nnsight``: an nnsight ``LanguageModel`` over the same HF model.
 
-``get_backend(name, loaded)`` builds one; heavy libraries are imported only when their
-backend is built.
+``get_backend(name, loaded)`` builds one; heavy libraries (transformer-lens, nnsight) are
+imported only when their backend is built.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from __future__ import annotations
 from typing import get_args
 
 from perfit_probe.backends.base import ActivationBackend, model_inputs
+from perfit_probe.backends.hooks import HookBackend
+from perfit_probe.backends.nnsight_backend import NNsightBackend
+from perfit_probe.backends.tlens import TransformerLensBackend
 from perfit_probe.config import Backend
 from perfit_probe.errors import ConfigError
 
@@ -28,16 +31,10 @@ BACKEND_NAMES = get_args(Backend)
 def get_backend(name: str, loaded) -> ActivationBackend:
     """Build the backend called ``name`` over a ``LoadedModel``."""
     if name == "hooks":
-        from perfit_probe.backends.hooks import HookBackend
-
         return HookBackend(loaded)
     if name == "transformer_lens":
-        from perfit_probe.backends.tlens import TransformerLensBackend
-
         return TransformerLensBackend(loaded)
     if name == "nnsight":
-        from perfit_probe.backends.nnsight_backend import NNsightBackend
-
         return NNsightBackend(loaded)
     raise ConfigError(f"unknown backend {name!r}: choose from {BACKEND_NAMES}")
 

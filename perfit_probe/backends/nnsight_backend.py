@@ -6,6 +6,8 @@ module that ``Site.hf_module`` names (translation of sites lives in ``perfit_pro
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from perfit_probe.backends.base import ActivationBackend, model_inputs
@@ -29,8 +31,7 @@ class NNsightBackend(ActivationBackend):
 
     def __init__(self, loaded) -> None:
         super().__init__(loaded)
-        import warnings
-
+        # nnsight is heavy and needed by this backend only: imported when one is built
         from nnsight import LanguageModel
 
         with warnings.catch_warnings():

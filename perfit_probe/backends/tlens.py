@@ -27,6 +27,7 @@ class TransformerLensBackend(ActivationBackend):
 
     def __init__(self, loaded, copy_model: bool = True) -> None:
         super().__init__(loaded)
+        # transformer-lens is heavy and needed by this backend only: imported when one is built
         from transformer_lens.model_bridge import TransformerBridge
 
         # The bridge may rebuild the tokenizer from its saved name to force a BOS token; we

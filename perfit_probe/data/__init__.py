@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from perfit_probe.config import query_cap
+from perfit_probe.data.lamp import load_lamp
+from perfit_probe.data.movielens import load_movielens
 from perfit_probe.data.records import (
     CONTROL_VARIANTS, DEFAULT_VARIANTS, VARIANTS, Example, ProfileItem, Query, TaskData, TaskSpec, User,
 )
+from perfit_probe.data.synthetic import make_synthetic
 from perfit_probe.data.tasks import TASK_NAMES, canonical_task_name, task_spec
 from perfit_probe.errors import DataError
 
@@ -48,20 +51,14 @@ def load_task(
     if n_users is not None and n_users < 1:
         raise DataError(f"n_users={n_users} must be >= 1")
     if task == "movielens":
-        from perfit_probe.data.movielens import load_movielens
-
         return load_movielens(path=path, n_users=n_users, seed=seed,
                               max_queries=40 if max_queries is None else max_queries)
     if task == "synthetic":
-        from perfit_probe.data.synthetic import make_synthetic
-
         return make_synthetic(n_users=40 if n_users is None else n_users,
                               n_queries=12 if max_queries is None else max_queries, seed=seed)
     if path is None:
         raise DataError(f"task {task} needs path= to a LaMP questions file or an OPPU per-user "
                         "file (perfit-probe never downloads LaMP)")
-    from perfit_probe.data.lamp import load_lamp
-
     data = load_lamp(task, path, outputs, n_users=n_users, seed=seed)
     if max_queries is not None:
         for user in data.users:

@@ -186,14 +186,6 @@ def _finish(task: str, users: list[User], empty: list[str], path: Path, fmt: str
     return TaskData(spec=spec, users=chosen, report=report)
 
 
-def load_lamp_questions(task: str, questions: Path, outputs: Path | None = None, *,
-                        n_users: int | None = None, seed: int = 0) -> TaskData:
-    """Load an official LaMP questions file (and its outputs file); one user per question."""
-    questions = Path(questions)
-    data = read_json(questions)
-    return _questions(task, data, questions, outputs, n_users, seed)
-
-
 def _questions(task: str, data: object, questions: Path, outputs: Path | None,
                n_users: int | None, seed: int) -> TaskData:
     spec = task_spec(task)

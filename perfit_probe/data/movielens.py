@@ -109,25 +109,9 @@ def load_movielens(
     always holds all of the user's ratings.
     """
     directory = Path(path) if path is not None else movielens_dir()
-    ratings = _read(directory, "data")
-    items = _read(directory, "items")
-    for frame, which, cols in ((ratings, "data", ("user_id", "movie_id", "rating", "timestamp")),
-                               (items, "items", ("movie_id", "movie_title", "release_date"))):
-        missing = [c for c in cols if c not in frame.columns]
-        if missing:
-            raise DataError(f"{directory / f'MovieLens100k_{which}.parquet.brotli'}: "
-                            f"missing column(s) {missing}")
+    ratings, items = _read_tables(directory)
     movies = movie_table(items)
-    canonical = canonical_ids(movies)
-    unknown = {m for m, f in movies.items() if f["title"].lower() == "unknown"}
-    ratings = ratings.assign(movie_id=ratings["movie_id"].astype(str).map(lambda m: canonical.get(m, m)))
-    # 18 movies appear twice under two ids: keep a user's latest rating of the same movie.
-    dup = ratings.sort_values("timestamp", kind="stable").duplicated(["user_id", "movie_id"], keep="last")
-    n_dup = int(dup.sum())
-    ratings = ratings[~dup.reindex(ratings.index)]
-    is_unknown = ratings["movie_id"].astype(str).isin(unknown)
-    n_unknown = int(is_unknown.sum())
-    ratings = ratings[~is_unknown]
+    ratings, n_dup, n_unknown = _clean_ratings(ratings, movies)
     counts = ratings.groupby("user_id").size()
     eligible = sorted((str(u) for u in counts.index[counts >= min_ratings]),
                       key=lambda u: stable_rank(u, seed))
@@ -139,26 +123,8 @@ def load_movielens(
     ratings = ratings[ratings["user_id"].astype(str).isin(chosen_set)]
     ratings = ratings.assign(movie_num=ratings["movie_id"].astype(int))
     ratings = ratings.sort_values(["user_id", "timestamp", "movie_num"], kind="stable")
-
-    by_user: dict[str, User] = {}
-    for uid, group in ratings.groupby("user_id", sort=False):
-        uid = str(uid)
-        profile, queries = [], []
-        for movie_id, rating, timestamp in zip(group["movie_id"], group["rating"], group["timestamp"]):
-            mid = str(movie_id)
-            movie = movies.get(mid)
-            if movie is None:
-                raise DataError(f"{directory / 'MovieLens100k_data.parquet.brotli'}: user {uid} "
-                                f"rated movie_id {mid}, which is not in the items file")
-            date = _iso(timestamp)
-            profile.append(ProfileItem(id=mid, fields={**movie, "score": str(int(rating))}, date=date))
-            queries.append(Query(id=f"{uid}-{mid}", input=query_input(movie), output=str(int(rating)),
-                                 item_id=mid, fields=dict(movie)))
-        if max_queries is not None and len(queries) > max_queries:
-            keep = set(sorted(range(len(queries)),
-                              key=lambda i: stable_rank(f"{uid}/{queries[i].item_id}", seed))[:max_queries])
-            queries = [q for i, q in enumerate(queries) if i in keep]
-        by_user[uid] = User(id=uid, profile=profile, queries=queries)
+    by_user = {str(uid): _user(str(uid), group, movies, directory, max_queries, seed)
+               for uid, group in ratings.groupby("user_id", sort=False)}
     users = [by_user[u] for u in chosen]
     report = {
         "source": str(directory),
@@ -172,3 +138,54 @@ def load_movielens(
     }
     log.info("MovieLens-100k: %d users, %d queries", report["n_users"], report["n_queries"])
     return TaskData(spec=TASKS["movielens-rating"], users=users, report=report)
+
+
+def _read_tables(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ratings and items tables of ``directory``; ``DataError`` when a column is missing."""
+    ratings = _read(directory, "data")
+    items = _read(directory, "items")
+    for frame, which, cols in ((ratings, "data", ("user_id", "movie_id", "rating", "timestamp")),
+                               (items, "items", ("movie_id", "movie_title", "release_date"))):
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise DataError(f"{directory / f'MovieLens100k_{which}.parquet.brotli'}: "
+                            f"missing column(s) {missing}")
+    return ratings, items
+
+
+def _clean_ratings(ratings: pd.DataFrame, movies: dict[str, dict[str, str]]) -> tuple[pd.DataFrame, int, int]:
+    """Ratings with movie ids made canonical (``canonical_ids``), a user's earlier rating of a
+    movie listed twice dropped and ratings of untitled ("unknown") movies dropped; also the
+    numbers of ratings dropped for each reason."""
+    canonical = canonical_ids(movies)
+    unknown = {m for m, f in movies.items() if f["title"].lower() == "unknown"}
+    ratings = ratings.assign(movie_id=ratings["movie_id"].astype(str).map(lambda m: canonical.get(m, m)))
+    # 18 movies appear twice under two ids: keep a user's latest rating of the same movie.
+    dup = ratings.sort_values("timestamp", kind="stable").duplicated(["user_id", "movie_id"], keep="last")
+    n_dup = int(dup.sum())
+    ratings = ratings[~dup.reindex(ratings.index)]
+    is_unknown = ratings["movie_id"].astype(str).isin(unknown)
+    n_unknown = int(is_unknown.sum())
+    return ratings[~is_unknown], n_dup, n_unknown
+
+
+def _user(uid: str, group: pd.DataFrame, movies: dict[str, dict[str, str]], directory: Path,
+          max_queries: int | None, seed: int) -> User:
+    """One user from their ratings (sorted by time): every rating in the profile, and up to
+    ``max_queries`` of them (a seeded hash of user and movie) as queries."""
+    profile, queries = [], []
+    for movie_id, rating, timestamp in zip(group["movie_id"], group["rating"], group["timestamp"]):
+        mid = str(movie_id)
+        movie = movies.get(mid)
+        if movie is None:
+            raise DataError(f"{directory / 'MovieLens100k_data.parquet.brotli'}: user {uid} "
+                            f"rated movie_id {mid}, which is not in the items file")
+        date = _iso(timestamp)
+        profile.append(ProfileItem(id=mid, fields={**movie, "score": str(int(rating))}, date=date))
+        queries.append(Query(id=f"{uid}-{mid}", input=query_input(movie), output=str(int(rating)),
+                             item_id=mid, fields=dict(movie)))
+    if max_queries is not None and len(queries) > max_queries:
+        keep = set(sorted(range(len(queries)),
+                          key=lambda i: stable_rank(f"{uid}/{queries[i].item_id}", seed))[:max_queries])
+        queries = [q for i, q in enumerate(queries) if i in keep]
+    return User(id=uid, profile=profile, queries=queries)

@@ -279,55 +279,83 @@ def build_examples(
         raise ConfigError(f"unknown prompt variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
     if "control" in variants and tokenizer is None:
         raise ConfigError("the control variant needs a tokenizer to match token lengths")
-    needs_history = any(v != "plain" for v in variants)
-    chat = use_chat(tokenizer, chat)
-    donors = ctl.donor_assignment([u.id for u in users], seed) if "other_user" in variants else {}
-    by_id = {u.id: u for u in users}
-    donor_index: dict[str, ProfileIndex] = {}
-    pool, outputs = ctl.output_pool(users, spec) if "format_random" in variants else ([], [])
-    if "permuted" in variants:
-        ctl.output_field(spec)
-    n_unpermuted = n_queries = 0
-    examples = []
-    for user in users:
-        index = ProfileIndex(user, spec.retrieval_fields) if needs_history else None
-        if needs_history and not user.profile:
-            log.warning("user %s has an empty profile: enhanced/control prompts equal plain ones", user.id)
-        if user.id in donors and donors[user.id] not in donor_index:
-            donor_index[donors[user.id]] = ProfileIndex(by_id[donors[user.id]], spec.retrieval_fields)
-        for query in user.queries:
-            n_queries += 1
-            items = index.retrieve(query, k, retriever, seed) if needs_history else []
-            ids = tuple(item.id for item in items)
-            history = history_text(spec, items)
-            for variant in variants:
-                if variant == "plain":
-                    added, shown = "", ()
-                elif variant == "enhanced":
-                    added, shown = history, ids
-                elif variant == "control":
-                    added = control_text(history, tokenizer, seed=f"{seed}/{user.id}/{query.id}")
-                    shown = ids
-                else:
-                    if variant == "other_user":
-                        picked = donor_index[donors[user.id]].retrieve(query, k, retriever, seed)
-                    elif variant == "format_random":
-                        picked = ctl.format_random_items(pool, outputs, items, spec, user, query, seed,
-                                                         length=lambda item: len(render_item(spec, item)))
-                    else:
-                        picked, changed = ctl.permute_outputs(items, spec, f"{user.id}/{query.id}", seed)
-                        n_unpermuted += not changed
-                    added, shown = history_text(spec, picked), tuple(item.id for item in picked)
-                examples.append(Example(user_id=user.id, query_id=query.id, variant=variant,
-                                        prompt=finish_prompt(_body(spec, query, added), tokenizer, chat),
-                                        target=query.output, history_ids=shown, added_text=added))
-    if "other_user" in variants:
-        log.info("other_user variant: each user's history is retrieved from a donor's profile "
-                 "(seed %d): %s", seed, ", ".join(f"{u}<-{d}" for u, d in list(donors.items())[:8])
-                 + (" ..." if len(donors) > 8 else ""))
-    if "permuted" in variants and n_unpermuted:
-        log.warning("permuted variant: for %d of %d queries all retrieved items have the same %r "
-                    "(or only one item was retrieved): nothing to permute, so their permuted "
-                    "prompt equals the enhanced one", n_unpermuted, n_queries, spec.example_output)
+    builder = _ExampleBuilder(users, spec, tokenizer, variants, k=k, retriever=retriever, chat=chat, seed=seed)
+    examples = [example for user in users for example in builder.user_examples(user)]
+    builder.log_summary()
     return examples
+
+
+class _ExampleBuilder:
+    """What ``build_examples`` shares across users: the options, the donors of ``other_user``
+    (and their profile indexes), the item pool of ``format_random``, and counts for its log."""
+
+    def __init__(self, users: Sequence[User], spec: TaskSpec, tokenizer, variants: Sequence[str], *, k: int,
+                 retriever: str, chat: bool | None, seed: int) -> None:
+        self.spec, self.tokenizer, self.variants = spec, tokenizer, variants
+        self.k, self.retriever, self.seed = k, retriever, seed
+        self.needs_history = any(v != "plain" for v in variants)
+        self.chat = use_chat(tokenizer, chat)
+        self.donors = ctl.donor_assignment([u.id for u in users], seed) if "other_user" in variants else {}
+        self.by_id = {u.id: u for u in users}
+        self.donor_index: dict[str, ProfileIndex] = {}
+        self.pool, self.outputs = ctl.output_pool(users, spec) if "format_random" in variants else ([], [])
+        if "permuted" in variants:
+            ctl.output_field(spec)
+        self.n_unpermuted = self.n_queries = 0
+
+    def user_examples(self, user: User) -> list[Example]:
+        """The examples of one user: each query (retrieval once) in every variant."""
+        index = ProfileIndex(user, self.spec.retrieval_fields) if self.needs_history else None
+        if self.needs_history and not user.profile:
+            log.warning("user %s has an empty profile: enhanced/control prompts equal plain ones", user.id)
+        donor = self.donors.get(user.id)
+        if donor is not None and donor not in self.donor_index:
+            self.donor_index[donor] = ProfileIndex(self.by_id[donor], self.spec.retrieval_fields)
+        examples = []
+        for query in user.queries:
+            self.n_queries += 1
+            items = index.retrieve(query, self.k, self.retriever, self.seed) if self.needs_history else []
+            history = history_text(self.spec, items)
+            for variant in self.variants:
+                added, shown = self._added(variant, user, query, items, history)
+                examples.append(Example(user_id=user.id, query_id=query.id, variant=variant,
+                                        prompt=finish_prompt(_body(self.spec, query, added), self.tokenizer, self.chat),
+                                        target=query.output, history_ids=shown, added_text=added))
+        return examples
+
+    def _added(self, variant: str, user: User, query: Query, items: list[ProfileItem],
+               history: str) -> tuple[str, tuple[str, ...]]:
+        """The text ``variant`` adds before the query and the ids of the items it shows;
+        ``items`` (rendered as ``history``) are the ones retrieved for the query."""
+        if variant == "plain":
+            return "", ()
+        ids = tuple(item.id for item in items)
+        if variant == "enhanced":
+            return history, ids
+        if variant == "control":
+            return control_text(history, self.tokenizer, seed=f"{self.seed}/{user.id}/{query.id}"), ids
+        picked = self._control_items(variant, user, query, items)
+        return history_text(self.spec, picked), tuple(item.id for item in picked)
+
+    def _control_items(self, variant: str, user: User, query: Query, items: list[ProfileItem]) -> list[ProfileItem]:
+        """The items a format-matched control variant shows (see ``perfit_probe.data.controls``)."""
+        if variant == "other_user":
+            return self.donor_index[self.donors[user.id]].retrieve(query, self.k, self.retriever, self.seed)
+        if variant == "format_random":
+            return ctl.format_random_items(self.pool, self.outputs, items, self.spec, user, query, self.seed,
+                                           length=lambda item: len(render_item(self.spec, item)))
+        picked, changed = ctl.permute_outputs(items, self.spec, f"{user.id}/{query.id}", self.seed)
+        self.n_unpermuted += not changed
+        return picked
+
+    def log_summary(self) -> None:
+        """Log the donors of ``other_user`` and the queries ``permuted`` could not permute."""
+        if "other_user" in self.variants:
+            log.info("other_user variant: each user's history is retrieved from a donor's profile "
+                     "(seed %d): %s", self.seed, ", ".join(f"{u}<-{d}" for u, d in list(self.donors.items())[:8])
+                     + (" ..." if len(self.donors) > 8 else ""))
+        if "permuted" in self.variants and self.n_unpermuted:
+            log.warning("permuted variant: for %d of %d queries all retrieved items have the same %r "
+                        "(or only one item was retrieved): nothing to permute, so their permuted "
+                        "prompt equals the enhanced one", self.n_unpermuted, self.n_queries, self.spec.example_output)
 

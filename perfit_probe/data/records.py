@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, get_args
 
 from perfit_probe.config import BaseVariant, ControlVariant, Variant
+from perfit_probe.errors import DataError
 
 DEFAULT_VARIANTS = get_args(BaseVariant)
 """Variants cached by default (``config.BaseVariant``)."""
@@ -21,8 +22,6 @@ CONTROL_VARIANTS = get_args(ControlVariant)
 
 VARIANTS = get_args(Variant)
 """Every prompt variant ``build_examples`` can make."""
-
-TASK_KINDS = ("classification", "rating", "generation")
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,6 @@ class TaskData:
 
     def user(self, user_id: str) -> User:
         """The user with this id; ``DataError`` when there is none."""
-        from perfit_probe.errors import DataError
-
         for user in self.users:
             if user.id == user_id:
                 return user

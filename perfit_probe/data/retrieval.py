@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import get_args
 
+from rank_bm25 import BM25Okapi
+
 from perfit_probe.config import Retriever
 from perfit_probe.data.records import ProfileItem, Query, User
 from perfit_probe.data.splits import stable_rank
@@ -80,8 +82,6 @@ class ProfileIndex:
         if not terms or not any(self._docs):
             return [0.0] * len(self._docs)
         if self._bm25 is None:
-            from rank_bm25 import BM25Okapi
-
             self._bm25 = BM25Okapi(self._docs)
         return [float(s) for s in self._bm25.get_scores(terms)]
 

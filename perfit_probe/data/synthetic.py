@@ -68,6 +68,45 @@ def make_synthetic(
     active: int = 3,
 ) -> TaskData:
     """Generate the planted-structure task described in the module docstring."""
+    _check_options(n_users, n_queries, rank, n_features, n_history=n_history, n_items=n_items, active=active)
+    per_user = n_history + n_queries
+    rng = np.random.default_rng(seed)
+    words = FEATURE_WORDS[:n_features]
+    item_combos, features = _draw_items(rng, n_items, n_features, active)
+    item_ids = [f"o{j}" for j in range(n_items)]
+    shared, collective, basis, factors = _draw_structure(rng, n_features, rank, n_users, collective_scale,
+                                                         personal_scale)
+    offsets = factors @ basis
+
+    user_ids = [f"u{i}" for i in range(n_users)]
+    rated = [rng.choice(n_items, size=per_user, replace=False) for _ in range(n_users)]
+    scores = [features[items] @ (shared + collective + offsets[i])
+              + noise * rng.standard_normal(per_user) for i, items in enumerate(rated)]
+    thresholds = np.quantile(np.concatenate(scores), [0.2, 0.4, 0.6, 0.8])
+    texts = [", ".join(words[f] for f in combo) for combo in item_combos]
+    users = [_user(uid, rated[i], _labels(scores[i], thresholds), texts, item_ids, n_history)
+             for i, uid in enumerate(user_ids)]
+
+    ground_truth = {
+        "rank": rank, "basis": basis, "collective": collective, "user_factors": factors,
+        "user_offsets": offsets, "user_ids": user_ids, "shared_rule": shared,
+        "item_features": features, "item_ids": item_ids, "thresholds": thresholds,
+        "feature_words": words,
+        "scores": {uid: dict(zip((item_ids[j] for j in rated[i]), scores[i].tolist()))
+                   for i, uid in enumerate(user_ids)},
+        "params": {"n_users": n_users, "n_queries": n_queries, "rank": rank,
+                   "n_features": n_features, "collective_scale": collective_scale,
+                   "personal_scale": personal_scale, "noise": noise, "seed": seed,
+                   "n_history": n_history, "n_items": n_items, "active": active},
+    }
+    report = {"source": "synthetic", "n_users": n_users, "n_queries": n_users * n_queries,
+              "n_profile_items": n_users * per_user, "skipped": {}}
+    return TaskData(spec=TASKS["synthetic"], users=users, report=report, ground_truth=ground_truth)
+
+
+def _check_options(n_users: int, n_queries: int, rank: int, n_features: int, *, n_history: int, n_items: int,
+                   active: int) -> None:
+    """``ConfigError`` for options ``make_synthetic`` cannot honour (see its parameters)."""
     if not 1 <= n_features <= len(FEATURE_WORDS):
         raise ConfigError(f"n_features={n_features} must be between 1 and {len(FEATURE_WORDS)}")
     if not 0 <= rank < n_features:
@@ -87,9 +126,12 @@ def make_synthetic(
                           f"(about {n_users * per_user * 600 / 2**30:.0f} GB of memory) exceeds the synthetic "
                           f"task's limit of {MAX_PROFILE_ITEMS:,}: use at most "
                           f"{MAX_PROFILE_ITEMS // per_user:,} users")
-    rng = np.random.default_rng(seed)
-    words = FEATURE_WORDS[:n_features]
 
+
+def _draw_items(rng: np.random.Generator, n_items: int, n_features: int,
+                active: int) -> tuple[list[tuple[int, ...]], np.ndarray]:
+    """``n_items`` distinct items of ``active`` features each, in random order: their feature
+    indices and their 0/1 feature matrix ``[n_items, n_features]``."""
     combos: set[tuple[int, ...]] = set()
     while len(combos) < n_items:
         combos.add(tuple(sorted(rng.choice(n_features, size=active, replace=False).tolist())))
@@ -98,47 +140,32 @@ def make_synthetic(
     features = np.zeros((n_items, n_features))
     for j, combo in enumerate(item_combos):
         features[j, list(combo)] = 1.0
-    item_ids = [f"o{j}" for j in range(n_items)]
+    return item_combos, features
 
+
+def _draw_structure(rng: np.random.Generator, n_features: int, rank: int, n_users: int, collective_scale: float,
+                    personal_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The shared rule ``w`` (F), the collective offset ``c`` (F), the personal basis ``B``
+    (rank x F) and the centred user factors ``U`` (n_users x rank) of the module docstring."""
     shared = rng.standard_normal(n_features)
     q, _ = np.linalg.qr(rng.standard_normal((n_features, rank + 1)))
     collective = collective_scale * q[:, 0]
     basis = q[:, 1:].T.copy()  # rank x F, orthonormal rows, orthogonal to the collective
     factors = personal_scale * rng.standard_normal((n_users, rank))
     factors -= factors.mean(axis=0, keepdims=True)
-    offsets = factors @ basis
+    return shared, collective, basis, factors
 
-    user_ids = [f"u{i}" for i in range(n_users)]
-    rated = [rng.choice(n_items, size=per_user, replace=False) for _ in range(n_users)]
-    scores = [features[items] @ (shared + collective + offsets[i])
-              + noise * rng.standard_normal(per_user) for i, items in enumerate(rated)]
-    thresholds = np.quantile(np.concatenate(scores), [0.2, 0.4, 0.6, 0.8])
 
-    users = []
-    for i, uid in enumerate(user_ids):
-        labels = _labels(scores[i], thresholds)
-        profile, queries = [], []
-        for pos, (j, label) in enumerate(zip(rated[i], labels)):
-            text = ", ".join(words[f] for f in item_combos[j])
-            profile.append(ProfileItem(id=item_ids[j], fields={"features": text, "score": str(label)},
-                                       date=f"{pos:06d}"))
-            if pos >= n_history:
-                queries.append(Query(id=f"{uid}-{item_ids[j]}", input=SYNTHETIC_INPUT.format(features=text),
-                                     output=str(label), item_id=item_ids[j], fields={"features": text}))
-        users.append(User(id=uid, profile=profile, queries=queries))
-
-    ground_truth = {
-        "rank": rank, "basis": basis, "collective": collective, "user_factors": factors,
-        "user_offsets": offsets, "user_ids": user_ids, "shared_rule": shared,
-        "item_features": features, "item_ids": item_ids, "thresholds": thresholds,
-        "feature_words": words,
-        "scores": {uid: dict(zip((item_ids[j] for j in rated[i]), scores[i].tolist()))
-                   for i, uid in enumerate(user_ids)},
-        "params": {"n_users": n_users, "n_queries": n_queries, "rank": rank,
-                   "n_features": n_features, "collective_scale": collective_scale,
-                   "personal_scale": personal_scale, "noise": noise, "seed": seed,
-                   "n_history": n_history, "n_items": n_items, "active": active},
-    }
-    report = {"source": "synthetic", "n_users": n_users, "n_queries": n_users * n_queries,
-              "n_profile_items": n_users * per_user, "skipped": {}}
-    return TaskData(spec=TASKS["synthetic"], users=users, report=report, ground_truth=ground_truth)
+def _user(uid: str, rated: np.ndarray, labels: np.ndarray, texts: list[str], item_ids: list[str],
+          n_history: int) -> User:
+    """A user who rated the items ``rated`` (in order) with ``labels``: every item in the
+    profile, the items after the first ``n_history`` as queries; ``texts`` names each item's features."""
+    profile, queries = [], []
+    for pos, (j, label) in enumerate(zip(rated, labels)):
+        text = texts[j]
+        profile.append(ProfileItem(id=item_ids[j], fields={"features": text, "score": str(label)},
+                                   date=f"{pos:06d}"))
+        if pos >= n_history:
+            queries.append(Query(id=f"{uid}-{item_ids[j]}", input=SYNTHETIC_INPUT.format(features=text),
+                                 output=str(label), item_id=item_ids[j], fields={"features": text}))
+    return User(id=uid, profile=profile, queries=queries)

@@ -160,6 +160,7 @@ def baseline_predictions(name: str, task: TaskData, split: Split,
     with profile examples capped at the ``max_examples`` latest items, a test user's history here
     is capped alike, so that the baselines see exactly the personal methods' data.
     """
+    # a cycle: evaluation.evaluate imports this module (BASELINES, baseline_predictions)
     from perfit_probe.evaluation.evaluate import Predictions
 
     spec = task.spec

@@ -54,6 +54,7 @@ from typing import Sequence, get_args
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from perfit_probe.config import Decoding, EvalConfig, Method, PersonalData
 from perfit_probe.data.prompts import build_examples, continuation
@@ -66,7 +67,10 @@ from perfit_probe.evaluation.baselines import BASELINES, baseline_predictions, s
 from perfit_probe.evaluation.lora import LoraBaseline, UserLora
 from perfit_probe.evaluation.metrics import METRICS, score_task
 from perfit_probe.interventions import PerFit, generate, score_labels
+from perfit_probe.interventions.fit import validation_indices
+from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
 from perfit_probe.models import LoadedModel
+from perfit_probe.sites import parse_site
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +207,47 @@ def evaluate_methods(
     for the cost columns. Methods needing a fit are skipped (with a warning) when ``perfit``
     is None or has no personal bank.
     """
-    from tqdm.auto import tqdm
-
     config = config.with_fit({})
-    spec = task.spec
-    mode = resolve_decoding(config.decoding, spec.kind)
-    costs = perfit_costs or {}
+    mode = resolve_decoding(config.decoding, task.spec.kind)
+    by_variant, golds = _heldout_by_variant(loaded, task, split, config)
+    run = _Evaluation(loaded, task, split, perfit, config, personal, deltas, perfit_costs or {}, progress,
+                      dict(decoding=mode, chat=config.chat, batch_size=config.batch_size,
+                           max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens))
+    rows, pred_frames, adapters, selections = [], [], {}, []
+    oppu, wall_s = {}, {}
+    if {"lora_task", "oppu"} & set(config.methods):
+        t0 = time.perf_counter()
+        oppu = _oppu_predictions(loaded, task, split, by_variant["plain"], config, run.opts, progress,
+                                 personal, per_user="oppu" in config.methods)
+        wall_s["+".join(oppu)] = time.perf_counter() - t0
+    for method in tqdm(config.methods, desc="evaluate", unit="method", disable=not progress):
+        t0 = time.perf_counter()
+        chosen = by_variant[_METHOD_SETUP[method][0]]
+        done = run.method(method, chosen, oppu)
+        if done is None:
+            continue
+        preds, info, user_adapters = done
+        if method == "lora":
+            adapters = user_adapters
+        if method == "lora" or user_adapters:
+            selections.append(selection_frame(method, user_adapters))
+        row = {**info, "decoding": info.get("decoding", mode), "n_users": len(split.test_users),
+               "n_queries": len(chosen), **_metrics_row(task.spec, golds, preds, config)}
+        rows.append(row)
+        pred_frames.append(_prediction_frame(method, chosen, golds, preds))
+        if method not in oppu:
+            wall_s[method] = time.perf_counter() - t0
+        log.info("%s: %s", method, {m: round(row[m], 4) for m in METRICS[task.spec.kind]})
+    table = pd.DataFrame.from_records(rows)
+    return EvalResult(table, pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame(),
+                      adapters, pd.concat(selections, ignore_index=True) if selections else pd.DataFrame(),
+                      wall_s)
+
+
+def _heldout_by_variant(loaded: LoadedModel, task: TaskData, split: Split,
+                        config: EvalConfig) -> tuple[dict[str, list[Example]], list[str]]:
+    """The held-out examples by prompt variant (``plain``, and ``enhanced`` when ``rag`` is
+    evaluated) and their gold outputs; ``ConfigError`` when there is none or a gold is missing."""
     variants = ("plain", "enhanced") if "rag" in config.methods else ("plain",)
     examples = heldout_examples(task, split, loaded.tokenizer, variants=variants, k=config.k,
                                 retriever=config.retriever, chat=config.chat, seed=config.seed)
@@ -218,68 +257,78 @@ def evaluate_methods(
     golds = [e.target for e in by_variant["plain"]]
     if any(g is None for g in golds):
         raise ConfigError("held-out queries without gold outputs cannot be scored")
-    opts = dict(decoding=mode, chat=config.chat, batch_size=config.batch_size,
-                max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens)
-    rows, pred_frames, adapters, selections = [], [], {}, []
-    collective_params = perfit.collective.spec.params_per_slot() if perfit is not None else 0
-    oppu, wall_s = {}, {}
-    if {"lora_task", "oppu"} & set(config.methods):
-        t0 = time.perf_counter()
-        oppu = _oppu_predictions(loaded, task, split, by_variant["plain"], config, opts, progress,
-                                 personal, per_user="oppu" in config.methods)
-        wall_s["+".join(oppu)] = time.perf_counter() - t0
-    for method in tqdm(config.methods, desc="evaluate", unit="method", disable=not progress):
-        t0 = time.perf_counter()
+    return by_variant, golds
+
+
+def _prediction_frame(method: str, chosen: list[Example], golds: list[str], preds: Predictions) -> pd.DataFrame:
+    """One row per held-out query of ``method``: user, query, gold, output (, expected)."""
+    frame = pd.DataFrame({"method": method, "user_id": [e.user_id for e in chosen],
+                          "query_id": [e.query_id for e in chosen], "gold": golds,
+                          "output": preds.outputs})
+    if preds.expected is not None:
+        frame["expected"] = preds.expected
+    return frame
+
+
+@dataclass
+class _Evaluation:
+    """``evaluate_methods``' arguments, resolved: what predicting with one method needs."""
+
+    loaded: LoadedModel
+    """The model."""
+    task: TaskData
+    """The task."""
+    split: Split
+    """Train/test users and held-out queries."""
+    perfit: PerFit | None
+    """The fit, if any."""
+    config: EvalConfig
+    """Evaluation options (``with_fit`` applied)."""
+    personal: PersonalData
+    """What the per-user LoRAs train on."""
+    deltas: Deltas | None
+    """Delta vectors for ``steer_delta``."""
+    costs: dict
+    """The fit's training times."""
+    progress: bool
+    """Progress bars."""
+    opts: dict
+    """Keyword arguments of ``predict`` (decoding, chat, batch sizes, prompt cap)."""
+
+    def method(self, method: str, chosen: list[Example],
+               oppu: dict) -> tuple[Predictions, dict, dict[str, UserLora]] | None:
+        """Predictions of ``method`` on ``chosen``, its cost columns and its per-user LoRAs;
+        None (logged) when it cannot run. ``oppu``: ``_oppu_predictions``' results."""
         variant, stage = _METHOD_SETUP[method]
+        perfit = self.perfit
         if stage != "none" and perfit is None:
             log.warning("skipping %s: the run has no fitted interventions", method)
-            continue
+            return None
         if stage == "perfit" and perfit.personal is None:
             log.warning("skipping perfit: the fit has no personal (stage 2) bank")
-            continue
-        chosen = by_variant[variant]
+            return None
         info = {"method": method, "params_per_user": 0, "shared_params": 0, "train_s_per_user": 0.0}
         if method == "lora":
-            preds, adapters, info = _lora_predictions(loaded, task, split, chosen, config, opts, progress, personal)
-            selections.append(selection_frame("lora", adapters))
-        elif method in oppu:
-            preds, info, user_adapters = oppu[method]
-            if user_adapters:
-                selections.append(selection_frame(method, user_adapters))
-        elif method == "steer_delta":
-            preds = _steer_delta_predictions(loaded, spec, chosen, perfit, deltas, config)
-            if preds is None:
-                continue
-        elif method in BASELINES:
-            preds = _baseline_predictions(method, task, split, chosen, personal)
-            if preds is None:
-                continue
-            info["decoding"] = "none"
-        else:
-            preds = predict(loaded, [e.prompt for e in chosen], spec, perfit=perfit,
-                            user_ids=[e.user_id for e in chosen], stage=stage, **opts)
-            if method in ("stage1", "perfit"):
-                info["shared_params"] = collective_params
-                info["train_s_shared"] = costs.get("stage1_train_s", float("nan"))
-            if method == "perfit":
-                info["params_per_user"] = perfit.personal.spec.params_per_slot()
-                info["train_s_per_user"] = costs.get("stage2_train_s_per_user", float("nan"))
-        row = {**info, "decoding": info.get("decoding", mode), "n_users": len(split.test_users),
-               "n_queries": len(chosen), **_metrics_row(spec, golds, preds, config)}
-        rows.append(row)
-        frame = pd.DataFrame({"method": method, "user_id": [e.user_id for e in chosen],
-                              "query_id": [e.query_id for e in chosen], "gold": golds,
-                              "output": preds.outputs})
-        if preds.expected is not None:
-            frame["expected"] = preds.expected
-        pred_frames.append(frame)
-        if method not in oppu:
-            wall_s[method] = time.perf_counter() - t0
-        log.info("%s: %s", method, {m: round(row[m], 4) for m in METRICS[spec.kind]})
-    table = pd.DataFrame.from_records(rows)
-    return EvalResult(table, pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame(),
-                      adapters, pd.concat(selections, ignore_index=True) if selections else pd.DataFrame(),
-                      wall_s)
+            preds, adapters, info = _lora_predictions(self.loaded, self.task, self.split, chosen, self.config,
+                                                      self.opts, self.progress, self.personal)
+            return preds, info, adapters
+        if method in oppu:
+            return oppu[method]
+        if method == "steer_delta":
+            preds = _steer_delta_predictions(self.loaded, self.task.spec, chosen, perfit, self.deltas, self.config)
+            return None if preds is None else (preds, info, {})
+        if method in BASELINES:
+            preds = _baseline_predictions(method, self.task, self.split, chosen, self.personal)
+            return None if preds is None else (preds, {**info, "decoding": "none"}, {})
+        preds = predict(self.loaded, [e.prompt for e in chosen], self.task.spec, perfit=perfit,
+                        user_ids=[e.user_id for e in chosen], stage=stage, **self.opts)
+        if method in ("stage1", "perfit"):
+            info["shared_params"] = perfit.collective.spec.params_per_slot()
+            info["train_s_shared"] = self.costs.get("stage1_train_s", float("nan"))
+        if method == "perfit":
+            info["params_per_user"] = perfit.personal.spec.params_per_slot()
+            info["train_s_per_user"] = self.costs.get("stage2_train_s_per_user", float("nan"))
+        return preds, info, {}
 
 
 def _fit_on(baseline: LoraBaseline, key: str, examples: list[Example], config: EvalConfig, *,
@@ -301,10 +350,6 @@ def _lora_predictions(loaded, task, split, chosen, config, opts, progress, perso
     With ``config.val_per_user`` > 0 the examples PerFit's stage 2 validates on
     (``validation_indices`` with ``config.val_seed``) are held out and pick the user's epoch.
     """
-    from tqdm.auto import tqdm
-
-    from perfit_probe.interventions.fit import validation_indices
-
     history = personal_examples(loaded.tokenizer, task, split, split.test_users, personal, k=config.k,
                                 retriever=config.retriever, chat=config.chat, seed=config.seed)
     baseline = LoraBaseline(loaded, config.lora)
@@ -401,7 +446,7 @@ def selection_summary(frame: pd.DataFrame) -> dict:
 def steer_site(perfit: PerFit | None, deltas: Deltas) -> str | None:
     """Where ``steer_delta`` adds a user's delta: the first of the fit's sites that the cache
     measured (the first cached site without a fit); None when no fit site was cached."""
-    sites = perfit.collective.spec.sites if perfit is not None else deltas.sites
+    sites = [site.name for site in perfit.collective.spec.sites] if perfit is not None else deltas.sites
     return next((s for s in sites if s in deltas.sites), None)
 
 
@@ -411,8 +456,6 @@ def _steer_delta_predictions(loaded: LoadedModel, spec: TaskSpec, chosen: list[E
     with the history minus without it) added at the last prompt token of the plain prompt, at the
     first of the fit's sites that the cache measured (any cached site without a fit), scale 1.
     Zero trained parameters, one forward per query; None (logged) where it cannot run."""
-    from perfit_probe.interventions.steering import AdditiveSteering, steered_label_logprobs
-
     if deltas is None or not spec.labels:
         log.info("skipping steer_delta: %s", "no cached deltas in the run" if deltas is None else "no label set")
         return None
@@ -424,7 +467,7 @@ def _steer_delta_predictions(loaded: LoadedModel, spec: TaskSpec, chosen: list[E
                  "none of the fit's sites was cached")
         return None
     vectors = torch.stack([deltas.enhanced[deltas.user_ids.index(u), deltas.site_index(site)] for u in users])
-    steering = AdditiveSteering(vectors.unsqueeze(1), [site])
+    steering = AdditiveSteering(vectors.unsqueeze(1), [parse_site(site)])
     labels = [continuation(label, loaded.tokenizer, config.chat) for label in spec.labels]
     logp = steered_label_logprobs(loaded, [e.prompt for e in chosen], labels, steering=steering,
                                   slots=[users.index(e.user_id) for e in chosen], scales=1.0,

@@ -51,12 +51,16 @@ from typing import get_args
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
+from scipy.stats import pearsonr, spearmanr
+from torch import Tensor
 
 from perfit_probe.analysis.lens import label_first_tokens, label_shift, lens_shift, top_tokens
 from perfit_probe.analysis.subspaces import angle_test, centred_pcs, random_null
+from perfit_probe.backends.hooks import HookBackend
 from perfit_probe.config import InterpretConfig, PersonalData, SteerMethod
 from perfit_probe.data.prompts import continuation
-from perfit_probe.data.records import TaskData
+from perfit_probe.data.records import Example, TaskData
 from perfit_probe.data.splits import Split
 from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
@@ -64,10 +68,11 @@ from perfit_probe.evaluation.evaluate import heldout_examples
 from perfit_probe.data.controls import donor_assignment
 from perfit_probe.evaluation.steer import history_behaviour
 from perfit_probe.interventions import PerFit, score_labels
+from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.steering import (AdditiveSteering, label_ids_of, steer_last_token,
                                                  steered_label_logprobs)
 from perfit_probe.models import LoadedModel
-from perfit_probe.sites import batch_last_mask, parse_positions
+from perfit_probe.sites import LAST, batch_last_mask, parse_site
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +144,6 @@ def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 def correlation_row(x, y, **keys) -> dict:
     """Pearson and Spearman correlations (with two-sided p-values) of ``x`` and ``y``."""
-    from scipy.stats import pearsonr, spearmanr
-
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     row = {**keys, "n": int(x.size), "pearson_r": np.nan, "pearson_p": np.nan,
            "spearman_rho": np.nan, "spearman_p": np.nan}
@@ -175,12 +178,13 @@ class _Context:
         self.loaded, self.task, self.split, self.perfit, self.deltas = loaded, task, split, perfit, deltas
         self.config, self.settings, self.spec = config, settings, task.spec
         self.notes: list[str] = []
-        fit_sites = list(perfit.collective.spec.sites)
+        fit_sites = [site.name for site in perfit.collective.spec.sites]
         wanted = list(config.sites) if config.sites is not None else fit_sites
         missing = [s for s in wanted if s not in deltas.sites]
         if missing:
             self.notes.append(f"sites {missing} are not among the cached sites {deltas.sites}: skipped")
         self.sites = [s for s in wanted if s in deltas.sites]
+        self.site_objects = [parse_site(s) for s in self.sites]  # the cached names, parsed once
         if not self.sites:
             self.notes.append("no site of the fit was cached: nothing to interpret (cache the fit's layers)")
         no_delta = [u for u in split.test_users if u not in deltas.user_ids]
@@ -214,20 +218,42 @@ def steering_kl(ctx: _Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     c, loaded = ctx.config, ctx.loaded
     if not ctx.sites or not ctx.plain:
         return pd.DataFrame(), pd.DataFrame()
-    if not ctx.labels:
-        ctx.notes.append(f"steering KL needs a label set; {ctx.spec.name} ({ctx.spec.kind}) has none: skipped")
+    if not ctx.labels or len(ctx.users) < 2:
+        ctx.notes.append(f"steering KL needs a label set; {ctx.spec.name} ({ctx.spec.kind}) has none: skipped"
+                         if not ctx.labels else "steering controls need at least 2 test users with deltas: skipped")
         _capture_hidden(ctx)
         return pd.DataFrame(), pd.DataFrame()
-    if len(ctx.users) < 2:
-        ctx.notes.append("steering controls need at least 2 test users with deltas: skipped")
+    steering, slot = _steering_table(ctx)
+    alphas = [a for a in c.alphas if a != 0]
+    label_ids = label_ids_of(loaded.tokenizer, ctx.label_texts)
+    single = all(len(i) == 1 for i in label_ids)
+    enh = score_labels(loaded, [e.prompt for e in ctx.enhanced], ctx.label_texts, stage="none",
+                       max_prompt_tokens=ctx.settings.max_prompt_tokens)
+    variants = [(s, m, a) for s in ctx.sites for m in c.methods for a in alphas]
+    records = []
+    for qi, ex in enumerate(ctx.plain):
+        slots = [slot[(ex.user_id, s, m)] for s, m, _ in variants]
+        plain, steered = _steered_logprobs(ctx, ex, steering, slots, [a for _, _, a in variants],
+                                           label_ids if single else None)
+        base_kl = float(kl_divergence(enh[qi], plain))
+        for s in ctx.sites:
+            for m in c.methods:
+                records.append({"site": s, "method": m, "alpha": 0.0, "user_id": ex.user_id, "kl": base_kl})
+        for j, (s, m, a) in enumerate(variants):
+            records.append({"site": s, "method": m, "alpha": float(a), "user_id": ex.user_id,
+                            "kl": float(kl_divergence(enh[qi], steered[j]))})
+    if not single:
         _capture_hidden(ctx)
-        return pd.DataFrame(), pd.DataFrame()
-    methods, users, n_sites = list(c.methods), ctx.users, len(ctx.sites)
+    return _kl_summary(pd.DataFrame.from_records(records), c)
+
+
+def _steering_table(ctx: _Context) -> tuple[AdditiveSteering, dict[tuple[str, str, str], int]]:
+    """The steering vectors of experiment 1 as one ``AdditiveSteering`` with one slot per (user,
+    site, method), only that site's entry non-zero; and the slot of each (user, site, method)."""
+    c, users, n_sites, methods = ctx.config, ctx.users, len(ctx.sites), list(ctx.config.methods)
     per_site = {s: steering_vectors(ctx.site_deltas[s], users, ctx.deltas.user_ids, c.subspace_dim, c.methods,
                                     c.seed + i) for i, s in enumerate(ctx.sites)}
-    d = ctx.deltas.d_model
-    # one slot per (user, site, method); only that site's entry is non-zero
-    table = torch.zeros(len(users) * n_sites * len(methods), n_sites, d)
+    table = torch.zeros(len(users) * n_sites * len(methods), n_sites, ctx.deltas.d_model)
     slot = {}
     for ui, u in enumerate(users):
         for si, s in enumerate(ctx.sites):
@@ -235,40 +261,31 @@ def steering_kl(ctx: _Context) -> tuple[pd.DataFrame, pd.DataFrame]:
                 index = (ui * n_sites + si) * len(methods) + mi
                 table[index, si] = torch.from_numpy(per_site[s][m][ui]).float()
                 slot[(u, s, m)] = index
-    steering = AdditiveSteering(table, ctx.sites, "last")
-    alphas = [a for a in c.alphas if a != 0]
-    tok = loaded.tokenizer
-    label_ids = label_ids_of(tok, ctx.label_texts)
-    single = all(len(i) == 1 for i in label_ids)
-    enh = score_labels(loaded, [e.prompt for e in ctx.enhanced], ctx.label_texts, stage="none",
-                       max_prompt_tokens=ctx.settings.max_prompt_tokens)
-    variants = [(s, m, a) for s in ctx.sites for m in methods for a in alphas]
-    records = []
-    for qi, ex in enumerate(ctx.plain):
-        slots = [slot[(ex.user_id, s, m)] for s, m, _ in variants]
-        scales = [a for _, _, a in variants]
-        if single and slots:
-            plain, steered, found = steer_last_token(loaded, ex.prompt, label_ids, steering, slots, scales,
-                                                     capture=ctx.sites,
-                                                     max_prompt_tokens=ctx.settings.max_prompt_tokens)
-            for s in ctx.sites:
-                ctx.hidden[(s, ex.user_id, ex.query_id)] = found[s]
-        else:
-            plain = steered_label_logprobs(loaded, [ex.prompt], ctx.label_texts,
-                                           max_prompt_tokens=ctx.settings.max_prompt_tokens)[0]
-            steered = steered_label_logprobs(loaded, [ex.prompt] * len(slots), ctx.label_texts, steering=steering,
-                                             slots=slots, scales=scales,
-                                             max_prompt_tokens=ctx.settings.max_prompt_tokens) if slots else None
-        base_kl = float(kl_divergence(enh[qi], plain))
+    return AdditiveSteering(table, ctx.site_objects, LAST), slot
+
+
+def _steered_logprobs(ctx: _Context, ex: Example, steering: AdditiveSteering, slots: list[int], scales: list[float],
+                      label_ids: list[list[int]] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Label log-probabilities of the plain prompt ``ex`` ``[n_labels]`` and with each steering
+    slot at its scale ``[len(slots), n_labels]``. With single-token labels (``label_ids``) one
+    cached forward (``steer_last_token``) gives all of them and the prompt's hidden states,
+    kept in ``ctx.hidden``; otherwise one scoring pass per variant."""
+    cap = ctx.settings.max_prompt_tokens
+    if label_ids is not None and slots:
+        plain, steered, found = steer_last_token(ctx.loaded, ex.prompt, label_ids, steering, slots, scales,
+                                                 capture=ctx.sites, max_prompt_tokens=cap)
         for s in ctx.sites:
-            for m in methods:
-                records.append({"site": s, "method": m, "alpha": 0.0, "user_id": ex.user_id, "kl": base_kl})
-        for j, (s, m, a) in enumerate(variants):
-            records.append({"site": s, "method": m, "alpha": float(a), "user_id": ex.user_id,
-                            "kl": float(kl_divergence(enh[qi], steered[j]))})
-    if not single:
-        _capture_hidden(ctx)
-    per_query = pd.DataFrame.from_records(records)
+            ctx.hidden[(s, ex.user_id, ex.query_id)] = found[s]
+        return plain, steered
+    plain = steered_label_logprobs(ctx.loaded, [ex.prompt], ctx.label_texts, max_prompt_tokens=cap)[0]
+    steered = steered_label_logprobs(ctx.loaded, [ex.prompt] * len(slots), ctx.label_texts, steering=steering,
+                                     slots=slots, scales=scales, max_prompt_tokens=cap) if slots else None
+    return plain, steered
+
+
+def _kl_summary(per_query: pd.DataFrame, c: InterpretConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-user mean KL (``n_queries``) and, per site, method and alpha, its mean over users
+    with a bootstrap interval over users."""
     per_user = (per_query.groupby(["site", "method", "alpha", "user_id"], sort=False)
                 .agg(kl=("kl", "mean"), n_queries=("kl", "size")).reset_index())
     rng = np.random.default_rng(c.seed)
@@ -281,12 +298,8 @@ def steering_kl(ctx: _Context) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _capture_hidden(ctx: _Context) -> None:
     """Plain prompts' hidden states at the sites (when the cached steering path did not record them)."""
-    from perfit_probe.backends.hooks import HookBackend
-    from perfit_probe.interventions.batching import encode
-    from perfit_probe.sites import parse_site
-
     backend = HookBackend(ctx.loaded)
-    sites = [parse_site(s) for s in ctx.sites]
+    sites = ctx.site_objects
     for ex in ctx.plain:
         ids = torch.tensor([encode(ctx.loaded.tokenizer, ex.prompt,
                                    max_prompt_tokens=ctx.settings.max_prompt_tokens).ids], device=ctx.loaded.device)
@@ -304,11 +317,12 @@ def alignment(ctx: _Context) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     banks = [("stage1", ctx.perfit.collective)]
     if ctx.perfit.personal is not None:
         banks.append(("stage2", ctx.perfit.personal))
+    fit_names = [site.name for site in ctx.perfit.collective.spec.sites]
     for s in ctx.sites:
-        if s not in ctx.perfit.collective.spec.sites:
+        if s not in fit_names:
             ctx.notes.append(f"site {s} has no intervention: no alignment there")
             continue
-        bank_site = list(ctx.perfit.collective.spec.sites).index(s)
+        bank_site = fit_names.index(s)
         ref = ctx.pcs[s].components
         nulls: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for name, bank in banks:
@@ -340,7 +354,7 @@ def _edit_energy(ctx: _Context, site: str, bank_site: int, basis: np.ndarray) ->
     bank = ctx.perfit.personal
     if bank is None:
         return []
-    spec = parse_positions(bank.spec.positions)
+    spec = bank.spec.positions
     clamp = bank.spec.position_clamp
     q = torch.from_numpy(basis).float()
     totals: dict[str, list[float]] = {}
@@ -379,12 +393,10 @@ def _user_ratings(ctx: _Context, users: list[str], personal: PersonalData) -> di
 
 def readouts(ctx: _Context, personal: PersonalData) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[dict]]:
     """Experiment 3: logit-lens read-outs and the monitoring projection."""
-    c, model, tok = ctx.config, ctx.loaded.model, ctx.loaded.tokenizer
-    token_rows, label_rows, monitor_rows, stats = [], [], [], []
     label_ids = None
     if ctx.labels:
         try:
-            label_ids = label_first_tokens(tok, ctx.label_texts)
+            label_ids = label_first_tokens(ctx.loaded.tokenizer, ctx.label_texts)
         except ConfigError as exc:
             ctx.notes.append(f"label read-out skipped: {exc}")
     values = None
@@ -392,52 +404,19 @@ def readouts(ctx: _Context, personal: PersonalData) -> tuple[pd.DataFrame, pd.Da
         values = np.array([float(lab) for lab in ctx.labels])
     users = list(ctx.deltas.user_ids)
     ratings = _user_ratings(ctx, users, personal)
+    token_rows, label_rows, monitor_rows, stats = [], [], [], []
     for s in ctx.sites:
-        si = ctx.deltas.site_index(s)
-        pcs = ctx.pcs[s]
-        if ctx.deltas.mean_plain is not None:
-            base = ctx.deltas.mean_plain[:, si].double().mean(0).float()
-        else:
-            base = torch.stack([h[-1] for (site, _, _), h in ctx.hidden.items() if site == s]).mean(0)
-        names = ["collective"] + [f"pc{i + 1}" for i in range(min(c.n_pcs, len(pcs.scales)))] + \
-            [f"user:{u}" for u in users]
-        personal_parts = ctx.site_deltas[s] - pcs.mean
-        vectors = np.concatenate([pcs.mean[None], pcs.components[:c.n_pcs] * pcs.scales[:c.n_pcs, None],
-                                  personal_parts])
-        directions = torch.from_numpy(vectors).float()
-        shifts = lens_shift(model, base, directions)
-        for name, row in zip(names, shifts):
-            direction, uid = ("user", name[5:]) if name.startswith("user:") else (name, "")
-            up, down = top_tokens(row, tok, c.n_tokens)
-            for sign, items in (("promoted", up), ("demoted", down)):
-                for rank, (text, value) in enumerate(items):
-                    token_rows.append({"site": s, "direction": direction, "user_id": uid, "sign": sign,
-                                       "rank": rank + 1, "token": text, "shift": value})
+        base = _lens_base(ctx, s)
+        names, personal_parts, directions = _lens_directions(ctx, s, users)
+        token_rows += _token_rows(ctx, s, names, lens_shift(ctx.loaded.model, base, directions))
         if label_ids is not None:
-            shift, p0, p1 = label_shift(model, base, directions, label_ids)
-            expected = {}
-            for j, name in enumerate(names):
-                direction, uid = ("user", name[5:]) if name.startswith("user:") else (name, "")
-                for li, lab in enumerate(ctx.labels):
-                    label_rows.append({"site": s, "direction": direction, "user_id": uid, "label": lab,
-                                       "logprob_shift": float(shift[j, li]), "p_without": float(p0[li]),
-                                       "p_with": float(p1[j, li])})
-                if values is not None and uid:
-                    expected[uid] = float(p1[j] @ values - p0 @ values)
+            rows, expected = _label_rows(ctx, s, names, base, directions, label_ids, values)
+            label_rows += rows
             if values is not None:
                 both = [u for u in users if u in expected and u in ratings]
                 stats.append(correlation_row([expected[u] for u in both], [ratings[u] for u in both], site=s,
                                              readout="lens_expected_rating_vs_history_rating", level="user"))
-        # monitoring: held-out plain states projected on the user's personal direction
-        unit = personal_parts / np.maximum(np.linalg.norm(personal_parts, axis=1, keepdims=True), 1e-12)
-        for ex in ctx.plain:
-            key = (s, ex.user_id, ex.query_id)
-            if key not in ctx.hidden:
-                continue
-            h = ctx.hidden[key][-1].double().numpy() - base.double().numpy()
-            gold = float(ex.target) if values is not None and ex.target is not None else np.nan
-            monitor_rows.append({"site": s, "user_id": ex.user_id, "query_id": ex.query_id,
-                                 "projection": float(h @ unit[ctx.delta_row(ex.user_id)]), "gold": gold})
+        monitor_rows += _monitor_rows(ctx, s, base, personal_parts, values)
     monitoring = pd.DataFrame.from_records(monitor_rows)
     if values is not None and not monitoring.empty:
         for s, part in monitoring.groupby("site", sort=False):
@@ -449,6 +428,80 @@ def readouts(ctx: _Context, personal: PersonalData) -> tuple[pd.DataFrame, pd.Da
     elif ctx.spec.kind != "rating":
         ctx.notes.append("monitoring correlations need numeric gold outputs (rating tasks): projections only")
     return pd.DataFrame.from_records(token_rows), pd.DataFrame.from_records(label_rows), monitoring, stats
+
+
+def _lens_base(ctx: _Context, site: str) -> Float[Tensor, " d_model"]:
+    """The hidden state the read-outs add directions to: the mean plain state at ``site`` (over
+    users' means when the deltas have them, else over the captured held-out prompts)."""
+    if ctx.deltas.mean_plain is not None:
+        return ctx.deltas.mean_plain[:, ctx.deltas.site_index(site)].double().mean(0).float()
+    return torch.stack([h[-1] for (s, _, _), h in ctx.hidden.items() if s == site]).mean(0)
+
+
+def _lens_directions(ctx: _Context, site: str,
+                     users: list[str]) -> tuple[list[str], np.ndarray, Float[Tensor, "directions d_model"]]:
+    """The directions read out at ``site``: the collective shift, the top principal directions
+    (scaled by their singular values) and each user's personal part (delta minus the mean);
+    their names, the personal parts ``[n_users, d]`` and all directions as one tensor."""
+    c, pcs = ctx.config, ctx.pcs[site]
+    names = ["collective"] + [f"pc{i + 1}" for i in range(min(c.n_pcs, len(pcs.scales)))] + \
+        [f"user:{u}" for u in users]
+    personal_parts = ctx.site_deltas[site] - pcs.mean
+    vectors = np.concatenate([pcs.mean[None], pcs.components[:c.n_pcs] * pcs.scales[:c.n_pcs, None],
+                              personal_parts])
+    return names, personal_parts, torch.from_numpy(vectors).float()
+
+
+def _direction(name: str) -> tuple[str, str]:
+    """``(direction, user_id)`` of a read-out name: ``("user", u)`` for ``user:u``, else ``(name, "")``."""
+    return ("user", name[5:]) if name.startswith("user:") else (name, "")
+
+
+def _token_rows(ctx: _Context, site: str, names: list[str], shifts: torch.Tensor) -> list[dict]:
+    """The tokens each direction promotes and demotes most (``shifts``: logit shift per direction)."""
+    rows = []
+    for name, row in zip(names, shifts):
+        direction, uid = _direction(name)
+        up, down = top_tokens(row, ctx.loaded.tokenizer, ctx.config.n_tokens)
+        for sign, items in (("promoted", up), ("demoted", down)):
+            for rank, (text, value) in enumerate(items):
+                rows.append({"site": site, "direction": direction, "user_id": uid, "sign": sign,
+                             "rank": rank + 1, "token": text, "shift": value})
+    return rows
+
+
+def _label_rows(ctx: _Context, site: str, names: list[str], base: torch.Tensor, directions: torch.Tensor,
+                label_ids: list[int], values: np.ndarray | None) -> tuple[list[dict], dict[str, float]]:
+    """Each direction's shift of the labels' log-probabilities under the lens, and (rating
+    tasks, ``values``) each user direction's shift of the expected rating."""
+    shift, p0, p1 = label_shift(ctx.loaded.model, base, directions, label_ids)
+    rows, expected = [], {}
+    for j, name in enumerate(names):
+        direction, uid = _direction(name)
+        for li, lab in enumerate(ctx.labels):
+            rows.append({"site": site, "direction": direction, "user_id": uid, "label": lab,
+                         "logprob_shift": float(shift[j, li]), "p_without": float(p0[li]),
+                         "p_with": float(p1[j, li])})
+        if values is not None and uid:
+            expected[uid] = float(p1[j] @ values - p0 @ values)
+    return rows, expected
+
+
+def _monitor_rows(ctx: _Context, site: str, base: torch.Tensor, personal_parts: np.ndarray,
+                  values: np.ndarray | None) -> list[dict]:
+    """Monitoring: each held-out plain state (minus ``base``) projected on its user's unit
+    personal direction, next to the gold rating (NaN outside rating tasks)."""
+    unit = personal_parts / np.maximum(np.linalg.norm(personal_parts, axis=1, keepdims=True), 1e-12)
+    rows = []
+    for ex in ctx.plain:
+        key = (site, ex.user_id, ex.query_id)
+        if key not in ctx.hidden:
+            continue
+        h = ctx.hidden[key][-1].double().numpy() - base.double().numpy()
+        gold = float(ex.target) if values is not None and ex.target is not None else np.nan
+        rows.append({"site": site, "user_id": ex.user_id, "query_id": ex.query_id,
+                     "projection": float(h @ unit[ctx.delta_row(ex.user_id)]), "gold": gold})
+    return rows
 
 
 # ---------------------------------------------------------------------- entry points

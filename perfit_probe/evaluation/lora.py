@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from perfit_probe.config import LoraBaselineConfig
 from perfit_probe.errors import ConfigError
@@ -124,6 +125,7 @@ def _lr_lambda(n_steps: int, warmup_ratio: float):
 
 def _load_adapter(model: nn.Module, adapter: UserLora) -> None:
     """Put ``adapter``'s weights into the injected peft ``model``; refuse weights it has no place for."""
+    # peft takes seconds to import: deferred until a LoRA is used
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, adapter.state)
@@ -135,6 +137,7 @@ def _load_adapter(model: nn.Module, adapter: UserLora) -> None:
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy (on the CPU) of the injected peft ``model``'s adapter weights."""
+    # peft takes seconds to import: deferred until a LoRA is used
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -149,6 +152,8 @@ class LoraBaseline:
         self.targets_ = resolve_targets(loaded.model, config.targets)
 
     def _peft_config(self):
+        """peft's ``LoraConfig`` of this baseline (rank, alpha, dropout, target modules)."""
+        # peft takes seconds to import: deferred until a LoRA is used
         from peft import LoraConfig
 
         c = self.config
@@ -158,6 +163,7 @@ class LoraBaseline:
     @contextmanager
     def _injected(self) -> Iterator[nn.Module]:
         """A peft model around the base model; the adapter is removed on exit."""
+        # peft takes seconds to import: deferred until a LoRA is used
         from peft import get_peft_model
 
         base = self.loaded.model
@@ -182,68 +188,82 @@ class LoraBaseline:
         loss on them (see the module docstring). ``progress``: a progress bar over the
         optimisation steps, labelled ``desc`` (for long trainings such as OPPU's task LoRA).
         """
-        from peft import get_peft_model_state_dict
-        from tqdm.auto import tqdm
-
         if not prompts:
             raise ConfigError(f"user {user_id!r} has no history examples to train a LoRA on")
         c = self.config
         tok = self.loaded.tokenizer
         rows = encode_supervised(tok, prompts, targets, c.max_length)
         val_rows = encode_supervised(tok, val_prompts, val_targets, c.max_length) if val_prompts else []
-        gen = torch.Generator().manual_seed(seed)
-        n_batches = math.ceil(len(rows) / c.batch_size)
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # adapter init (lora_A) and LoRA dropout masks
             with self._injected() as model:
                 params = [p for p in model.parameters() if p.requires_grad]
                 n_trainable = sum(p.numel() for p in params)
-                opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(n_batches * c.epochs, c.warmup_ratio))
-                model.eval()  # base-model dropout stays off; only LoRA dropout trains
-                for name, module in model.named_modules():
-                    if "lora_dropout" in name:
-                        module.train()
-                losses, val_losses, kept, kept_epoch = [], [], None, c.epochs
-                if val_rows:
-                    with model.disable_adapter():
-                        val_losses.append(self._loss(model, val_rows))
-                    kept = {k: torch.zeros_like(v, device="cpu")
-                            for k, v in get_peft_model_state_dict(model).items()}
-                    kept_epoch = 0
-                bar = tqdm(total=n_batches * c.epochs, desc=desc or f"LoRA {user_id}", unit="step",
-                           disable=not progress, leave=False)
-                for epoch in range(c.epochs):
-                    order = torch.randperm(len(rows), generator=gen).tolist()
-                    total, count = 0.0, 0
-                    for b in range(n_batches):
-                        batch = collate([rows[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]],
-                                        tok.pad_token_id, padding_side="right", device=self.loaded.device)
-                        logp, mask = continuation_logprobs(model, batch)
-                        loss = -logp.sum() / mask.sum()
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                        opt.step()
-                        sched.step()
-                        total += float(loss.detach())
-                        count += 1
-                        bar.update()
-                    losses.append(total / count)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                    if val_rows:
-                        val_losses.append(self._loss(model, val_rows))
-                        if val_losses[-1] < val_losses[kept_epoch]:
-                            kept_epoch = epoch + 1
-                            kept = _state(model)
-                state = kept if kept is not None else _state(model)
-                bar.close()
+                losses, val_losses, state, kept_epoch = self._train(
+                    model, params, rows, val_rows, seed=seed, progress=progress, desc=desc or f"LoRA {user_id}")
         train_s = time.perf_counter() - start
         log.debug("LoRA for user %s: %d examples, loss %s, validation %s, kept epoch %d, %.1f s", user_id,
                   len(rows), losses, val_losses, kept_epoch, train_s)
         return UserLora(user_id, state, n_trainable, train_s, len(rows), tuple(losses), tuple(val_losses),
                         kept_epoch, len(val_rows))
+
+    def _train(self, model: nn.Module, params: list[nn.Parameter], rows: list[Encoded], val_rows: list[Encoded], *,
+               seed: int, progress: bool, desc: str) -> tuple[list[float], list[float], dict[str, torch.Tensor], int]:
+        """Optimise the injected adapter of ``model`` (``params``) on ``rows``, batches shuffled by
+        ``seed``; returns the training loss per epoch, the validation loss per epoch (from epoch 0,
+        the zero adapter; empty without ``val_rows``), the kept adapter weights and their epoch."""
+        # peft takes seconds to import: deferred until a LoRA is trained
+        from peft import get_peft_model_state_dict
+
+        c = self.config
+        gen = torch.Generator().manual_seed(seed)
+        n_batches = math.ceil(len(rows) / c.batch_size)
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(n_batches * c.epochs, c.warmup_ratio))
+        model.eval()  # base-model dropout stays off; only LoRA dropout trains
+        for name, module in model.named_modules():
+            if "lora_dropout" in name:
+                module.train()
+        losses, val_losses, kept, kept_epoch = [], [], None, c.epochs
+        if val_rows:
+            with model.disable_adapter():
+                val_losses.append(self._loss(model, val_rows))
+            kept = {k: torch.zeros_like(v, device="cpu") for k, v in get_peft_model_state_dict(model).items()}
+            kept_epoch = 0
+        bar = tqdm(total=n_batches * c.epochs, desc=desc, unit="step", disable=not progress, leave=False)
+        for epoch in range(c.epochs):
+            order = torch.randperm(len(rows), generator=gen).tolist()
+            losses.append(self._epoch(model, params, [rows[i] for i in order], opt, sched, bar))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if val_rows:
+                val_losses.append(self._loss(model, val_rows))
+                if val_losses[-1] < val_losses[kept_epoch]:
+                    kept_epoch = epoch + 1
+                    kept = _state(model)
+        state = kept if kept is not None else _state(model)
+        bar.close()
+        return losses, val_losses, state, kept_epoch
+
+    def _epoch(self, model: nn.Module, params: list[nn.Parameter], rows: list[Encoded],
+               opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, bar: tqdm) -> float:
+        """One pass over ``rows`` (in this order) in batches; returns the mean batch loss."""
+        c = self.config
+        total, count = 0.0, 0
+        for b in range(math.ceil(len(rows) / c.batch_size)):
+            batch = collate(rows[b * c.batch_size:(b + 1) * c.batch_size], self.loaded.tokenizer.pad_token_id,
+                            padding_side="right", device=self.loaded.device)
+            logp, mask = continuation_logprobs(model, batch)
+            loss = -logp.sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+            count += 1
+            bar.update()
+        return total / count
 
     @torch.no_grad()
     def _loss(self, model: nn.Module, rows: list[Encoded]) -> float:
@@ -303,8 +323,6 @@ class LoraBaseline:
     def fit(self, users: dict[str, tuple[Sequence[str], Sequence[str]]], *, seed: int = 0,
             progress: bool = False) -> dict[str, UserLora]:
         """Train every user's adapter, one user after another (as OPPU does)."""
-        from tqdm.auto import tqdm
-
         out = {}
         for i, (user_id, (prompts, targets)) in enumerate(
                 tqdm(users.items(), desc="LoRA per user", disable=not progress)):

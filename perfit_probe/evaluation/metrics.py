@@ -44,7 +44,7 @@ import numpy as np
 from perfit_probe._io import atomic_write_text
 from perfit_probe.errors import ConfigError, DataError
 
-KINDS = ("classification", "rating", "generation")
+TASK_KINDS = ("classification", "rating", "generation")
 RATING_PARSES = ("lamp", "first_number")
 """Readings of a predicted rating: LaMP's (the headline metrics) and the lenient one (diagnostics)."""
 OUT_OF_SET = -1
@@ -78,8 +78,8 @@ def primary_metric(kind: str) -> str:
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ConfigError(f"unknown task kind {kind!r}: choose from {KINDS}")
+    if kind not in TASK_KINDS:
+        raise ConfigError(f"unknown task kind {kind!r}: choose from {TASK_KINDS}")
 
 
 def _check_lengths(golds: Sequence, preds: Sequence) -> None:
@@ -101,6 +101,7 @@ def label_indices(texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
 
 def classification_scores(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> dict:
     """Accuracy and macro-F1 over ``labels`` (out-of-set predictions are wrong)."""
+    # scikit-learn takes seconds to import: deferred until a classification task is scored
     from sklearn.metrics import accuracy_score, f1_score
 
     _check_lengths(golds, preds)
@@ -190,6 +191,7 @@ def rating_scores(golds: Sequence[str], preds: Sequence[str], scale: tuple[float
 
 def rouge_scores(golds: Sequence[str], preds: Sequence[str], use_stemmer: bool = False) -> dict:
     """Mean ROUGE-1 and ROUGE-L F-measure (``rouge_score``; nothing downloaded)."""
+    # rouge_score (with nltk) takes seconds to import: deferred until a generation task is scored
     from rouge_score.rouge_scorer import RougeScorer
 
     _check_lengths(golds, preds)

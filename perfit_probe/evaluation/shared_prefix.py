@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float, Integer
+from torch import Tensor
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions import PerFit
-from perfit_probe.interventions.batching import collate, encode
+from perfit_probe.interventions.apply import Intervention
+from perfit_probe.interventions.batching import Batch, collate, encode
 from perfit_probe.models import LoadedModel
 from perfit_probe.sites import batch_last_mask, batch_positions
 
@@ -90,14 +94,14 @@ def score_label_variants(
     perfit: PerFit,
     user_ids: Sequence[str] | Sequence[Sequence[str]],
     scales: Sequence[float],
-    ablate_bases: torch.Tensor | None = None,
+    ablate_bases: Float[Tensor, "variants k d_model"] | None = None,
     ablate_mode: str = "hidden",
     stage: str = "perfit",
     batch_size: int = 16,
     rows_per_pass: int = 64,
     max_prompt_tokens: int | None = None,
     prefixes: PrefixStore | None = None,
-) -> torch.Tensor:
+) -> Float[Tensor, "variants prompts labels"]:
     """``[n_variants, n_prompts, n_labels]`` log p(label | prompt) under each variant.
 
     Variant ``v`` scales the outermost edit by ``scales[v]`` and, with ``ablate_bases [V, k, d]``,
@@ -123,40 +127,65 @@ def score_label_variants(
     iv = perfit.intervention(stage, ablate_basis=ablate_bases, ablate_mode=ablate_mode)
     slots_all = None if iv.personal is None else torch.stack(
         [iv.personal.slot_indices([str(u) for u in ids]) for ids in per_variant])
-    model, device = loaded.model, loaded.device
-    pad = int(tok.pad_token_id)
     n = len(prompts)
     result = torch.zeros(n_var, n, len(labels))
     scale_t = torch.as_tensor(list(scales), dtype=torch.float32)
-    with iv.attached(model):
+    with iv.attached(loaded.model):
         for start in range(0, n, batch_size):
             rows = slice(start, min(start + batch_size, n))
-            b = rows.stop - rows.start
-            batch = collate([encode(tok, p, max_prompt_tokens=max_prompt_tokens) for p in prompts[rows]], pad,
-                            padding_side="left", device=device)
-            inputs = batch.inputs()
-            first = _prefix_length(iv, batch.prompt_mask)
-            cache = None
-            if first > 0:
-                iv.clear()  # the prefix holds no edited position
-                store = prefixes if prefixes is not None else PrefixStore()
-                cache = store.get(model, tuple(prompts[rows]), max_prompt_tokens, inputs, first)
-            group = max(1, min(n_var, rows_per_pass // b))
-            for v0 in range(0, n_var, group):
-                g = min(group, n_var - v0)
-                variant = torch.arange(v0, v0 + g).repeat(b)  # row r: prompt r // g, variant r % g
-                slots = None if slots_all is None else slots_all[v0:v0 + g, rows].transpose(0, 1).reshape(-1)
-                iv.set_batch(batch.prompt_mask[:, first:].repeat_interleave(g, 0),
-                             None if slots is None else slots.to(device),
-                             scale_t[variant], None if ablate_bases is None else variant.to(device))
-                kwargs = {"input_ids": inputs["input_ids"][:, first:].repeat_interleave(g, 0),
-                          "attention_mask": inputs["attention_mask"].repeat_interleave(g, 0),
-                          "position_ids": inputs["position_ids"][:, first:].repeat_interleave(g, 0)}
-                if cache is not None:
-                    kwargs["cache"] = copy.deepcopy(cache)
-                    kwargs["cache"].batch_repeat_interleave(g)
-                logits = model(**kwargs, use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
-                logp = logits.float().log_softmax(-1)[:, label_ids].cpu().view(b, g, -1)
-                result[v0:v0 + g, rows] = logp.transpose(0, 1)
-                iv.clear()
+            batch = collate([encode(tok, p, max_prompt_tokens=max_prompt_tokens) for p in prompts[rows]],
+                            int(tok.pad_token_id), padding_side="left", device=loaded.device)
+            store = prefixes if prefixes is not None else PrefixStore()  # without one: this batch only
+            prefix = _PrefixKey(store, tuple(prompts[rows]), max_prompt_tokens)
+            _score_batch(loaded, iv, batch, prefix, None if slots_all is None else slots_all[:, rows], scale_t,
+                         label_ids, rows_per_pass=rows_per_pass, per_row_basis=ablate_bases is not None,
+                         out=result[:, rows])
     return result
+
+
+@dataclass(frozen=True)
+class _PrefixKey:
+    """Where a batch's un-edited prefix cache is kept: the store, the batch's prompts and their truncation."""
+
+    store: PrefixStore
+    """The store."""
+    prompts: tuple[str, ...]
+    """The batch's prompts."""
+    max_prompt_tokens: int | None
+    """Their truncation."""
+
+
+def _score_batch(loaded: LoadedModel, iv: Intervention, batch: Batch, prefix: _PrefixKey,
+                 slots: Integer[Tensor, "variants batch"] | None, scale_t: Float[Tensor, " variants"],
+                 label_ids: list[int], *, rows_per_pass: int, per_row_basis: bool,
+                 out: Float[Tensor, "variants batch labels"]) -> None:
+    """Score one left-padded batch under every variant into ``out``: the shared prefix once
+    (its key/value cache kept in ``prefix.store``), then the edited suffix for groups of
+    variants, each prompt's row replicated once per variant of the group; ``slots``: each
+    variant's slot for each prompt."""
+    model, device = loaded.model, loaded.device
+    n_var, b = len(scale_t), batch.prompt_mask.shape[0]
+    inputs = batch.inputs()
+    first = _prefix_length(iv, batch.prompt_mask)
+    cache = None
+    if first > 0:
+        iv.clear()  # the prefix holds no edited position
+        cache = prefix.store.get(model, prefix.prompts, prefix.max_prompt_tokens, inputs, first)
+    group = max(1, min(n_var, rows_per_pass // b))
+    for v0 in range(0, n_var, group):
+        g = min(group, n_var - v0)
+        variant = torch.arange(v0, v0 + g).repeat(b)  # row r: prompt r // g, variant r % g
+        rows_slots = None if slots is None else slots[v0:v0 + g].transpose(0, 1).reshape(-1)
+        iv.set_batch(batch.prompt_mask[:, first:].repeat_interleave(g, 0),
+                     None if rows_slots is None else rows_slots.to(device),
+                     scale_t[variant], variant.to(device) if per_row_basis else None)
+        kwargs = {"input_ids": inputs["input_ids"][:, first:].repeat_interleave(g, 0),
+                  "attention_mask": inputs["attention_mask"].repeat_interleave(g, 0),
+                  "position_ids": inputs["position_ids"][:, first:].repeat_interleave(g, 0)}
+        if cache is not None:
+            kwargs["cache"] = copy.deepcopy(cache)
+            kwargs["cache"].batch_repeat_interleave(g)
+        logits = model(**kwargs, use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
+        logp = logits.float().log_softmax(-1)[:, label_ids].cpu().view(b, g, -1)
+        out[v0:v0 + g] = logp.transpose(0, 1)
+        iv.clear()

@@ -66,6 +66,7 @@ from typing import Sequence, get_args
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from perfit_probe.backends.hooks import HookBackend
 from perfit_probe.config import Experiment, PersonalData, SteerConfig
@@ -84,12 +85,12 @@ from perfit_probe.interventions import PerFit
 from perfit_probe.interventions.batching import collate, encode
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
 from perfit_probe.models import LoadedModel
-from perfit_probe.sites import batch_last_mask, batch_positions, parse_positions, parse_site
+from perfit_probe.sites import batch_last_mask, batch_positions
 
 log = logging.getLogger(__name__)
 
 EXPERIMENTS = get_args(Experiment)
-COLUMNS = ["experiment", "setting", "metric", "value"]
+STEER_COLUMNS = ["experiment", "setting", "metric", "value"]
 
 
 @dataclass
@@ -316,8 +317,8 @@ def personal_edit_means(loaded: LoadedModel, perfit: PerFit, prompts: Sequence[s
     sites and positions (users ordered as ``perfit.personal.keys`` restricted to ``user_ids``).
     """
     bank = perfit.personal
-    spec = parse_positions(bank.spec.positions)
-    sites = [parse_site(s) for s in bank.spec.sites]
+    spec = bank.spec.positions
+    sites = list(bank.spec.sites)
     users = [u for u in bank.keys if u in set(user_ids)]
     sums = torch.zeros(len(users), len(sites), bank.spec.d_model)
     counts = torch.zeros(len(users))
@@ -421,6 +422,7 @@ def subspace_ablation(runner: _Runner, stage1_rows: list[dict],
 # ---------------------------------------------------------------------- (c) dose, (d) control
 def dose_response(runner: _Runner) -> list[dict]:
     """Experiment (c); see the module docstring."""
+    # scipy.stats takes seconds to import: deferred until a statistic needs it
     from scipy.stats import spearmanr
 
     c = runner.config
@@ -486,8 +488,6 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
 
     ``personal``: what the fit's stage 2 trained on (a user's behaviour in the swap check);
     ``progress``: a progress bar over the reference predictions and the checks."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=1 + len(config.experiments), desc="steer", unit="check", disable=not progress)
     runner = _Runner(loaded, task, split, perfit, config, personal)
     rows: list[dict] = []
@@ -515,7 +515,7 @@ def steer_checks(loaded: LoadedModel, task: TaskData, split: Split, perfit: PerF
         rows += control(runner, stage1, full)
         bar.update()
     bar.close()
-    frame = pd.DataFrame.from_records(rows, columns=COLUMNS)
+    frame = pd.DataFrame.from_records(rows, columns=STEER_COLUMNS)
     log.info("steer: %d rows (%s higher is better: %s)", len(frame), runner.metric,
              HIGHER_IS_BETTER[runner.metric])
     return SteerResult(frame, pairs, basis, random_table, verdicts(frame))

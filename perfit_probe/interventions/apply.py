@@ -28,17 +28,18 @@ removes them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence, get_args
+from typing import get_args
 
 import torch
-from torch import nn
+from jaxtyping import Bool, Float, Integer, Shaped
+from torch import Tensor, nn
 
 from perfit_probe.config import AblateMode, Stacking
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.modules import InterventionBank, orthonormal_rows
-from perfit_probe.sites import (READ_CLAMP, PositionSpec, Site, batch_last_mask, batch_positions, check_clamp,
-                                parse_positions, parse_site)
+from perfit_probe.sites import READ_CLAMP, PositionSpec, Site, batch_last_mask, batch_positions, check_clamp
 
 STACKINGS = get_args(Stacking)
 ABLATE_MODES = get_args(AblateMode)
@@ -53,9 +54,9 @@ class Intervention:
         collective: InterventionBank | None = None,
         personal: InterventionBank | None = None,
         stacking: str = "sum",
-        sites: Sequence[str] | None = None,
-        positions: str | PositionSpec | None = None,
-        ablate_basis: torch.Tensor | None = None,
+        sites: Sequence[Site] | None = None,
+        positions: PositionSpec | None = None,
+        ablate_basis: Float[Tensor, "k d_model"] | Float[Tensor, "bases k d_model"] | None = None,
         ablate_mode: str = "hidden",
         position_clamp: str | None = None,
     ) -> None:
@@ -80,8 +81,11 @@ class Intervention:
         self.collective = collective
         self.personal = personal
         self.stacking = stacking
-        self.sites = [parse_site(s) for s in sites]
-        self.positions = parse_positions(positions)
+        if not all(isinstance(site, Site) for site in sites) or not isinstance(positions, PositionSpec):
+            raise ConfigError("an Intervention takes Site objects and a PositionSpec: parse text with "
+                              "sites.parse_site and sites.parse_positions")
+        self.sites = list(sites)
+        self.positions = positions
         self.position_clamp = position_clamp if position_clamp is not None else READ_CLAMP
         check_clamp(self.position_clamp)
         self.ablate_mode = ablate_mode
@@ -93,10 +97,10 @@ class Intervention:
     # ------------------------------------------------------------------ per batch
     def set_batch(
         self,
-        prompt_mask: torch.Tensor,
-        slots: torch.Tensor | None = None,
-        scale: float | Sequence[float] | torch.Tensor = 1.0,
-        ablate_index: torch.Tensor | None = None,
+        prompt_mask: Shaped[Tensor, "batch seq"],
+        slots: Integer[Tensor, " batch"] | None = None,
+        scale: float | Sequence[float] | Float[Tensor, " batch"] = 1.0,
+        ablate_index: Integer[Tensor, " batch"] | None = None,
     ) -> None:
         """Prepare the next prompt pass: ``prompt_mask [B, T]`` is 1 on prompt tokens.
 
@@ -137,8 +141,9 @@ class Intervention:
         self._state = None
 
     # ------------------------------------------------------------------ the maths
-    def delta(self, site: int, h: torch.Tensor, slots: torch.Tensor | None, scale: torch.Tensor,
-              last: torch.Tensor | None = None, ablate_index: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, site: int, h: Float[Tensor, "batch k d_model"], slots: Integer[Tensor, " batch"] | None,
+              scale: Float[Tensor, " batch"], last: Bool[Tensor, "batch k"] | None = None,
+              ablate_index: Integer[Tensor, " batch"] | None = None) -> Float[Tensor, "batch k d_model"]:
         """Total edit at site number ``site`` for selected hidden states ``h [B, k, d]`` (fp32);
         ``last [B, k]`` marks the last-s positions (needed by banks with separate first/last units);
         ``ablate_index [B]`` each row's basis of a stacked ``ablate_basis``."""
@@ -213,8 +218,3 @@ class Intervention:
             for handle in handles:
                 handle.remove()
             self.clear()
-
-
-def check_sites(sites: Sequence[str], n_layers: int) -> list[Site]:
-    """Parse sites and check their layers against the model; ``SiteError`` otherwise."""
-    return [parse_site(s, n_layers) for s in sites]

@@ -33,7 +33,7 @@ from perfit_probe.models import LoadedModel, ModelIdentity
 FORMAT = "perfit-probe/intervention-bank/1"
 TENSOR_FILE = "intervention.safetensors"
 CONFIG_FILE = "intervention.json"
-STAGES = ("perfit", "collective", "none")
+PERFIT_STAGES = ("perfit", "collective", "none")
 
 
 def save_bank(bank: InterventionBank, directory: Path, identity: ModelIdentity | dict,
@@ -136,8 +136,8 @@ class PerFit:
     def intervention(self, stage: str = "perfit", *, ablate_basis: torch.Tensor | None = None,
                      ablate_mode: str = "hidden") -> Intervention:
         """An ``Intervention`` for ``stage``: ``perfit`` (both banks), ``collective`` or ``none``."""
-        if stage not in STAGES:
-            raise ArtifactError(f"unknown stage {stage!r}: choose from {STAGES}")
+        if stage not in PERFIT_STAGES:
+            raise ArtifactError(f"unknown stage {stage!r}: choose from {PERFIT_STAGES}")
         if stage == "perfit" and self.personal is None:
             raise ArtifactError("this fit has no personal (stage 2) bank: use stage='collective'")
         return Intervention(

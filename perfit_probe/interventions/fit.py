@@ -30,12 +30,11 @@ from perfit_probe.data.prompts import build_examples, continuation
 from perfit_probe.data.records import Example, TaskData
 from perfit_probe.data.splits import Split
 from perfit_probe.errors import DataError
-from perfit_probe.interventions.apply import check_sites
 from perfit_probe.interventions.batching import Encoded, encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank, slot_generator
 from perfit_probe.interventions.train import train_collective, train_personal
 from perfit_probe.models import LoadedModel
-from perfit_probe.sites import Site, decoder_layers
+from perfit_probe.sites import Site, decoder_layers, parse_positions, resolve_site
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,9 @@ PERSONAL_INITS = get_args(PersonalInit)
 def bank_specs(config: FitConfig, loaded: LoadedModel) -> tuple[BankSpec, BankSpec]:
     """The collective and personal ``BankSpec`` of a fit on ``loaded``: checks the layers
     against the model and the ranks against ``d_model`` (``SiteError``/``ConfigError``)."""
-    sites = check_sites([Site(layer, config.site_kind).name if layer >= 0 else
-                         Site(layer + loaded.n_layers, config.site_kind).name for layer in config.layers],
-                        loaded.n_layers)
-    site_names = tuple(s.name for s in sites)
-    return tuple(BankSpec(config.intervention, site_names, config.positions, rank, loaded.d_model,
+    sites = tuple(resolve_site(Site(layer, config.site_kind), loaded.n_layers) for layer in config.layers)
+    positions = parse_positions(config.positions)
+    return tuple(BankSpec(config.intervention, sites, positions, rank, loaded.d_model,
                           config.position_clamp, config.share_weights)
                  for rank in (config.collective_rank, config.personal_rank))
 

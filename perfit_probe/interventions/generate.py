@@ -29,9 +29,10 @@ import torch
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.apply import Intervention
-from perfit_probe.interventions.artifact import STAGES, PerFit
+from perfit_probe.interventions.artifact import PERFIT_STAGES, PerFit
 from perfit_probe.interventions.batching import collate, continuation_logprobs, encode
 from perfit_probe.models import LoadedModel
+from perfit_probe.sites import PositionSpec, Site
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,12 @@ def build_intervention(
     *,
     ablate_basis: torch.Tensor | None = None,
     ablate_mode: str = "hidden",
-    sites: Sequence[str] | None = None,
-    positions: str | None = None,
+    sites: Sequence[Site] | None = None,
+    positions: PositionSpec | None = None,
 ) -> Intervention | None:
     """The ``Intervention`` a generation or scoring call applies (None for the bare base model)."""
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}: choose from {STAGES}")
+    if stage not in PERFIT_STAGES:
+        raise ConfigError(f"unknown stage {stage!r}: choose from {PERFIT_STAGES}")
     if perfit is not None:
         iv = perfit.intervention(stage, ablate_basis=ablate_basis, ablate_mode=ablate_mode)
         return None if stage == "none" and ablate_basis is None else iv
@@ -99,8 +100,8 @@ def generate(
     batch_size: int = 16,
     ablate_basis: torch.Tensor | None = None,
     ablate_mode: str = "hidden",
-    sites: Sequence[str] | None = None,
-    positions: str | None = None,
+    sites: Sequence[Site] | None = None,
+    positions: PositionSpec | None = None,
     max_prompt_tokens: int | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens dropped, stripped)."""
@@ -162,8 +163,8 @@ def score_labels(
     batch_size: int = 16,
     ablate_basis: torch.Tensor | None = None,
     ablate_mode: str = "hidden",
-    sites: Sequence[str] | None = None,
-    positions: str | None = None,
+    sites: Sequence[Site] | None = None,
+    positions: PositionSpec | None = None,
     max_prompt_tokens: int | None = None,
 ) -> torch.Tensor:
     """``[n_prompts, n_labels]`` log-probability of each label as the continuation of each prompt.

@@ -57,17 +57,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Iterator, get_args
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import get_args
 
 import torch
-from torch import nn
+from jaxtyping import Bool, Float, Integer
+from torch import Tensor, nn
 
 from perfit_probe.config import Init, InterventionKind
 from perfit_probe.errors import ConfigError
-from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, parse_positions
+from perfit_probe.sites import POSITION_CLAMPS, READ_CLAMP, PositionSpec, Site, parse_positions, parse_site
 
-KINDS = get_args(InterventionKind)
+INTERVENTION_KINDS = get_args(InterventionKind)
 INITS = get_args(Init)
 
 
@@ -76,11 +78,11 @@ class BankSpec:
     """Shape and kind of the interventions a bank holds."""
 
     kind: str
-    """One of ``KINDS``."""
-    sites: tuple[str, ...]
-    """Canonical site names (``blocks.{l}.hook_{kind}``), one intervention per site."""
-    positions: str
-    """Position spec text (``f1+l2``, ``l1``, ...), see ``perfit_probe.sites``."""
+    """One of ``INTERVENTION_KINDS``."""
+    sites: tuple[Site, ...]
+    """Sites edited, one intervention per site (saved by canonical name, ``blocks.{l}.hook_{kind}``)."""
+    positions: PositionSpec
+    """Prompt positions edited (saved as spec text, ``f1+l2``, ``l1``, ...), see ``perfit_probe.sites``."""
     rank: int
     """Rank r of each intervention."""
     d_model: int
@@ -98,14 +100,17 @@ class BankSpec:
     exactly zero before training (see the module docstring)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"unknown intervention kind {self.kind!r}: choose from {KINDS}")
+        if self.kind not in INTERVENTION_KINDS:
+            raise ConfigError(f"unknown intervention kind {self.kind!r}: choose from {INTERVENTION_KINDS}")
         if not 1 <= self.rank <= self.d_model:
             raise ConfigError(
                 f"intervention rank {self.rank} must be between 1 and d_model={self.d_model}"
             )
         if not self.sites:
             raise ConfigError("an intervention needs at least one site")
+        if not all(isinstance(site, Site) for site in self.sites) or not isinstance(self.positions, PositionSpec):
+            raise ConfigError("a BankSpec holds Site objects and a PositionSpec: parse text with "
+                              "sites.parse_site and sites.parse_positions (BankSpec.from_dict reads saved specs)")
         if self.position_clamp not in POSITION_CLAMPS:
             raise ConfigError(f"unknown position clamp {self.position_clamp!r}: choose from {POSITION_CLAMPS}")
         if not isinstance(self.share_weights, bool):
@@ -115,7 +120,7 @@ class BankSpec:
     def groups(self) -> tuple[str, ...]:
         """Position groups with their own intervention at each site: ``("first", "last")``
         without shared weights on an ``f{p}+l{s}`` spec, else ``("all",)``."""
-        spec = parse_positions(self.positions)
+        spec = self.positions
         if not self.share_weights and spec.mode == "fl" and spec.first and spec.last:
             return ("first", "last")
         return ("all",)
@@ -135,17 +140,18 @@ class BankSpec:
         return f"site{site}" if len(self.groups) == 1 else f"site{site}.{self.groups[group]}"
 
     def to_dict(self) -> dict:
-        """Plain-JSON form."""
-        out = asdict(self)
-        out["sites"] = list(self.sites)
-        return out
+        """Plain-JSON form: sites by canonical name, positions as spec text."""
+        return {"kind": self.kind, "sites": [site.name for site in self.sites], "positions": self.positions.text,
+                "rank": self.rank, "d_model": self.d_model, "position_clamp": self.position_clamp,
+                "share_weights": self.share_weights, "anchored": self.anchored}
 
     @classmethod
     def from_dict(cls, data: dict) -> BankSpec:
-        """Inverse of :meth:`to_dict`; a dict without ``position_clamp``/``share_weights`` (a bank
-        saved before they existed) gets the field defaults, i.e. the old behaviour."""
-        return cls(data["kind"], tuple(data["sites"]), data["positions"], int(data["rank"]),
-                   int(data["d_model"]), data.get("position_clamp", cls.position_clamp),
+        """Inverse of :meth:`to_dict` (site names and the position spec parsed here, once); a
+        dict without ``position_clamp``/``share_weights`` (a bank saved before they existed)
+        gets the field defaults, i.e. the old behaviour."""
+        return cls(data["kind"], tuple(parse_site(name) for name in data["sites"]), parse_positions(data["positions"]),
+                   int(data["rank"]), int(data["d_model"]), data.get("position_clamp", cls.position_clamp),
                    data.get("share_weights", cls.share_weights), bool(data.get("anchored", False)))
 
     def params_per_slot(self) -> int:
@@ -156,7 +162,7 @@ class BankSpec:
         return per_unit * self.n_units
 
 
-def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
+def orthonormal_rows(a: Float[Tensor, "*batch r d"]) -> Float[Tensor, "*batch r d"]:
     """Rows of ``a [..., r, d]`` made orthonormal (Gram-Schmidt via QR, unique signs)."""
     q, tri = torch.linalg.qr(a.transpose(-1, -2))  # q [..., d, r]
     diag = torch.diagonal(tri, dim1=-2, dim2=-1)
@@ -295,7 +301,7 @@ class InterventionBank(nn.Module):
             )
         return torch.tensor([lookup[k] for k in keys], dtype=torch.long, device=self.device)
 
-    def rotation(self, unit: int, initial: bool = False) -> torch.Tensor:
+    def rotation(self, unit: int, initial: bool = False) -> Float[Tensor, "slots rank d_model"]:
         """``R [n, r, d]`` of unit ``unit`` (= site number with one group): orthonormal rows except
         for ``noreft`` (``initial``: of the anchor parameters, anchored banks only)."""
         a = self.site_params[unit].A0 if initial else self.site_params[unit].A
@@ -307,8 +313,8 @@ class InterventionBank(nn.Module):
                 if n != "A" or self.spec.kind == "noreft"]
 
     # ------------------------------------------------------------------ the edit
-    def edit(self, site: int, h: torch.Tensor, slots: torch.Tensor,
-             last: torch.Tensor | None = None) -> torch.Tensor:
+    def edit(self, site: int, h: Float[Tensor, "batch k d_model"], slots: Integer[Tensor, " batch"],
+             last: Bool[Tensor, "batch k"] | None = None) -> Float[Tensor, "batch k d_model"]:
         """The additive edit ``phi(h) - h`` for hidden states ``h [B, k, d]`` at site number
         ``site``; row i uses slot ``slots[i]``. ``last [B, k]`` (bool, ``sites.batch_last_mask``)
         marks the last-s positions: with separate first/last interventions they get the
@@ -347,8 +353,8 @@ class InterventionBank(nn.Module):
             inner = torch.einsum("bkd,brd->bkr", h, diff) + bias.to(h.dtype).unsqueeze(1)
         return torch.einsum("bkr,brd->bkd", inner, rot)
 
-    def forward(self, site: int, h: torch.Tensor, slots: torch.Tensor,
-                last: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, site: int, h: Float[Tensor, "batch k d_model"], slots: Integer[Tensor, " batch"],
+                last: Bool[Tensor, "batch k"] | None = None) -> Float[Tensor, "batch k d_model"]:
         """``phi(h)`` (the edited hidden state)."""
         return h + self.edit(site, h, slots, last)
 

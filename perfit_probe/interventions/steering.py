@@ -22,21 +22,24 @@ Two ways to score a label set under steering:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
+from jaxtyping import Bool, Float, Integer
+from torch import Tensor
 
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.batching import collate, continuation_logprobs, encode
 from perfit_probe.models import LoadedModel
-from perfit_probe.sites import READ_CLAMP, parse_site
+from perfit_probe.sites import LAST, READ_CLAMP, PositionSpec, Site, parse_site
 
 
 class AdditiveSteering(Intervention):
     """``h + alpha * V[slot, site]`` at the selected prompt positions (see the module docstring)."""
 
-    def __init__(self, vectors: torch.Tensor, sites: Sequence[str], positions: str = "last") -> None:
+    def __init__(self, vectors: Float[Tensor, "slots sites d_model"] | Float[Tensor, "slots d_model"],
+                 sites: Sequence[Site], positions: PositionSpec = LAST) -> None:
         if vectors.dim() == 2:
             vectors = vectors.unsqueeze(1)
         if vectors.dim() != 3 or vectors.shape[1] != len(sites):
@@ -44,8 +47,9 @@ class AdditiveSteering(Intervention):
         super().__init__(sites=sites, positions=positions, position_clamp=READ_CLAMP)
         self.vectors = vectors.detach().float()
 
-    def delta(self, site: int, h: torch.Tensor, slots: torch.Tensor | None, scale: torch.Tensor,
-              last: torch.Tensor | None = None, ablate_index: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, site: int, h: Float[Tensor, "batch k d_model"], slots: Integer[Tensor, " batch"] | None,
+              scale: Float[Tensor, " batch"], last: Bool[Tensor, "batch k"] | None = None,
+              ablate_index: Integer[Tensor, " batch"] | None = None) -> Float[Tensor, "batch k d_model"]:
         if slots is None:
             raise ConfigError("additive steering needs one vector slot per row")
         vec = self.vectors.to(h.device, h.dtype)[slots.to(h.device), site]  # [B, d]
@@ -75,7 +79,7 @@ def steered_label_logprobs(
     scales: Sequence[float] | float = 1.0,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
-) -> torch.Tensor:
+) -> Float[Tensor, "prompts labels"]:
     """``[n_prompts, n_labels]`` ``log p(label | prompt)`` with row ``i`` steered by vector
     ``slots[i]`` scaled by ``scales[i]`` (full forward passes, left-padded batches)."""
     n, model, tok = len(prompts), loaded.model, loaded.tokenizer
@@ -127,7 +131,7 @@ def steer_last_token(
     *,
     capture: Sequence[str] = (),
     max_prompt_tokens: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[Float[Tensor, " labels"], Float[Tensor, "slots labels"], dict[str, Float[Tensor, "tokens d_model"]]]:
     """One prompt, many steered variants of its last position (see the module docstring).
 
     Returns the unsteered ``log p(label)`` ``[n_labels]``, the steered ones ``[len(slots),
@@ -137,7 +141,7 @@ def steer_last_token(
     _check_single(label_ids)
     if len(slots) != len(scales) or not len(slots):
         raise ConfigError("give one scale per slot, and at least one slot")
-    if steering.positions.text != "l1":
+    if steering.positions != LAST:
         raise ConfigError("the cached path edits the last prompt position only (positions='last')")
     model = loaded.model
     ids = torch.tensor([encode(loaded.tokenizer, prompt, max_prompt_tokens=max_prompt_tokens).ids],

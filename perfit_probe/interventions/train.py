@@ -36,7 +36,6 @@ epoch the step belongs to) and, with validation, one row per (user, completed ep
 from __future__ import annotations
 
 import logging
-import math
 from typing import Sequence
 
 import pandas as pd
@@ -352,7 +351,3 @@ def describe_selection(selection: dict) -> str:
             f"before stage 2, {selection['val_loss_last']:.3f} after the last epoch, "
             f"{selection['val_loss_kept']:.3f} as kept")
 
-
-def count_steps(n_examples: int, config: TrainConfig) -> int:
-    """Steps one user (or stage 1) takes for ``n_examples`` examples."""
-    return config.epochs * math.ceil(n_examples / config.batch_size)

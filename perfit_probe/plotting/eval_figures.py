@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 INTERVALS_FILE = "uncertainty.csv"
 DIFFERENCES_FILE = "differences.csv"
-FIGURES = ("eval_intervals", "eval_differences")
 _PERFIT, _BASELINE, _OTHER = "#2ca02c", "#7f7f7f", "#1f77b4"
 
 

@@ -18,7 +18,6 @@ from perfit_probe.plotting import save_figures
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("interpret_kl", "interpret_angles", "interpret_monitor")
 _COLORS = {"full": "#2ca02c", "personal": "#1f77b4", "pca": "#9467bd", "other_user": "#8c564b",
            "random": "#7f7f7f"}
 

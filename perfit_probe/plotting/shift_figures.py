@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from perfit_probe.analysis.tables import TABLES
@@ -134,8 +135,6 @@ def plot_pc_projection(projection: pd.DataFrame, site: str) -> Figure:
 
 
 def _user_colours(users: list[str]) -> dict:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab20"] if len(users) <= 20 else colormaps["hsv"]
     n = max(len(users), 1)
     return {u: cmap(i % 20 if len(users) <= 20 else i / n) for i, u in enumerate(users)}

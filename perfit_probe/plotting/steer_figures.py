@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 STEER_FILE = "steer.csv"
 PAIRS_FILE = "swap_pairs.csv"
 RANDOM_FILE = "ablation_random.csv"
-FIGURES = ("steer_swap", "steer_ablation", "steer_dose", "steer_control")
 _COLORS = {"base": "#7f7f7f", "stage1": "#1f77b4", "perfit": "#2ca02c",
            "perfit_ablate_personal": "#d62728", "perfit_ablate_random": "#ff7f0e",
            "random_bank": "#9467bd", "shuffled_users": "#8c564b"}

@@ -34,7 +34,7 @@ import pandas as pd
 
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, METRICS
 
-COLUMNS = ["claim", "scope", "verdict", "statistic", "value", "reference", "ci_low", "ci_high", "p_value",
+CLAIM_COLUMNS = ["claim", "scope", "verdict", "statistic", "value", "reference", "ci_low", "ci_high", "p_value",
            "sentence"]
 """Columns of ``claims.csv``."""
 
@@ -198,7 +198,7 @@ def claim_table(run_dir: Path, *, kind: str | None = None, alpha: float = 0.05) 
     run_dir = Path(run_dir)
     rows = claim1(run_dir / "analysis", alpha) + claim2(run_dir / "analysis", alpha) + \
         claim3(run_dir / "eval", kind, alpha)
-    return pd.DataFrame.from_records(rows, columns=COLUMNS)
+    return pd.DataFrame.from_records(rows, columns=CLAIM_COLUMNS)
 
 
 def claims_markdown(frame: pd.DataFrame, steer_verdicts: str = "") -> str:

@@ -17,7 +17,7 @@ from perfit_probe.interventions.artifact import PerFit
 from perfit_probe.interventions.generate import generate
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.models import load_model
-from perfit_probe.sites import Site
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.oracles import direct_hidden
 from perfit_probe_tests.prompts import BACKEND_PROMPTS
 
@@ -92,7 +92,7 @@ def test_embedded_model_cache_matches_direct_forward(tmp_path, embedded):
 @pytest.mark.slow
 def test_embedded_model_zero_edit_and_batched_users(embedded):
     """On SmolLM2: a zero edit changes nothing; mixed-user batches generate as one-by-one."""
-    spec = BankSpec("loreft", ("blocks.8.hook_resid_post", "blocks.12.hook_resid_post"), "f1+l2", 4,
+    spec = BankSpec("loreft", (Site(8), Site(12)), parse_positions("f1+l2"), 4,
                     embedded.d_model)
     prompts = ["Rate the movie Heat (1995) from 1 to 5:", "Tag:"]
     zero = PerFit(InterventionBank.initialised(spec, ["collective"], "zero"),

@@ -10,6 +10,7 @@ from perfit_probe.interventions.artifact import PerFit
 from perfit_probe.interventions.batching import collate, encode
 from perfit_probe.interventions.generate import generate, score_labels
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.tiny import tiny_model
 
 D = 32
@@ -19,7 +20,7 @@ USERS = ["a", "b", "c", "a", "b"]
 
 
 def _fit(loaded, kind="loreft", stacking="sum", seed=0):
-    spec = BankSpec(kind, ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"), "f1+l2", 4, D)
+    spec = BankSpec(kind, (Site(1), Site(2)), parse_positions("f1+l2"), 4, D)
     coll = InterventionBank.initialised(spec, ["collective"], "random", seed=seed)
     pers = InterventionBank.initialised(spec, ["a", "b", "c"], "random", seed=seed + 1)
     with torch.no_grad():  # make the edits strong enough to change greedy outputs

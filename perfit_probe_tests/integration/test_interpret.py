@@ -55,7 +55,7 @@ def test_steering_with_the_exact_difference_at_the_last_layer_gives_the_other_pr
     a, b = _equal_length_prompts(tok)
     site = f"blocks.{tiny.n_layers - 1}.hook_resid_post"
     diff = _last_state(tiny, b, site) - _last_state(tiny, a, site)
-    steering = AdditiveSteering(diff.view(1, 1, -1), [site])
+    steering = AdditiveSteering(diff.view(1, 1, -1), [parse_site(site)])
     ids = torch.tensor([a])
     with torch.no_grad(), steering.attached(model):
         steering.set_batch(torch.ones_like(ids), torch.tensor([0]), 1.0)
@@ -86,7 +86,7 @@ def test_cached_last_token_path_matches_full_passes_at_a_middle_site(tiny):
     prompts = ["The user rated the movie Fargo", "Predict the rating from 1 to 5 of this user"]
     site = "blocks.1.hook_resid_post"
     gen = torch.Generator().manual_seed(0)
-    steering = AdditiveSteering(torch.randn(3, 1, 32, generator=gen), [site])
+    steering = AdditiveSteering(torch.randn(3, 1, 32, generator=gen), [parse_site(site)])
     for prompt in prompts:
         _, cached, _ = steer_last_token(tiny, prompt, label_ids_of(tok, LABELS), steering, [0, 1, 2], [0.5, 1.0, 2.0])
         full = steered_label_logprobs(tiny, [prompt] * 3, LABELS, steering=steering, slots=[0, 1, 2],

@@ -13,15 +13,16 @@ from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.artifact import PerFit, load_bank, load_perfit, save_bank
 from perfit_probe.interventions.batching import collate, encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank, orthonormal_rows
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.reference import pyreft_locations
 from perfit_probe_tests.tiny import tiny_model
 
 D = 32
 
 
-def _spec(kind="loreft", rank=4, sites=("blocks.1.hook_resid_post",), positions="f1+l2", clamp="cover",
+def _spec(kind="loreft", rank=4, sites=(Site(1),), positions="f1+l2", clamp="cover",
           share_weights=True):
-    return BankSpec(kind, tuple(sites), positions, rank, D, clamp, share_weights)
+    return BankSpec(kind, tuple(sites), parse_positions(positions), rank, D, clamp, share_weights)
 
 
 def _randomised(bank: InterventionBank, seed: int = 0) -> InterventionBank:
@@ -134,7 +135,7 @@ def test_variants_formulas():
     a, w, b = (nore.site_params[0].A[0], nore.site_params[0].W[0], nore.site_params[0].b[0])
     assert torch.allclose(nore(0, h, slots), h + (h @ w.T + b - h @ a.T) @ a, atol=1e-5)
     assert _spec("lobireft", rank=3).params_per_slot() == D * 3 + 3
-    assert _spec("loreft", rank=3, sites=("1", "2")).params_per_slot() == 2 * (2 * D * 3 + 3)
+    assert _spec("loreft", rank=3, sites=(Site(1), Site(2))).params_per_slot() == 2 * (2 * D * 3 + 3)
 
 
 @pytest.mark.parametrize("positions,share_weights,groups", [
@@ -144,13 +145,13 @@ def test_variants_formulas():
 def test_groups_and_parameter_counts(positions, share_weights, groups):
     """Separate first/last interventions only for f{p}+l{s} without shared weights (pyreft doubles
     its layers only for '+' specs); the parameter count counts every intervention."""
-    spec = _spec("loreft", rank=3, sites=("1", "2"), positions=positions, share_weights=share_weights)
+    spec = _spec("loreft", rank=3, sites=(Site(1), Site(2)), positions=positions, share_weights=share_weights)
     assert spec.groups == groups
     per_intervention = 2 * D * 3 + 3
     assert spec.params_per_slot() == per_intervention * 2 * len(groups)
     bank = InterventionBank.initialised(spec, ["a", "b"], "random")
     assert sum(p[0].numel() for p in bank.parameters()) == spec.params_per_slot()
-    lobi = _spec("lobireft", rank=3, sites=("1",), positions=positions, share_weights=share_weights)
+    lobi = _spec("lobireft", rank=3, sites=(Site(1),), positions=positions, share_weights=share_weights)
     assert lobi.params_per_slot() == (D * 3 + 3) * len(groups)
 
 
@@ -166,7 +167,7 @@ def test_bank_rows_use_their_own_slot():
 
 def _stacking_case(seed=3):
     """Collective (rank 4, one slot) and personal (rank 2, three slots) random banks, inputs."""
-    sites = ("blocks.1.hook_resid_post",)
+    sites = (Site(1),)
     coll = _random_bank(_spec(rank=4, sites=sites, positions="l1"), ["collective"], seed)
     pers = _random_bank(_spec(rank=2, sites=sites, positions="l1"), ["a", "b", "c"], seed + 1)
     with torch.no_grad():  # moderate edits, so that compose differs clearly from sum
@@ -248,9 +249,9 @@ def test_initialisation_depends_on_key_not_index():
 
 def test_bad_specs_fail_clearly():
     with pytest.raises(ConfigError, match="rank"):
-        BankSpec("loreft", ("1",), "l1", D + 1, D)
+        BankSpec("loreft", (Site(1),), parse_positions("l1"), D + 1, D)
     with pytest.raises(ConfigError, match="kind"):
-        BankSpec("lora", ("1",), "l1", 2, D)
+        BankSpec("lora", (Site(1),), parse_positions("l1"), 2, D)
     with pytest.raises(ConfigError, match="initialisation"):
         InterventionBank.initialised(_spec(), ["a"], "ones")
     with pytest.raises(ConfigError, match="position clamp"):
@@ -266,7 +267,7 @@ def test_bad_specs_fail_clearly():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_zero_edit_leaves_outputs_unchanged(arch):
     loaded = tiny_model(arch)
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"), "f1+l2", 4, D)
+    spec = BankSpec("loreft", (Site(1), Site(2, "resid_pre")), parse_positions("f1+l2"), 4, D)
     coll = InterventionBank.initialised(spec, ["collective"], "zero")
     pers = InterventionBank.initialised(spec, ["a", "b"], "zero")
     batch = collate([encode(loaded.tokenizer, p) for p in ["The user rated", "alpha beta gamma delta"]], 0)
@@ -329,7 +330,7 @@ def test_positions_under_padding_and_short_prompts(pyreft, padding_side, clamp, 
     ones under ``cover``."""
     loaded = tiny_model("llama")
     tok = loaded.tokenizer
-    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), spec_text, 2, D, clamp)
+    spec = BankSpec("lobireft", (Site(1),), parse_positions(spec_text), 2, D, clamp)
     bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
     iv = Intervention(collective=bank)
     items = [encode(tok, _PROMPTS[0], " theta iota", eos=True), encode(tok, _PROMPTS[1], " beta"),
@@ -356,7 +357,7 @@ def test_separate_first_and_last_interventions(pyreft, padding_side, spec_text):
     (lobireft: the edit is the constant ``b @ R`` of its unit)."""
     loaded = tiny_model("llama")
     tok = loaded.tokenizer
-    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), spec_text, 2, D, "pyreft", False)
+    spec = BankSpec("lobireft", (Site(1),), parse_positions(spec_text), 2, D, "pyreft", False)
     bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
     assert len(bank.site_params) == 2
     first_vec = bank.site_params[0].b[0] @ bank.rotation(0)[0]
@@ -387,7 +388,7 @@ def test_separate_first_and_last_interventions(pyreft, padding_side, spec_text):
 
 def test_resid_pre_hook_on_gpt2_edits_block_input():
     loaded = tiny_model("gpt2")
-    spec = BankSpec("lobireft", ("blocks.2.hook_resid_pre",), "l1", 2, D)
+    spec = BankSpec("lobireft", (Site(2, "resid_pre"),), parse_positions("l1"), 2, D)
     bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
     iv = Intervention(collective=bank)
     batch = collate([encode(loaded.tokenizer, "alpha beta gamma")], 0)
@@ -418,7 +419,7 @@ def test_no_edit_during_cached_generation_steps():
     """One-token forward passes (cached generation) are left untouched, and the cached step
     equals a full recomputation in which only the prompt tokens are edited."""
     loaded = tiny_model("llama")
-    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), "f1+l1", 2, D)
+    spec = BankSpec("lobireft", (Site(1),), parse_positions("f1+l1"), 2, D)
     bank = _randomised(InterventionBank.initialised(spec, ["u"], "zero"))
     iv = Intervention(collective=bank)
     batch = collate([encode(loaded.tokenizer, "alpha beta gamma")], 0)
@@ -445,7 +446,7 @@ def test_no_edit_during_cached_generation_steps():
 @pytest.mark.parametrize("clamp,share_weights", [("cover", True), ("pyreft", False)])
 def test_save_load_roundtrip_bit_exact(tmp_path, clamp, share_weights):
     loaded = tiny_model("llama")
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), "f1+l2", 4, D, clamp,
+    spec = BankSpec("loreft", (Site(1), Site(3)), parse_positions("f1+l2"), 4, D, clamp,
                     share_weights)
     coll = _randomised(InterventionBank.initialised(spec, ["collective"], "zero"), 1)
     pers = _randomised(InterventionBank.initialised(spec, ["a", "b"], "random", seed=4), 2)
@@ -458,6 +459,8 @@ def test_save_load_roundtrip_bit_exact(tmp_path, clamp, share_weights):
     prefixes = ["site0", "site1"] if share_weights else ["site0.first", "site1.first", "site0.last", "site1.last"]
     assert names == {f"{p}.{t}" for p in prefixes for t in ("A", "W", "b")}
     config = json.loads((tmp_path / "perfit" / "bank" / "intervention.json").read_text())
+    assert config["sites"] == ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
+    assert config["positions"] == "f1+l2"
     assert config["params_per_slot"] == spec.params_per_slot() == (2 * D * 4 + 4) * 2 * (1 if share_weights else 2)
     batch = collate([encode(loaded.tokenizer, p) for p in ["The user rated", "alpha beta gamma delta"]], 0)
     outs = []
@@ -473,7 +476,7 @@ def test_old_artifact_without_clamp_or_share_weights_loads_as_before(tmp_path):
     """A bank saved before ``position_clamp``/``share_weights`` existed: one intervention per
     site, the ``cover`` clamp (a one-token prompt is still edited)."""
     loaded = tiny_model("llama")
-    spec = BankSpec("lobireft", ("blocks.1.hook_resid_post",), "f1+l2", 2, D)
+    spec = BankSpec("lobireft", (Site(1),), parse_positions("f1+l2"), 2, D)
     bank = _randomised(InterventionBank.initialised(spec, ["collective"], "zero"))
     save_bank(bank, tmp_path, loaded.identity)
     path = tmp_path / "intervention.json"
@@ -487,6 +490,24 @@ def test_old_artifact_without_clamp_or_share_weights_loads_as_before(tmp_path):
     batch = collate([encode(loaded.tokenizer, "The")], 0)
     assert batch.prompt_mask.sum() == 1
     assert _edited_positions(loaded, Intervention(collective=back), batch, layer=1) == {0: [0]}
+
+
+def test_saved_text_is_parsed_once_into_sites_and_positions():
+    """A saved spec's site names and position text (any accepted spelling) load as ``Site`` and
+    ``PositionSpec`` objects; text is refused where objects are expected."""
+    saved = {"kind": "loreft", "sites": ["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"],
+             "positions": "last", "rank": 2, "d_model": D}
+    spec = BankSpec.from_dict(saved)
+    assert spec.sites == (Site(1), Site(2, "resid_pre")) and spec.positions == parse_positions("l1")
+    assert BankSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["positions"] == "l1"
+    # refused by BankSpec and Intervention themselves, or first by the run-time type check the
+    # test suite adds (jaxtyping's import hook with beartype, a TypeError)
+    with pytest.raises((ConfigError, TypeError)):
+        BankSpec("loreft", ("blocks.1.hook_resid_post",), parse_positions("l1"), 2, D)
+    with pytest.raises((ConfigError, TypeError)):
+        BankSpec("loreft", (Site(1),), "l1", 2, D)
+    with pytest.raises((ConfigError, TypeError)):
+        Intervention(sites=["blocks.1.hook_resid_post"], positions=parse_positions("l1"))
 
 
 def test_load_refuses_other_model(tmp_path):

@@ -20,6 +20,7 @@ from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.fit import personal_start
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe.stages import evaluate as evaluate_stage
 from perfit_probe.stages import fit as fit_stage
 from perfit_probe.stages.rundir import RunDir
@@ -98,7 +99,7 @@ def test_planted_lamp_task_in_official_format_is_fitted_and_then_scored_right(tm
 @pytest.mark.parametrize("init", ["zero", "random", "stage1"])
 def test_stage2_before_training_is_exactly_stage1(init, stacking):
     loaded = tiny_model("llama")
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post"), "f1+l2", 4, 32)
+    spec = BankSpec("loreft", (Site(1), Site(3)), parse_positions("f1+l2"), 4, 32)
     collective = InterventionBank.initialised(spec, ["collective"], "random", seed=3)  # a non-zero edit
     keys = ["a", "b", "c"]
     personal = personal_start(collective, spec, keys, init, seed=5)
@@ -122,7 +123,7 @@ def test_stage2_before_training_is_exactly_stage1(init, stacking):
 def test_anchored_bank_saves_and_loads_its_anchor(tmp_path):
     from perfit_probe.interventions.artifact import load_bank, save_bank
 
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post",), "l1", 2, 32)
+    spec = BankSpec("loreft", (Site(1),), parse_positions("l1"), 2, 32)
     bank = InterventionBank.initialised(spec, ["a", "b"], "random", seed=1).anchored()
     with torch.no_grad():
         bank.site_params[0].b.add_(1.0)

@@ -17,6 +17,7 @@ import torch
 
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
+from perfit_probe.sites import Site, parse_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +42,7 @@ def _reference(pyreft, loaded, share_weights: bool):
 
 
 def _ours_from(references, d: int, share_weights: bool) -> InterventionBank:
-    spec = BankSpec("loreft", tuple(f"blocks.{layer}.hook_resid_post" for layer in LAYERS), POSITIONS, RANK, d,
+    spec = BankSpec("loreft", tuple(Site(layer) for layer in LAYERS), parse_positions(POSITIONS), RANK, d,
                     "pyreft", share_weights)
     bank = InterventionBank(spec, ["collective"])
     assert len(bank.site_params) == len(references)  # units in pyreft's order: all first, then all last

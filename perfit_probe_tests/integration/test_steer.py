@@ -20,6 +20,7 @@ from perfit_probe.evaluation.steer import (
     steer_checks,
 )
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.planted import PLANTED, planted_run, planted_task
 from perfit_probe_tests.tiny import tiny_model
 
@@ -170,7 +171,7 @@ def _promoting_bank(loaded, users, donor, label, strength=1000.0):
     u = emb[target] - emb[ids].mean(0)
     u = u / u.norm()
     assert int((emb[ids] @ u).argmax()) == "12345".index(label)  # u favours the label among ratings
-    spec = BankSpec("loreft", ("blocks.3.hook_resid_post",), "l1", 1, loaded.d_model)
+    spec = BankSpec("loreft", (Site(3),), parse_positions("l1"), 1, loaded.d_model)
     collective = InterventionBank.initialised(spec, ["collective"], "zero", 0)
     personal = InterventionBank.initialised(spec, list(users), "zero", 0)
     with torch.no_grad():  # W = R = u: the edit R^T (W h + b - R h) is b u
@@ -254,7 +255,7 @@ def test_random_bank_has_the_stated_rank_and_edit_size(kind):
     W_u - R_u and b_u (computed here from the raw parameters); the edits span r dimensions and have
     the same mean squared size on isotropic inputs, in another subspace."""
     rank, d = 3, 16
-    spec = BankSpec(kind, ("blocks.1.hook_resid_post",), "l1", rank, d)
+    spec = BankSpec(kind, (Site(1),), parse_positions("l1"), rank, d)
     bank = InterventionBank.initialised(spec, ["a", "b"], "random", 0).requires_grad_(False)
     with torch.no_grad():  # make the two users' edit sizes differ
         bank.site_params[0].b[1].mul_(7.0)

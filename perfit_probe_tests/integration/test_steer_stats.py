@@ -22,6 +22,7 @@ from perfit_probe.evaluation.uncertainty import QueryStats
 from perfit_probe.interventions import PerFit, score_labels
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.planted import planted_task, random_perfit
 from perfit_probe_tests.tiny import tiny_model
 
@@ -157,11 +158,11 @@ def test_stacked_ablation_bases_equal_one_basis_at_a_time():
     h = torch.randn(6, 2, 8, generator=gen)
     index = torch.tensor([0, 1, 2, 2, 1, 0])
     for mode in ("hidden", "edit"):
-        stacked = Intervention(sites=["blocks.0.hook_resid_post"], positions="l2", ablate_basis=bases,
+        stacked = Intervention(sites=[Site(0)], positions=parse_positions("l2"), ablate_basis=bases,
                                ablate_mode=mode)
         got = stacked.delta(0, h, None, torch.ones(6), None, index)
         for row, g in enumerate(index.tolist()):
-            single = Intervention(sites=["blocks.0.hook_resid_post"], positions="l2", ablate_basis=bases[g],
+            single = Intervention(sites=[Site(0)], positions=parse_positions("l2"), ablate_basis=bases[g],
                                   ablate_mode=mode)
             torch.testing.assert_close(got[row], single.delta(0, h[row:row + 1], None, torch.ones(1))[0])
     with pytest.raises(Exception, match="ablate_index"):
@@ -175,7 +176,8 @@ def test_shared_prefix_scores_equal_score_labels_per_variant(positions):
     perfit = random_perfit(loaded, users)
     if positions != "f1+l2":  # the same banks at the last two positions only: a shared prefix
         for bank in (perfit.collective, perfit.personal):
-            bank.spec = BankSpec(bank.spec.kind, bank.spec.sites, positions, bank.spec.rank, bank.spec.d_model)
+            bank.spec = BankSpec(bank.spec.kind, bank.spec.sites, parse_positions(positions), bank.spec.rank,
+                                 bank.spec.d_model)
     prompts = ["Predict the rating of alpha beta", "History of the user: Toy Story (1995) rated 4; Fargo",
                "Answer with a single number.", "gamma"]
     owners = ["a", "b", "b", "a"]
@@ -202,7 +204,7 @@ def test_planted_personal_slot_pulls_swap_recipients_toward_its_label():
     five = single_token_labels(loaded.tokenizer, [continuation("5", loaded.tokenizer, None)])[0]
     direction = loaded.model.lm_head.weight[five].detach().float()
     direction = direction / direction.norm()
-    spec = BankSpec("lobireft", ("blocks.3.hook_resid_post",), "l1", 1, d)
+    spec = BankSpec("lobireft", (Site(3),), parse_positions("l1"), 1, d)
     collective = InterventionBank.initialised(spec, ["collective"], "zero", 0)
     personal = InterventionBank(spec, list(split.test_users))
     with torch.no_grad():
@@ -232,7 +234,7 @@ def test_shared_prefix_per_variant_users_stages_and_reused_prefixes_match_ordina
     loaded = tiny_model("llama")
     perfit = random_perfit(loaded, ["a", "b"])
     for bank in (perfit.collective, perfit.personal):  # the last two positions: a shared prefix
-        bank.spec = BankSpec(bank.spec.kind, bank.spec.sites, "l2", bank.spec.rank, bank.spec.d_model)
+        bank.spec = BankSpec(bank.spec.kind, bank.spec.sites, parse_positions("l2"), bank.spec.rank, bank.spec.d_model)
     prompts = ["the first prompt is a bit longer than", "second one", "a third prompt here", "four"]
     owners = ["a", "b", "b", "a"]
     labels = ["1", "2", "3", "4", "5"]
@@ -264,5 +266,5 @@ def test_shared_prefix_cut_keeps_the_position_rule(clamp, positions, cut):
     mask = torch.zeros(3, 12, dtype=torch.long)
     for row, length in enumerate((12, 9, 6)):  # left padding
         mask[row, 12 - length:] = 1
-    iv = Intervention(sites=["blocks.0.hook_resid_post"], positions=positions, position_clamp=clamp)
+    iv = Intervention(sites=[Site(0)], positions=parse_positions(positions), position_clamp=clamp)
     assert _prefix_length(iv, mask) == (0 if cut is None else 12 - cut)

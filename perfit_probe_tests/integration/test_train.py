@@ -14,6 +14,7 @@ from perfit_probe.interventions.train import (
     train_personal,
     train_personal_sequential,
 )
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.tiny import tiny_model
 
 D = 32
@@ -31,7 +32,7 @@ def _examples(tok, n, seed):
 
 
 def test_bank_adamw_equals_torch_adamw_with_clipping():
-    spec = BankSpec("loreft", ("1", "2"), "l1", 3, 8)
+    spec = BankSpec("loreft", (Site(1), Site(2)), parse_positions("l1"), 3, 8)
     ours = InterventionBank.initialised(spec, ["u"], "random", seed=1).requires_grad_(True)
     ref = InterventionBank.initialised(spec, ["u"], "random", seed=1).requires_grad_(True)
     opt = BankAdamW(ours, lr=1e-2, weight_decay=0.1)
@@ -56,7 +57,7 @@ def test_bank_adamw_equals_torch_adamw_with_clipping():
 
 
 def test_bank_adamw_leaves_inactive_slots_alone():
-    spec = BankSpec("loreft", ("1",), "l1", 2, 6)
+    spec = BankSpec("loreft", (Site(1),), parse_positions("l1"), 2, 6)
     bank = InterventionBank.initialised(spec, ["a", "b"], "random").requires_grad_(True)
     before = [p.detach().clone() for p in bank.parameters()]
     opt = BankAdamW(bank, lr=0.1, weight_decay=0.5)
@@ -70,7 +71,7 @@ def test_bank_adamw_leaves_inactive_slots_alone():
 
 def test_rotation_stays_orthonormal_and_loss_falls_in_stage1():
     loaded = tiny_model("llama")
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"), "f1+l1", 4, D)
+    spec = BankSpec("loreft", (Site(1), Site(2)), parse_positions("f1+l1"), 4, D)
     bank = InterventionBank.initialised(spec, ["collective"], "zero")
     start = [bank.site_params[s].A.detach().clone() for s in range(2)]
     examples = _examples(loaded.tokenizer, 16, seed=0)
@@ -86,7 +87,7 @@ def test_rotation_stays_orthonormal_and_loss_falls_in_stage1():
 
 def test_batched_stage2_equals_sequential():
     loaded = tiny_model("llama")
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"), "f1+l2", 3, D)
+    spec = BankSpec("loreft", (Site(1), Site(2)), parse_positions("f1+l2"), 3, D)
     collective = InterventionBank.initialised(spec, ["collective"], "random", seed=5)
     users = ["u0", "u1", "u2", "u3"]
     examples = {u: _examples(loaded.tokenizer, n, seed=i) for i, (u, n) in enumerate(zip(users, [3, 5, 2, 4]))}
@@ -130,10 +131,10 @@ def test_planted_users_are_recovered():
     loaded = tiny_model("llama")
     with torch.no_grad():  # a sharper output layer, so that edits change the outputs clearly
         loaded.model.lm_head.weight.mul_(30.0)
-    site = ("blocks.1.hook_resid_post",)
+    site = (Site(1),)
     users = [f"u{i}" for i in range(5)]
     gen = torch.Generator().manual_seed(11)
-    planted_spec = BankSpec("lobireft", site, "l1", 2, D)
+    planted_spec = BankSpec("lobireft", site, parse_positions("l1"), 2, D)
     planted = InterventionBank(planted_spec, users)
     basis = torch.linalg.qr(torch.randn(D, 2, generator=gen))[0].T  # U [2, d]
     coeffs = torch.randn(len(users), 2, generator=gen)
@@ -148,7 +149,7 @@ def test_planted_users_are_recovered():
     with teacher.attached(loaded.model):
         sampled = _sample(loaded, teacher, slots, [encode(loaded.tokenizer, p) for _ in range(5 * len(users)) for p in prompts], 2, gen)
     examples = {u: [e for e, s in zip(sampled, slots) if s == i] for i, u in enumerate(users)}
-    student_spec = BankSpec("lobireft", site, "l1", D, D)  # full rank: the edit is a free vector
+    student_spec = BankSpec("lobireft", site, parse_positions("l1"), D, D)  # full rank: the edit is a free vector
     student = InterventionBank.initialised(student_spec, users, "zero", seed=1)
     config = TrainConfig(epochs=12, lr=0.1, batch_size=100, max_grad_norm=0.0, weight_decay=0.0, rows_per_forward=128)
     curve = train_personal(loaded, zero_coll, student, examples, config)
@@ -171,7 +172,7 @@ def test_stage2_selection_keeps_each_users_best_epoch():
     of epochs, the choice is the argmin of its validation losses, and batched = sequential."""
     loaded = tiny_model("llama")
     tok = loaded.tokenizer
-    spec = BankSpec("loreft", ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"), "f1+l1", 3, D)
+    spec = BankSpec("loreft", (Site(1), Site(2)), parse_positions("f1+l1"), 3, D)
     collective = InterventionBank.initialised(spec, ["collective"], "random", seed=5)
     users = ["u0", "u1", "u2", "u3"]
     examples = {u: _examples(tok, 4, seed=10 + i) for i, u in enumerate(users)}

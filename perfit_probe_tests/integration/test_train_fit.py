@@ -12,6 +12,7 @@ from perfit_probe.config import FitConfig
 from perfit_probe.data.splits import Split
 from perfit_probe.interventions.artifact import load_perfit
 from perfit_probe.interventions.fit import lora_parameter_count
+from perfit_probe.sites import Site
 from perfit_probe.stages import fit as fit_stage
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
 
@@ -30,7 +31,7 @@ def test_run_fit_writes_complete_run(tmp_path):
     split = Split.load(pdir / "split.json")
     fit = load_perfit(run.path, loaded)
     assert fit.user_ids == list(split.test_users) and len(split.train_users) == 3
-    assert fit.collective.spec.sites == ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
+    assert fit.collective.spec.sites == (Site(1), Site(3))
     curves = pd.read_csv(pdir / "curves.csv", dtype={"user_id": str})
     assert set(curves["stage"]) == {"collective", "personal"}
     assert set(curves[curves["stage"] == "personal"]["user_id"]) == set(split.test_users)

@@ -117,10 +117,10 @@ def test_runtime_tuples_are_the_literal_types():
     from perfit_probe.data.retrieval import RETRIEVERS
     from perfit_probe.evaluation.baselines import BASELINES
     from perfit_probe.evaluation.evaluate import METHODS
-    from perfit_probe.interventions.modules import INITS, KINDS
+    from perfit_probe.interventions.modules import INITS, INTERVENTION_KINDS
 
     assert BACKEND_NAMES == get_args(C.Backend) and RETRIEVERS == get_args(C.Retriever)
-    assert KINDS == get_args(C.InterventionKind) and INITS == get_args(C.Init)
+    assert INTERVENTION_KINDS == get_args(C.InterventionKind) and INITS == get_args(C.Init)
     assert VARIANTS == get_args(C.Variant) and SOURCES == get_args(C.AnalysisSource)
     assert CLASSIFIERS == get_args(C.Classifier) and BOOTSTRAPS == get_args(C.Bootstrap)
     assert METHODS == get_args(C.Method) and tuple(BASELINES) == get_args(C.Baseline)
