@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.perfit-installed
 
-.PHONY: setup demo test test-fast lint-imports bench figures clean
+.PHONY: setup demo test test-fast test-unit test-integration test-acceptance lint-imports bench figures clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ test: $(STAMP) lint-imports
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# One tier of perfit_probe_tests/: unit (no model), integration (tiny random-init models),
+# acceptance (the real embedded model; slow).
+test-unit test-integration test-acceptance: test-%: $(STAMP)
+	$(PY) -m pytest -q perfit_probe_tests/$*
 
 clean:
 	rm -rf $(VENV) .pytest_cache .import_linter_cache

@@ -3,8 +3,8 @@
 Usage: python analyses/publish_demo.py RUN_DIR [--dest figures]
 
 Copies the run's tables and reports (no activations, no weights) into ``DEST/demo/`` with the
-run-directory layout, then regenerates every figure from those copies only, so the committed
-figures can be redrawn at any time with::
+run-directory layout and its figures into ``DEST/``, then redraws the shift and steering figures
+from those copies only, so they can be redrawn at any time with::
 
     python analyses/shift_figures.py figures/demo --out figures
     python analyses/steer_figures.py figures/demo --out figures
@@ -20,13 +20,16 @@ from perfit_probe.plotting.shift_figures import save_shift_figures
 from perfit_probe.plotting.steer_figures import save_steer_figures
 
 PUBLISHED = (
-    "run.json", "metrics.json", "report.md",
+    "run.json", "metrics.json", "report.md", "claims.md", "claims.csv",
     "analysis/*.csv", "analysis/analysis.json", "analysis/report.md",
-    "eval/results.csv", "eval/results.md",
-    "steer/steer.csv", "steer/swap_pairs.csv",
+    "eval/*.csv", "eval/*.md", "eval/evaluation.json", "eval/predictions/*.json",
+    "steer/*.csv", "steer/verdicts.md",
+    "interpret/*.csv", "interpret/*.json", "interpret/report.md",
     "perfit/curves.csv", "perfit/params.json", "perfit/split.json", "perfit/task.json",
-    "deltas/deltas.csv",
+    "deltas/deltas.csv", "deltas/history.csv",
 )
+"""The run's tables, reports and metrics: every file a README number comes from (no
+activations, weights or subspace bases)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                 # the run's figures are published one level up, in DEST itself
                 dst.write_text(dst.read_text().replace("](figures/", "](../"))
             print(dst)
+    for png in sorted((args.run_dir / "figures").glob("*.png")):
+        shutil.copy2(png, args.dest / png.name)  # every figure as the run drew it
+        print(args.dest / png.name)
     for path in save_shift_figures(target / "analysis", args.dest):
         print(path)
     if (target / "steer" / "steer.csv").is_file():

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random-init models, the embedded model (slow tests only)."""
+"""Shared fixtures (tiny random-init models, the embedded model for the slow tests) and the test
+tiers: every test module sits in ``unit/``, ``integration/`` or ``acceptance/``, and each test
+is marked with its folder's name (``pytest -m unit``); acceptance tests are also ``slow``."""
 
 from __future__ import annotations
 
@@ -9,6 +11,25 @@ import pytest
 import torch
 
 from perfit_probe_tests.tiny import tiny_model
+
+TIERS = ("unit", "integration", "acceptance")
+"""The test folders, from no model to the real one (see each folder's ``__init__.py``)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier; a test module outside the tier folders is refused."""
+    root = Path(__file__).parent
+    for item in items:
+        if root not in item.path.parents:
+            continue
+        tier = item.path.relative_to(root).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.path.relative_to(root.parent)}: move it to {root.name}/unit/, "
+                                    "integration/ or acceptance/ (the test tiers: README, Contributing)")
+        item.add_marker(tier)
+        if tier == "acceptance":
+            item.add_marker("slow")
 
 
 @pytest.fixture(autouse=True)

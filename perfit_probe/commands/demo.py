@@ -18,7 +18,7 @@ def demo(users: int = 24, model: str = "smollm2", device: str = "cpu", task: str
     """Run the whole pipeline on the embedded model and MovieLens data.
 
     Args:
-        users: MovieLens users (default 24: about 10 min on 2 CPU cores); half are test users.
+        users: MovieLens users (default 24: about 14 min on 2 CPU cores); half are test users.
         model: Model to use instead of the embedded SmolLM2.
         device: cpu, cuda or auto.
         task: Task instead of movielens (e.g. synthetic).

@@ -23,7 +23,7 @@ from perfit_probe.interventions import PerFit, score_labels
 from perfit_probe.interventions.apply import Intervention
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.sites import Site, parse_positions
-from perfit_probe_tests.test_evaluate import planted_task, random_perfit
+from perfit_probe_tests.planted import planted_task, random_perfit
 from perfit_probe_tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

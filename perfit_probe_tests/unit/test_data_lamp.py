@@ -13,7 +13,7 @@ from perfit_probe.data.lamp import load_lamp, load_oppu, read_outputs, write_out
 from perfit_probe.data.tasks import LAMP_TASKS, TASKS, canonical_task_name
 from perfit_probe.errors import DataError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "lamp"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "lamp"
 
 
 def _write(path: Path, data) -> Path:

@@ -13,7 +13,7 @@ import torch
 from perfit_probe.cache_store import ActivationCache
 from perfit_probe.cli import main
 from perfit_probe.deltas import Deltas
-from perfit_probe_tests.test_cache import make_examples
+from perfit_probe_tests.prompts import make_examples
 from perfit_probe_tests.tiny import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

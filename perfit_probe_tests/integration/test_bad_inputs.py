@@ -463,7 +463,7 @@ def test_the_oppu_task_lora_shows_progress_and_the_summary_says_where_time_went(
 
 # ------------------------------------------------------------------------------ fuzzing the LaMP loaders
 
-FIXTURES = Path(__file__).parent / "fixtures" / "lamp"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "lamp"
 _JUNK = [None, True, False, 0, -3, 2.5, float("nan"), "", "x", "4", [], ["a"], [1, [2]], {}, {"id": 1},
          {"a": {"b": []}}, "é\u2028\x00"]
 

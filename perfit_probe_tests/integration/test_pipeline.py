@@ -1,4 +1,4 @@
-"""Acceptance: the whole pipeline through the CLI at a tiny size; pipeline config files."""
+"""The whole pipeline through the CLI at a tiny size; pipeline config files."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from perfit_probe.deltas import Deltas
 from perfit_probe.errors import ConfigError
 from perfit_probe.evaluation.baselines import BASELINES
 from perfit_probe.pipeline import demo_config
-from perfit_probe_tests.test_analysis import _oracle_rank
+from perfit_probe_tests.oracles import oracle_rank
 from perfit_probe_tests.tiny import save_tiny_model
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 STAGE_FILES = ("run.json", "metrics.json", "report.md", "cache/manifest.json", "deltas/deltas.safetensors",
@@ -184,7 +184,7 @@ def test_analysis_ranks_equal_numpy_svd_of_the_saved_deltas(demo_run):
             for tau in (0.8, 0.9, 0.95):
                 sel = ranks[(ranks.site == site) & (ranks.source == "deltas") & (ranks.centered == center)
                             & (ranks.statistic == f"rank@{tau:g}")]
-                assert len(sel) == 1 and sel.value.iloc[0] == _oracle_rank(x, tau, center), (site, center, tau)
+                assert len(sel) == 1 and sel.value.iloc[0] == oracle_rank(x, tau, center), (site, center, tau)
 
 
 def test_run_json_records_the_seed_config_and_model(demo_run):
@@ -284,7 +284,7 @@ def test_notebook_speaks_the_run_language_on_a_fitted_run(demo_run, tmp_path, mo
 
     _, out, _, _ = demo_run
     monkeypatch.setenv("PERFIT_RUN_DIR", str(out))
-    notebook = Path(__file__).resolve().parents[1] / "analyses" / "explore_shifts.ipynb"
+    notebook = Path(__file__).resolve().parents[2] / "analyses" / "explore_shifts.ipynb"
     nb = nbformat.read(notebook, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from perfit_probe_tests.conftest import PYREFT_DIR
 from perfit_probe_tests.tiny import save_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_perfit_runs_and_both_sides_agree(tmp_path):

@@ -23,6 +23,7 @@ from perfit_probe.analysis.synthetic import planted_deltas
 from perfit_probe.analysis.tables import AnalysisResult, analyze_deltas
 from perfit_probe.config import AnalysisConfig
 from perfit_probe.errors import ConfigError
+from perfit_probe_tests.oracles import oracle_rank
 
 TAUS = (0.8, 0.9, 0.95)
 
@@ -31,18 +32,6 @@ def _low_rank(n=60, d=64, k=5, noise=0.01, seed=0):
     rng = np.random.default_rng(seed)
     scales = np.linspace(5.0, 1.0, k)
     return (rng.standard_normal((n, k)) * scales) @ rng.standard_normal((k, d)) + noise * rng.standard_normal((n, d))
-
-
-def _oracle_rank(x, tau, center):
-    """Brute force: count components until the energy share reaches tau."""
-    x = x - x.mean(0) if center else x
-    s2 = np.linalg.svd(x, compute_uv=False) ** 2
-    total, acc = s2.sum(), 0.0
-    for k, v in enumerate(s2, start=1):
-        acc += v
-        if acc / total >= tau - 1e-12:
-            return k
-    raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------------ estimator
@@ -61,8 +50,8 @@ def test_shiftpca_matches_numpy_svd(center):
     np.testing.assert_allclose(pca.inverse_transform(pca.transform(x)), x, atol=1e-9)
     assert pca.max_rank_ == 20 and pca.fit(x) is pca
     for tau in TAUS:
-        assert pca.rank_at(tau) == _oracle_rank(x, tau, center)
-        assert pca.rank_per_mille(tau) == pytest.approx(1000 * _oracle_rank(x, tau, center) / 20)
+        assert pca.rank_at(tau) == oracle_rank(x, tau, center)
+        assert pca.rank_per_mille(tau) == pytest.approx(1000 * oracle_rank(x, tau, center) / 20)
 
 
 def test_exact_and_randomized_svd_agree():
@@ -129,7 +118,7 @@ def test_gaussian_null_matches_norms_and_has_high_rank():
     for tau in TAUS:
         null_rank = ShiftPCA().fit(null).rank_at(tau)
         # an independent isotropic draw is the oracle; the planted deltas are far below it
-        assert abs(null_rank - _oracle_rank(iso, tau, False)) <= 3
+        assert abs(null_rank - oracle_rank(iso, tau, False)) <= 3
         assert null_rank >= 0.4 * 40
         assert ShiftPCA().fit(x).rank_at(tau) <= 3
 
@@ -388,7 +377,7 @@ def test_rank_table_equals_numpy_svd_and_the_planted_rank(planted_table):
                 key = dict(site=site, source=source, centered=center)
                 for tau in TAUS:
                     rank = _table_value(ranks, statistic=f"rank@{tau:g}", **key)
-                    assert rank.value == _oracle_rank(x, tau, center), (key, tau)
+                    assert rank.value == oracle_rank(x, tau, center), (key, tau)
                     top = 19 if center else 20  # centred: n - 1 directions at most
                     assert (rank.n_users, rank.d_model, rank.max_rank) == (20, 24, top)
                     mille = _table_value(ranks, statistic=f"per_mille@{tau:g}", **key)

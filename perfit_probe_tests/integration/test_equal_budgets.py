@@ -22,7 +22,7 @@ from perfit_probe.interventions.batching import Encoded, encode
 from perfit_probe.interventions.fit import validation_indices, validation_split
 from perfit_probe.stages import evaluate as evaluate_stage
 from perfit_probe.stages import fit as fit_stage
-from perfit_probe_tests.test_evaluate import SPEC, WORDS
+from perfit_probe_tests.planted import SPEC, WORDS
 from perfit_probe_tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,16 +11,11 @@ import torch
 from perfit_probe.cache import cache_activations
 from perfit_probe.deltas import Deltas, compute_deltas, delta_frame
 from perfit_probe.errors import CacheError
-from perfit_probe_tests.test_cache import make_examples
+from perfit_probe_tests.oracles import pooled_mean
+from perfit_probe_tests.prompts import make_examples
 from perfit_probe_tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def oracle(sel, user, variant):
-    """Mean pooled value of a user's rows of one variant ``[n_sites, d]`` (float64)."""
-    mask = torch.as_tensor(((sel.rows["user_id"] == user) & (sel.rows["variant"] == variant)).to_numpy(copy=True))
-    return sel.pooled()[mask].double().mean(0)
 
 
 @pytest.mark.parametrize("positions", ["last", "f2+l2"])
@@ -35,9 +30,9 @@ def test_deltas_equal_difference_of_means(tmp_path, positions):
     assert deltas.user_ids == ["u0", "u1", "u2"] and deltas.sites == cache.sites
     assert deltas.enhanced.shape == (3, 2, 32)
     for u, user in enumerate(deltas.user_ids):
-        plain = oracle(sel, user, "plain")
-        torch.testing.assert_close(deltas.enhanced[u].double(), oracle(sel, user, "enhanced") - plain, atol=1e-6, rtol=0)
-        torch.testing.assert_close(deltas.control[u].double(), oracle(sel, user, "control") - plain, atol=1e-6, rtol=0)
+        plain = pooled_mean(sel, user, "plain")
+        torch.testing.assert_close(deltas.enhanced[u].double(), pooled_mean(sel, user, "enhanced") - plain, atol=1e-6, rtol=0)
+        torch.testing.assert_close(deltas.control[u].double(), pooled_mean(sel, user, "control") - plain, atol=1e-6, rtol=0)
         torch.testing.assert_close(deltas.mean_plain[u].double(), plain, atol=1e-6, rtol=0)
     assert len(deltas.query_ids) == 12 and deltas.query_user_ids[:4] == ["u0"] * 4
     pooled = sel.pooled()

@@ -112,23 +112,6 @@ def test_unknown_user_and_bad_lengths_fail():
         generate(loaded, PROMPTS[:1], perfit=fit)
 
 
-@pytest.mark.slow
-def test_embedded_model_zero_edit_and_batched_users(embedded):
-    """On SmolLM2: a zero edit changes nothing; mixed-user batches generate as one-by-one."""
-    spec = BankSpec("loreft", (Site(8), Site(12)), parse_positions("f1+l2"), 4,
-                    embedded.d_model)
-    prompts = ["Rate the movie Heat (1995) from 1 to 5:", "Tag:"]
-    zero = PerFit(InterventionBank.initialised(spec, ["collective"], "zero"),
-                  InterventionBank.initialised(spec, ["a", "b"], "zero"), "sum", embedded.identity.to_dict())
-    assert generate(embedded, prompts, perfit=zero, user_ids=["a", "b"], max_new_tokens=4) == \
-        generate(embedded, prompts, max_new_tokens=4)
-    fit = PerFit(InterventionBank.initialised(spec, ["collective"], "random", seed=2),
-                 InterventionBank.initialised(spec, ["a", "b"], "random", seed=3), "sum", embedded.identity.to_dict())
-    batched = generate(embedded, prompts, perfit=fit, user_ids=["b", "a"], max_new_tokens=4)
-    single = [generate(embedded, [p], perfit=fit, user_ids=[u], max_new_tokens=4)[0] for p, u in zip(prompts, ["b", "a"])]
-    assert batched == single
-
-
 def test_continuation_logprobs_equal_full_logits_oracle():
     from perfit_probe.interventions.batching import continuation_logprobs, token_logprobs
 

@@ -10,35 +10,13 @@ import torch
 from perfit_probe.backends.hooks import HookBackend
 from perfit_probe.cache import cache_activations, load_examples_jsonl, plan_rows
 from perfit_probe.cache_store import ActivationCache, shard_path
-from perfit_probe.data.records import Example
 from perfit_probe.errors import CacheError, ConfigError
 from perfit_probe.sites import decoder_layers, parse_positions
+from perfit_probe_tests.oracles import direct_hidden
+from perfit_probe_tests.prompts import make_examples
 from perfit_probe_tests.tiny import tiny_model
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu user query profile".split()
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_examples(n_users: int = 3, n_queries: int = 3, variants=("plain", "enhanced", "control")) -> list[Example]:
-    """Hand-built prompts of mixed lengths (2 to ~30 tokens)."""
-    out = []
-    for u in range(n_users):
-        for q in range(n_queries):
-            for v, variant in enumerate(variants):
-                n = 2 + (u * 7 + q * 5 + v * 11) % 17
-                text = " ".join(WORDS[(u + 2 * q + 3 * v + i) % len(WORDS)] for i in range(n))
-                out.append(Example(f"u{u}", f"q{q}", variant, text))
-    return out
-
-
-def direct_hidden(loaded, prompt: str) -> tuple[torch.Tensor, ...]:
-    """Unpadded, unbatched forward: hidden_states[l + 1][0] is block l's output ``[seq, d]``."""
-    enc = loaded.tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = loaded.model(**enc, output_hidden_states=True)
-    return tuple(h[0] for h in out.hidden_states)
 
 
 def expected_row(hidden: torch.Tensor, positions: str) -> torch.Tensor:
@@ -250,17 +228,3 @@ def test_examples_jsonl_round_trip(tmp_path):
     from perfit_probe.errors import DataError
     with pytest.raises(DataError, match="line 1"):
         load_examples_jsonl(path)
-
-
-@pytest.mark.slow
-def test_embedded_model_cache_matches_direct_forward(tmp_path, embedded):
-    prompts = ["Rate the movie Heat (1995) from 1 to 5.",
-               "I loved Star Wars (1977) and Fargo (1996). How would I rate Toy Story (1995)?",
-               "Hi"]
-    examples = [Example("u", f"q{i}", "plain", p) for i, p in enumerate(prompts)]
-    cache = cache_activations(embedded, examples, tmp_path / "c", sites=[4, 12], batch_size=3, progress=False)
-    sel = cache.select()
-    for i, prompt in enumerate(prompts):
-        hidden = direct_hidden(embedded, prompt)
-        for j, layer in enumerate((4, 12)):
-            torch.testing.assert_close(sel.values[i, j], hidden[layer + 1][-1], atol=1e-4, rtol=1e-4)

@@ -8,8 +8,8 @@ import torch
 from perfit_probe.cache import cache_activations
 from perfit_probe.data.records import CONTROL_VARIANTS
 from perfit_probe.deltas import Deltas, compute_deltas, delta_frame
-from perfit_probe_tests.test_cache import make_examples
-from perfit_probe_tests.test_deltas_compute import oracle
+from perfit_probe_tests.oracles import pooled_mean
+from perfit_probe_tests.prompts import make_examples
 from perfit_probe_tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +25,7 @@ def test_control_variant_deltas_equal_difference_of_means(tmp_path):
     assert set(deltas.variant_deltas) == set(CONTROL_VARIANTS) == set(deltas.variant_query_deltas)
     for v in CONTROL_VARIANTS:
         for u, user in enumerate(deltas.user_ids):
-            expected = oracle(sel, user, v) - oracle(sel, user, "plain")
+            expected = pooled_mean(sel, user, v) - pooled_mean(sel, user, "plain")
             torch.testing.assert_close(deltas.variant_deltas[v][u].double(), expected, atol=1e-6, rtol=0)
         for i, (user, query) in enumerate(zip(deltas.query_user_ids, deltas.query_ids)):
             def pick(variant):

@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 from perfit_probe.analysis.synthetic import planted_deltas
 from perfit_probe.stages.rundir import RunDir
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "analyses" / "explore_shifts.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "analyses" / "explore_shifts.ipynb"
 
 
 def _outputs(nb, kind: str) -> list:

@@ -21,7 +21,7 @@ from perfit_probe.evaluation.steer import (
 )
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
 from perfit_probe.sites import Site, parse_positions
-from perfit_probe_tests.test_evaluate import PLANTED, planted_run, planted_task
+from perfit_probe_tests.planted import PLANTED, planted_run, planted_task
 from perfit_probe_tests.tiny import tiny_model
 
 FAST = SteerConfig(alphas=(0.0, 0.5, 1.0, 2.0))

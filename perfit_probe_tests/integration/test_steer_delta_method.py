@@ -7,7 +7,7 @@ import torch
 from perfit_probe.config import EvalConfig
 from perfit_probe.deltas import Deltas
 from perfit_probe.evaluation.evaluate import evaluate_methods
-from perfit_probe_tests.test_evaluate import planted_task
+from perfit_probe_tests.planted import planted_task
 from perfit_probe_tests.tiny import tiny_model
 
 

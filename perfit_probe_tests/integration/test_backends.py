@@ -9,18 +9,13 @@ from perfit_probe.backends import BACKEND_NAMES, get_backend
 from perfit_probe.backends.base import model_inputs
 from perfit_probe.errors import ConfigError, SiteError
 from perfit_probe.sites import SITE_KINDS, Site, decoder_layers
-
-PROMPTS = [
-    "The user rated the movie Star Wars (1977) five stars.",
-    "alpha beta",
-    "Predict the rating from 1 to 5 that this user gives to the movie Fargo.",
-]
+from perfit_probe_tests.prompts import BACKEND_PROMPTS
 
 
 def _batch(loaded, side):
     tok = loaded.tokenizer
     tok.padding_side = side
-    return tok(PROMPTS, return_tensors="pt", padding=True)
+    return tok(BACKEND_PROMPTS, return_tensors="pt", padding=True)
 
 
 def _manual(model, batch, n_layers):
@@ -84,7 +79,7 @@ def test_left_padded_last_token_equals_unpadded_forward(tiny):
     backend = get_backend("hooks", tiny)
     site = Site(tiny.n_layers - 1)
     padded = backend.run(batch["input_ids"], batch["attention_mask"], [site])[site]
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(BACKEND_PROMPTS):
         single = tiny.tokenizer([prompt], return_tensors="pt")
         alone = backend.run(single["input_ids"], single["attention_mask"], [site])[site]
         assert torch.allclose(padded[i, -1], alone[0, -1], atol=1e-5)
@@ -110,16 +105,6 @@ def test_bad_sites_and_backends_are_refused(tiny):
         backend.run(batch["input_ids"], batch["attention_mask"], ["blocks.0.hook_banana"])
     with pytest.raises(ConfigError, match="unknown backend"):
         get_backend("tensorflow", tiny)
-
-
-@pytest.mark.slow
-def test_embedded_model_backends_agree(embedded):
-    from perfit_probe.backends.agreement import backend_agreement
-
-    frame = backend_agreement(embedded, PROMPTS, [Site(l) for l in range(embedded.n_layers)])
-    assert set(frame["backend"]) == {"transformer_lens", "nnsight"}
-    assert len(frame) == 2 * embedded.n_layers
-    assert frame["max_abs_diff"].max() < 1e-5
 
 
 def test_transformer_lens_backend_leaves_the_hf_model_intact(tiny):

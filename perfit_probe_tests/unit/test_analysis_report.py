@@ -19,7 +19,7 @@ from perfit_probe.stages import analyze as analyze_stage
 from perfit_probe.stages.analysis_report import render_report
 from perfit_probe.stages.rundir import RunDir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = AnalysisConfig(n_boot=20, n_perm=20, max_figure_sites=1)
 
 

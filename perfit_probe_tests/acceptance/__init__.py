@@ -1,0 +1,1 @@
+"""Acceptance tests: the real embedded model (SmolLM2-135M-Instruct), marked ``slow``."""

@@ -1,0 +1,1 @@
+"""Unit tests: synthetic tensors and data, configs, reports; no model (a tiny tokenizer at most)."""
