@@ -15,8 +15,8 @@ from perfit_probe.evaluation.evaluate import continuation
 from perfit_probe.interventions import PerFit
 from perfit_probe.interventions.batching import encode
 from perfit_probe.interventions.modules import BankSpec, InterventionBank
-from perfit_probe.sites import Site, parse_positions
 from perfit_probe.interventions.train import train_collective, train_personal
+from perfit_probe.sites import Site, parse_positions
 from perfit_probe_tests.tiny import tiny_model
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
