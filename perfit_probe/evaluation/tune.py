@@ -44,18 +44,19 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from perfit_probe.config import EvalConfig, FitConfig, LoraBaselineConfig, TuneConfig
 from perfit_probe.data.profile_examples import personal_examples
 from perfit_probe.data.prompts import build_examples, continuation
 from perfit_probe.data.records import Example, TaskData
 from perfit_probe.data.splits import Split, heldout_user, history_user, stable_rank
 from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.evaluate import EvalConfig, predict
-from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig, UserLora
+from perfit_probe.evaluation.evaluate import predict
+from perfit_probe.evaluation.lora import LoraBaseline, UserLora
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, METRICS, score_task
-from perfit_probe.evaluation.search_space import TuneConfig, draw, layer_sets
+from perfit_probe.evaluation.search_space import draw, layer_choices
 from perfit_probe.interventions import PerFit
 from perfit_probe.interventions.batching import Encoded, collate, continuation_logprobs, encode
-from perfit_probe.interventions.fit import FitConfig, bank_specs, fit_collective, fit_personal, validation_indices
+from perfit_probe.interventions.fit import bank_specs, fit_collective, fit_personal, validation_indices
 from perfit_probe.interventions.modules import InterventionBank
 from perfit_probe.models import LoadedModel
 
@@ -407,12 +408,17 @@ class _Search:
 
 
 # ---------------------------------------------------------------------- the search
+def _seed(config: TuneConfig, fit: FitConfig) -> int:
+    """Seed of the draw of the trials: ``sampler_seed``, else the fit's seed."""
+    return fit.seed if config.sampler_seed is None else config.sampler_seed
+
+
 def _perfit_choices(config: TuneConfig, fit: FitConfig, loaded: LoadedModel) -> list[dict]:
     """PerFit's stage-1 trials, each checked against the model (layers, ranks) before any training."""
     space = config.perfit
     candidates = draw({"lr": space.lrs, "epochs": space.epochs, "rank": space.collective_ranks,
-                       "layers": layer_sets(space, fit.layers, loaded.n_layers), "positions": space.positions},
-                      config.n_trials, config.seed, "perfit/stage1")
+                       "layers": layer_choices(space, fit.layers, loaded.n_layers), "positions": space.positions},
+                      config.n_trials, _seed(config, fit), "perfit/stage1")
     for settings in candidates:
         cfg = replace(fit, **config_fields("perfit", "stage1", settings))
         if cfg.personal_init == "stage1":
@@ -426,13 +432,13 @@ def _personal_choices(config: TuneConfig, fit: FitConfig, collective_rank: int) 
     """PerFit's stage-2 trials (``personal_init = "stage1"``: the personal rank is the collective one)."""
     space = config.perfit
     ranks = (collective_rank,) if fit.personal_init == "stage1" else space.personal_ranks
-    return draw({"lr": space.lrs, "epochs": space.epochs, "rank": ranks}, config.n_trials, config.seed,
+    return draw({"lr": space.lrs, "epochs": space.epochs, "rank": ranks}, config.n_trials, _seed(config, fit),
                 "perfit/stage2")
 
 
-def _lora_choices(config: TuneConfig, stage: str) -> list[dict]:
+def _lora_choices(config: TuneConfig, fit: FitConfig, stage: str) -> list[dict]:
     space = config.lora
-    return draw({"lr": space.lrs, "epochs": space.epochs, "rank": space.ranks}, config.n_trials, config.seed,
+    return draw({"lr": space.lrs, "epochs": space.epochs, "rank": space.ranks}, config.n_trials, _seed(config, fit),
                 f"lora/{stage}")
 
 
@@ -449,31 +455,32 @@ def _search_perfit(search: _Search, config: TuneConfig, candidates: list[dict]) 
 def _search_lora(search: _Search, config: TuneConfig) -> tuple[list[Trial], dict, EvalConfig]:
     """OPPU's task LoRA, then its per-user LoRA on the kept one; returns the trials, the kept ones
     and the evaluation config they make."""
-    trials1, best1, task_lora = search.run_stage("lora", "stage1", _lora_choices(config, "stage1"), search.lora_stage1)
-    trials2, best2, _ = search.run_stage("lora", "stage2", _lora_choices(config, "stage2"),
+    trials1, best1, task_lora = search.run_stage("lora", "stage1", _lora_choices(config, search.fit, "stage1"),
+                                                 search.lora_stage1)
+    trials2, best2, _ = search.run_stage("lora", "stage2", _lora_choices(config, search.fit, "stage2"),
                                          lambda s: search.lora_stage2(s, task_lora))
     evaluate = replace(search.evaluate, lora_task=_lora_config(search.evaluate.lora_task, best1.settings),
                        lora=_lora_config(search.evaluate.lora, best2.settings))
     return trials1 + trials2, {("lora", "stage1"): best1, ("lora", "stage2"): best2}, evaluate
 
 
-def run_search(loaded: LoadedModel, task: TaskData, split: Split, fit: FitConfig, evaluate: EvalConfig,
-               config: TuneConfig = TuneConfig(), *, progress: bool = False) -> TuneResult:
+def run_search(loaded: LoadedModel, task: TaskData, split: Split, fit: FitConfig, config: TuneConfig, *,
+               progress: bool = False) -> TuneResult:
     """The random search of ``config`` on ``task``/``split`` (see the module docstring).
 
-    ``fit`` and ``evaluate`` are the base configs: what is not searched (prompts, batch sizes,
-    ``val_per_user``, decoding, ...) comes from them. Every option and every trial's settings are
-    checked (ranks against ``d_model``, layers, budget) before any training.
+    ``fit`` and ``config.evaluate`` are the base configs: what is not searched (prompts, batch
+    sizes, ``val_per_user``, decoding, ...) comes from them. Every option and every trial's
+    settings are checked (ranks against ``d_model``, layers, budget) before any training.
     """
     config.validate()
     fit.validate()
     config.check_model(loaded.d_model, loaded.n_layers)
-    evaluate = evaluate.with_fit({"k": fit.k, "retriever": fit.retriever, "chat": fit.chat})
+    evaluate = config.evaluate.with_fit({"k": fit.k, "retriever": fit.retriever, "chat": fit.chat})
     perfit_candidates = _perfit_choices(config, fit, loaded) if "perfit" in config.searches else []
     if "perfit" in config.searches:
         _personal_choices(config, fit, fit.collective_rank)  # the budget fits stage 2 too
     if "lora" in config.searches:
-        _lora_choices(config, "stage1")
+        _lora_choices(config, fit, "stage1")
     data = search_data(loaded, task, split, fit, config.stage1_val_queries)
     search = _Search(loaded, task, split, data, fit, evaluate, config, progress)
     trials, chosen, tuned_fit, tuned_eval = [], {}, fit, evaluate

@@ -18,7 +18,7 @@ then runs the fit and evaluate stages on ``RUN`` with the tuned settings.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from perfit_probe._io import atomic_write_text, write_json
@@ -26,12 +26,9 @@ from perfit_probe._repro import seed_everything
 from perfit_probe.data import load_task
 from perfit_probe.data.splits import make_split
 from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.evaluate import EvalConfig
-from perfit_probe.evaluation.lora import LoraBaselineConfig
+from perfit_probe.config import FitConfig, LoraBaselineConfig, TuneConfig
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER
-from perfit_probe.evaluation.search_space import TuneConfig
 from perfit_probe.evaluation.tune import TuneResult, config_fields, run_search
-from perfit_probe.interventions.fit import FitConfig
 from perfit_probe.models import LoadedModel
 from perfit_probe.stages import evaluate as evaluate_stage
 from perfit_probe.stages import fit as fit_stage
@@ -71,11 +68,11 @@ class TuneStageResult:
     """With ``apply``: the evaluation with the tuned settings."""
 
 
-def run(config: TuneConfig, run_dir: Path | str, loaded: LoadedModel, *, fit: FitConfig, evaluate: EvalConfig,
+def run(config: TuneConfig, run_dir: Path | str, loaded: LoadedModel, *, fit: FitConfig,
         progress: bool = False, overwrite: bool = False, apply: bool = False) -> TuneStageResult:
     """Search on the task of ``fit`` and write ``RUN/tune/``; with ``apply``, then fit and evaluate.
 
-    ``fit`` and ``evaluate`` are the base configs (what is not searched). Every option is checked
+    ``fit`` and ``config.evaluate`` are the base configs (what is not searched). Every option is checked
     before any training; nothing is written before the search has finished. ``overwrite``:
     replace an earlier ``tune/`` (and, with ``apply``, the fit).
     """
@@ -88,13 +85,13 @@ def run(config: TuneConfig, run_dir: Path | str, loaded: LoadedModel, *, fit: Fi
     split = make_split(task, n_test_users=fit.n_test_users, test_fraction=fit.test_fraction,
                        n_heldout=fit.n_heldout, test_users_by=fit.test_users_by, seed=fit.seed)
     start = time.perf_counter()
-    search = run_search(loaded, task, split, fit, evaluate, config, progress=progress)
-    run_ = _open_run(out, {"tune": asdict(config), "fit": fit, "evaluate": evaluate}, fit.seed, loaded)
+    search = run_search(loaded, task, split, fit, config, progress=progress)
+    run_ = _open_run(out, {"tune": config, "fit": fit}, fit.seed, loaded)
     metrics = write_tune(search, run_, config, time.perf_counter() - start)
     fitted = evaluated = None
     if apply:
         fitted = fit_stage.run(search.fit, run_.path, loaded, progress=progress, overwrite=overwrite)
-        seed_everything(evaluate.seed)
+        seed_everything(config.evaluate.seed)
         evaluated = evaluate_stage.run(search.evaluate, run_.path, loaded, progress=progress)
     return TuneStageResult(run_, run_.path / "tune", search, metrics, fitted, evaluated)
 
@@ -170,12 +167,10 @@ def command_flags(result: TuneResult) -> dict[str, str]:
                       f"--layers {','.join(map(str, f.layers))} --positions {f.positions} "
                       f"--val-per-user {f.val_per_user}")
     if ("lora", "stage1") in result.chosen:
-        user, task = result.evaluate.lora, result.evaluate.lora_task
-        out["evaluate"] = (f"--lora-rank {user.rank} --lora-lr {user.lr} --lora-epochs {user.epochs} "
-                           f"--lora-task-lr {task.lr} --lora-task-epochs {task.epochs}")
-        if task.rank != user.rank:
-            out["evaluate_note"] = (f"the task LoRA's rank {task.rank} has no evaluate flag: set it in "
-                                    "[evaluate.lora_task] of a pipeline config (tuned.toml)")
+        out["evaluate"] = " ".join(f"--{prefix}.{key} {value}"
+                                   for prefix, config in (("lora", result.evaluate.lora),
+                                                          ("lora-task", result.evaluate.lora_task))
+                                   for key, value in _lora_keys(config).items())
     return out
 
 
@@ -189,7 +184,8 @@ def chosen_json(result: TuneResult, config: TuneConfig) -> dict:
             "val_loss": trial.val_loss, "n_val": trial.n_val, "n_users": trial.n_users}
     counts = {f"{m}/{s}": sum(1 for t in result.trials if (t.method, t.stage) == (m, s)) for m, s in result.chosen}
     return {"metric": metric, "higher_is_better": HIGHER_IS_BETTER[metric], "select_by": config.select_by,
-            "n_trials": config.n_trials, "searches": list(config.searches), "seed": config.seed,
+            "n_trials": config.n_trials, "searches": list(config.searches),
+            "sampler_seed": result.fit.seed if config.sampler_seed is None else config.sampler_seed,
             "trials_per_method_stage": counts, "chosen": chosen, "tuned": tuned_tables(result),
             "flags": command_flags(result), "notes": list(NOTES)}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import tomllib
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,14 +19,13 @@ from perfit_probe.data import load_task
 from perfit_probe.data.profile_examples import personal_examples
 from perfit_probe.data.records import ProfileItem, Query
 from perfit_probe.data.splits import Split, make_split
-from perfit_probe.errors import ConfigError
-from perfit_probe.evaluation.evaluate import EvalConfig, heldout_examples
-from perfit_probe.evaluation.lora import LoraBaseline, LoraBaselineConfig
-from perfit_probe.evaluation.search_space import LoraSpace, PerFitSpace, TuneConfig, draw
-from perfit_probe.evaluation.tune import Trial, run_search, selection_key
+from perfit_probe.config import EvalConfig, FitConfig, LoraBaselineConfig, LoraSpace, PerFitSpace, TuneConfig
+from perfit_probe.config import pipeline_config
+from perfit_probe.evaluation.evaluate import heldout_examples
+from perfit_probe.evaluation.lora import LoraBaseline
+from perfit_probe.evaluation.tune import run_search
 from perfit_probe.interventions import fit as fit_module
-from perfit_probe.interventions.fit import FitConfig, validation_indices
-from perfit_probe.pipeline import PipelineConfig, stage_configs
+from perfit_probe.interventions.fit import validation_indices
 from perfit_probe.stages import fit as fit_stage
 from perfit_probe.stages import tune as tune_stage
 from perfit_probe_tests.tiny import save_tiny_model, tiny_model
@@ -37,15 +35,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = dict(task="synthetic", n_users=6, max_queries=4, n_heldout=2, seed=3)
 FIT = FitConfig(**DATA, layers=(1,), positions="l1", collective_rank=2, personal_rank=2, epochs1=1, epochs2=1,
                 batch_size=4, max_prompt_tokens=96, max_profile_examples=5, val_per_user=2, model="tiny")
+FAST_LORA = LoraBaselineConfig(batch_size=4, epochs=1)
 SPACE = TuneConfig(n_trials=2, perfit=PerFitSpace(lrs=(1e-2, 5e-2), epochs=(1,), collective_ranks=(2, 4),
                                                   personal_ranks=(2,), positions=("l1",)),
-                   lora=LoraSpace(lrs=(1e-3, 1e-2), epochs=(1,), ranks=(2,)))
-FAST_LORA = LoraBaselineConfig(batch_size=4, epochs=1)
+                   lora=LoraSpace(lrs=(1e-3, 1e-2), epochs=(1,), ranks=(2,)),
+                   evaluate=EvalConfig(lora=FAST_LORA, lora_task=FAST_LORA))
 CLI = ["--task", "synthetic", "--users", "6", "--max-queries", "4", "--heldout", "2", "--layers", "1",
        "--collective-rank", "2", "--personal-rank", "2", "--batch-size", "4", "--max-prompt-tokens", "96",
-       "--max-profile-examples", "5", "--val-per-user", "2", "--seed", "3", "--trials", "2", "--epoch-choices", "1",
-       "--collective-ranks", "2,4", "--personal-ranks", "2", "--position-choices", "l1", "--lora-epoch-choices", "1",
-       "--lora-ranks", "2", "--quiet"]
+       "--max-profile-examples", "5", "--val-per-user", "2", "--seed", "3", "--trials", "2", "--perfit.epochs", "1",
+       "--perfit.collective-ranks", "2,4", "--perfit.personal-ranks", "2", "--perfit.positions", "l1",
+       "--lora.epochs", "1", "--lora.ranks", "2", "--no-progress"]
 """A search of a few seconds on the tiny model: 3 train users, 3 test users, 2 trials per stage."""
 
 
@@ -101,8 +100,7 @@ def test_search_reads_no_evaluation_query_and_validates_where_fit_and_evaluate_d
     monkeypatch.setattr(fit_module, "train_collective", spy_collective)
     monkeypatch.setattr(fit_module, "train_personal", spy_personal)
     monkeypatch.setattr(LoraBaseline, "fit_user", spy_fit_user)
-    evaluate = EvalConfig(lora=FAST_LORA, lora_task=FAST_LORA)
-    result = run_search(loaded, task, split, FIT, evaluate, SPACE)
+    result = run_search(loaded, task, split, FIT, SPACE)
     assert touched == []  # no evaluation query, nor its item, was read
 
     # equal budgets: every method and stage ran n_trials trials, each kept one
@@ -171,19 +169,18 @@ def test_tune_command_is_deterministic_and_its_toml_is_a_pipeline_config(monkeyp
     assert chosen["chosen"]["perfit"]["stage1"]["settings"]["lr1"] == stage1.lr
 
     tuned = tomllib.loads((tune_a / "tuned.toml").read_text())
-    resolved = stage_configs(PipelineConfig(task={"name": "synthetic", "n_users": 6, "seed": 3},
-                                            fit=tuned["fit"], evaluate=tuned["evaluate"]))
-    assert resolved["fit"].lr1 == stage1.lr and resolved["fit"].collective_rank == stage1["rank"]
-    assert resolved["fit"].layers == tuple(int(x) for x in str(stage1.layers).split(","))
-    assert resolved["evaluate"].lora.lr == chosen["chosen"]["lora"]["stage2"]["settings"]["lr"]
-    assert resolved["evaluate"].lora_task.rank == chosen["chosen"]["lora"]["stage1"]["settings"]["rank"]
+    resolved = pipeline_config({"task": {"name": "synthetic", "n_users": 6, "seed": 3}, **tuned})
+    assert resolved.fit.lr1 == stage1.lr and resolved.fit.collective_rank == stage1["rank"]
+    assert resolved.fit.layers == tuple(int(x) for x in str(stage1.layers).split(","))
+    assert resolved.evaluate.lora.lr == chosen["chosen"]["lora"]["stage2"]["settings"]["lr"]
+    assert resolved.evaluate.lora_task.rank == chosen["chosen"]["lora"]["stage1"]["settings"]["rank"]
 
     # --apply fitted and evaluated run b with the tuned settings
     info = json.loads((tmp_path / "b" / "run.json").read_text())
     assert [s["command"] for s in info["stages"]][-2:] == ["fit", "evaluate"]
     fitted = info["stages"][-2]["config"]
     assert fitted["lr1"] == stage1.lr and fitted["positions"] == stage1.positions
-    assert info["stages"][-1]["config"]["lora"]["lr"] == resolved["evaluate"].lora.lr
+    assert info["stages"][-1]["config"]["lora"]["lr"] == resolved.evaluate.lora.lr
     assert (tmp_path / "b" / "eval" / "results.csv").is_file()
     assert not (tmp_path / "a" / "perfit").exists()
     # a second search into the same run needs --force
@@ -203,17 +200,18 @@ def _with(args: list[str], **values: str) -> list[str]:
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ({"trials": "0"}, "n_trials=0 must be an integer >= 1"),
-    ({"lrs": ""}, "perfit.lrs is empty"),
-    ({"lora_ranks": ","}, "lora.ranks is empty"),
-    ({"layer_sets": ";"}, "layer_sets is empty"),
-    ({"collective_ranks": "2,64"}, "rank 64 of the search space is larger than the model's d_model=32"),
-    ({"lora_ranks": "33"}, "larger than the model's d_model=32"),
-    ({"layer_sets": "1;7"}, "layer 7 of the search space is outside the model's 4 layers"),
-    ({"trials": "3", "lrs": "1e-3"}, "fewer than n_trials=3"),
-    ({"search": "perfit,bogus"}, "unknown search(es) ['bogus']"),
+    ({"trials": "0"}, "n_trials=0 must be >= 1"),
+    ({"perfit.lrs": ""}, "perfit.lrs is empty"),
+    ({"lora.ranks": ","}, "lora.ranks is empty"),
+    ({"perfit.layer_sets": ""}, "layer_sets is empty"),
+    ({"perfit.layer_sets": "1+x"}, "write each as layers joined by '+'"),
+    ({"perfit.collective_ranks": "2,64"}, "rank 64 of the search space is larger than the model's d_model=32"),
+    ({"lora.ranks": "33"}, "larger than the model's d_model=32"),
+    ({"perfit.layer_sets": "1,7"}, "layer 7 of the search space is outside the model's 4 layers"),
+    ({"trials": "3", "perfit.lrs": "1e-3"}, "fewer than n_trials=3"),
+    ({"searches": "perfit,bogus"}, "'bogus' not among perfit,lora"),
     ({"val_per_user": "0"}, "set val_per_user >= 1"),
-    ({"position_choices": "x3"}, "bad position spec 'x3'"),
+    ({"perfit.positions": "x3"}, "bad position spec 'x3'"),
 ])
 def test_bad_search_options_are_one_line_errors(change, fragment, tmp_path, capsys):
     model = save_tiny_model(tmp_path / "tiny")
@@ -221,28 +219,3 @@ def test_bad_search_options_are_one_line_errors(change, fragment, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and fragment in err, err
     assert not (tmp_path / "out" / "tune").exists()
-
-
-def test_draw_is_seeded_distinct_and_refuses_a_small_space():
-    choices = {"lr": (1e-3, 2e-3, 5e-3), "epochs": (1, 2), "rank": (4, 8)}
-    first = draw(choices, 12, seed=0, label="perfit/stage1")
-    assert first == draw(choices, 12, seed=0, label="perfit/stage1")
-    assert len({tuple(d.values()) for d in first}) == 12  # all of them, each once
-    assert draw(choices, 5, seed=1, label="perfit/stage1") != first[:5]
-    assert draw(choices, 5, seed=0, label="lora/stage1") != first[:5]
-    with pytest.raises(ConfigError, match="12 distinct settings, fewer than n_trials=13"):
-        draw(choices, 13, seed=0, label="perfit/stage1")
-    with pytest.raises(ConfigError, match="n_trials"):
-        TuneConfig(n_trials=0).validate()
-
-
-def test_selection_prefers_the_better_metric_then_the_lower_loss():
-    def trial(index, metric, value, loss):
-        return Trial("perfit", "stage1", index, {}, metric, value, loss, 4, 2, 0)
-
-    mae = [trial(0, "mae", 0.9, 1.0), trial(1, "mae", 0.7, 3.0), trial(2, "mae", 0.7, 2.0),
-           trial(3, "mae", np.nan, 0.1)]
-    assert min(mae, key=lambda t: selection_key(t, "metric")).trial == 2
-    assert min(mae, key=lambda t: selection_key(t, "loss")).trial == 3
-    acc = [trial(0, "accuracy", 0.5, 1.0), trial(1, "accuracy", 0.75, 2.0), trial(2, "accuracy", 0.75, 2.0)]
-    assert min(acc, key=lambda t: selection_key(t, "metric")).trial == 1
