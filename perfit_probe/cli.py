@@ -30,11 +30,12 @@ from perfit_probe.commands.fit import fit
 from perfit_probe.commands.interpret import interpret
 from perfit_probe.commands.run import run
 from perfit_probe.commands.steer import steer
+from perfit_probe.commands.tune import tune
 from perfit_probe.errors import PerfitError
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "demo": demo, "run": run, "backends": backends, "cache": cache, "analyze": analyze, "fit": fit,
-    "evaluate": evaluate, "steer": steer, "interpret": interpret,
+    "evaluate": evaluate, "steer": steer, "interpret": interpret, "tune": tune,
 }
 """Sub-commands in the order ``--help`` lists them."""
 

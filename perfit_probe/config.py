@@ -11,7 +11,8 @@
   ``max_queries``, ``seed``) and ``PromptConfig`` (``k``, ``retriever``, ``chat``);
   ``OptimConfig`` holds what ``FitConfig`` passes on to each stage's ``TrainConfig``.
 - **Stage configs**: ``CacheConfig``, ``AnalysisConfig``, ``FitConfig``, ``EvalConfig`` (with
-  ``LoraBaselineConfig`` and ``UncertaintyConfig``), ``SteerConfig``, ``InterpretConfig``.
+  ``LoraBaselineConfig`` and ``UncertaintyConfig``), ``SteerConfig``, ``InterpretConfig``; and
+  ``TuneConfig`` (with ``PerFitSpace`` and ``LoraSpace``) of the search the pipeline does not run.
 - **The pipeline**: ``PipelineConfig`` holds ``[model]``, ``[task]``, ``stages`` and every
   stage's resolved config; ``pipeline_config`` builds it from TOML-shaped tables (the
   ``[task]``/``[model]`` values reach every stage that has a field for them, a stage's own
@@ -111,6 +112,12 @@ Svd = Literal["auto", "exact", "randomized"]
 """SVD solvers of the shift analysis."""
 Centring = Literal["both", "uncentred", "centred"]
 """Which deltas the shift analysis reads: as measured, mean-centred, or both."""
+Search = Literal["perfit", "lora"]
+"""Methods ``perfit-probe tune`` can search: ``perfit`` (stages 1 and 2) and ``lora`` (OPPU's
+task LoRA, then its per-user LoRA, whose settings the ``lora`` and ``oppu`` methods share)."""
+SelectBy = Literal["metric", "loss"]
+"""What picks a searched stage's trial: the task's headline metric (ties: the lower validation
+loss) or the validation loss (ties: the better metric)."""
 
 STAGES: tuple[Stage, ...] = get_args(Stage)
 """Stages in the order they run."""
@@ -780,6 +787,108 @@ class InterpretConfig:
             raise ConfigError("subspace_dim, n_null and n_boot must be >= 1")
         if not 0 < self.level < 1:
             raise ConfigError(f"level={self.level} must lie in (0, 1)")
+
+
+@config_class
+class PerFitSpace:
+    """Choices of PerFit's search (``perfit-probe tune``)."""
+
+    lrs: Items[float] = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+    """Learning rates (``lr1`` in stage 1, ``lr2`` in stage 2)."""
+    epochs: Items[int] = (1, 2, 3)
+    """Epochs (``epochs1``, ``epochs2``)."""
+    collective_ranks: Items[int] = (4, 8, 16)
+    """Ranks of the stage-1 intervention."""
+    personal_ranks: Items[int] = (2, 4, 8)
+    """Ranks of each user's stage-2 intervention (with ``personal_init = "stage1"``: the chosen
+    collective rank)."""
+    layer_sets: Items[str] | None = None
+    """Sets of edited layers, each a ``+``-joined list (``8+14``; negative counts from the end);
+    None: the fit's ``layers`` and sets at 27/47%, 17/37% and 47/67% of the model's depth."""
+    positions: Items[str] = ("l1", "l2", "f1+l2")
+    """Position specs (LoReFT grammar)."""
+
+    def layer_tuples(self) -> tuple[tuple[int, ...], ...] | None:
+        """``layer_sets`` as tuples of layers (``ConfigError`` for a malformed set)."""
+        if self.layer_sets is None:
+            return None
+        try:
+            return tuple(tuple(int(x) for x in text.split("+") if x.strip()) for text in self.layer_sets)
+        except ValueError:
+            raise ConfigError(f"layer sets {list(self.layer_sets)}: write each as layers joined by '+', "
+                              "e.g. 8+14") from None
+
+
+@config_class
+class LoraSpace:
+    """Choices of the LoRA baselines' search (task LoRA and per-user LoRA alike)."""
+
+    lrs: Items[float] = (1e-4, 3e-4, 1e-3, 3e-3)
+    """Learning rates."""
+    epochs: Items[int] = (1, 2, 3)
+    """Epochs."""
+    ranks: Items[int] = (4, 8, 16)
+    """LoRA ranks (``alpha`` keeps the base config's ``alpha / rank``)."""
+
+
+@config_class
+class TuneConfig:
+    """Settings of ``perfit-probe tune`` besides the base ``FitConfig`` (what is not searched)."""
+
+    n_trials: Annotated[int, arg(aliases=("--trials",))] = 8
+    """Trials per stage of each searched method (the same budget for all)."""
+    searches: Items[Search] = get_args(Search)
+    """Methods searched (default: both)."""
+    perfit: PerFitSpace = field(default_factory=PerFitSpace)
+    """PerFit's choices."""
+    lora: LoraSpace = field(default_factory=LoraSpace)
+    """The LoRA baselines' choices."""
+    stage1_val_queries: int = 2
+    """Queries held out of each train user (a seeded choice, at most all but one) to score the
+    stage-1 trials; stage 2 is scored on each test user's ``val_per_user`` validation rows."""
+    select_by: SelectBy = "metric"
+    """``metric``: the best task metric, ties broken by the lower validation loss; ``loss``: the
+    lowest validation loss, ties broken by the better metric."""
+    sampler_seed: int | None = None
+    """Seed of the draw of the trials (None: the fit's ``seed``)."""
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    """How trials are scored (decoding, batch size, prompt length) and the LoRA baselines' base
+    settings (``lora``, ``lora_task``: what is not searched); also the evaluation of ``--apply``."""
+
+    def validate(self) -> None:
+        """Checks that need no model: budget, methods, every choice list non-empty and valid."""
+        if self.n_trials < 1:
+            raise ConfigError(f"n_trials={self.n_trials} must be >= 1")
+        if not self.searches:
+            raise ConfigError(f"give at least one search among {', '.join(get_args(Search))}")
+        if self.stage1_val_queries < 1:
+            raise ConfigError(f"stage1_val_queries={self.stage1_val_queries} must be >= 1")
+        p, q = self.perfit, self.lora
+        for name, values in (("perfit.lrs", p.lrs), ("perfit.epochs", p.epochs),
+                             ("perfit.collective_ranks", p.collective_ranks),
+                             ("perfit.personal_ranks", p.personal_ranks), ("perfit.positions", p.positions),
+                             ("lora.lrs", q.lrs), ("lora.epochs", q.epochs), ("lora.ranks", q.ranks)):
+            if not values:
+                raise ConfigError(f"the search space's {name} is empty: give at least one value")
+        sets = p.layer_tuples()
+        if sets is not None and (not sets or not all(sets)):
+            raise ConfigError("the search space's perfit.layer_sets is empty or holds an empty set: "
+                              "give sets of layers such as 8+14,6+12")
+        if not all(lr > 0 for lr in (*p.lrs, *q.lrs)):
+            raise ConfigError("learning rates of the search space must be positive")
+        if min(*p.epochs, *q.epochs) < 1 or min(*p.collective_ranks, *p.personal_ranks, *q.ranks) < 1:
+            raise ConfigError("epochs and ranks of the search space must be >= 1")
+        for spec in p.positions:
+            parse_positions(spec)
+
+    def check_model(self, d_model: int, n_layers: int) -> None:
+        """Ranks at most ``d_model`` and layers inside the model (``ConfigError``)."""
+        ranks = (*self.perfit.collective_ranks, *self.perfit.personal_ranks, *self.lora.ranks)
+        if max(ranks) > d_model:
+            raise ConfigError(f"rank {max(ranks)} of the search space is larger than the model's d_model={d_model}")
+        out = [layer for s in self.perfit.layer_tuples() or () for layer in s if not -n_layers <= layer < n_layers]
+        if out:
+            raise ConfigError(f"layer {out[0]} of the search space is outside the model's {n_layers} layers")
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from perfit_probe.errors import ConfigError
 
 POSITIONAL = {"run": ["x.toml"], "analyze": ["run"], "evaluate": ["run"], "steer": ["run"], "interpret": ["run"]}
 """Positional arguments each command needs to parse."""
-REQUIRED = {"run": ["--out", "o"], "cache": ["--out", "o"], "fit": ["--out", "o"]}
+REQUIRED = {"run": ["--out", "o"], "cache": ["--out", "o"], "fit": ["--out", "o"], "tune": ["--out", "o"]}
 """Required options each command needs to parse."""
 
 
