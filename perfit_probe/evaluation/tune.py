@@ -56,7 +56,7 @@ from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, METRICS, score_tas
 from perfit_probe.evaluation.search_space import draw, layer_choices
 from perfit_probe.interventions import PerFit
 from perfit_probe.interventions.batching import Encoded, collate, continuation_logprobs, encode
-from perfit_probe.interventions.fit import bank_specs, fit_collective, fit_personal, validation_indices
+from perfit_probe.interventions.fit import bank_specs, fit_collective, fit_personal, validation_split
 from perfit_probe.interventions.modules import InterventionBank
 from perfit_probe.models import LoadedModel
 
@@ -192,24 +192,13 @@ def search_data(loaded: LoadedModel, task: TaskData, split: Split, fit: FitConfi
                       dict(sealed.report), sealed.ground_truth)
     val_users = [heldout_user(sealed.user(u), carve) for u in carve.heldout]
     personal = personal_examples(tok, sealed, split, split.test_users, fit.personal(), variant="plain", **opts)
-    lora_train, lora_val = _validation_rows(personal, fit.val_per_user, fit.seed)
+    lora_train, lora_val = validation_split(personal, fit.val_per_user, fit.seed)
     if not any(lora_val.values()):
         raise ConfigError("stage-2 trials are scored on each test user's validation rows: set val_per_user >= 1 "
                           "(--val-per-user) and give test users 2 or more personal examples")
     return SearchData(sealed, stage1, build_examples(val_users, sealed.spec, tok, variants=("plain",), **opts),
                       build_examples([stage1.user(u) for u in split.train_users], sealed.spec, tok,
                                      variants=("plain",), **opts), lora_train, lora_val, carve)
-
-
-def _validation_rows(examples: dict[str, list[Example]], n_val: int,
-                     seed: int) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
-    """Each user's examples split into (train, validation) by ``validation_indices``."""
-    train, val = {}, {}
-    for uid, rows in examples.items():
-        held = set(validation_indices(uid, len(rows), n_val, seed))
-        train[uid] = [e for i, e in enumerate(rows) if i not in held]
-        val[uid] = [e for i, e in enumerate(rows) if i in held]
-    return train, val
 
 
 def _encode(loaded: LoadedModel, examples: list[Example], chat: bool | None,

@@ -18,7 +18,7 @@ variants=(prompt_variant,))``; a target is the gold output as it follows the pro
 from __future__ import annotations
 
 import logging
-from typing import get_args
+from typing import TypeVar, get_args
 
 import pandas as pd
 import torch
@@ -111,9 +111,15 @@ def validation_indices(user: str, n_examples: int, n_val: int, seed: int) -> lis
     return sorted(order[:k])
 
 
-def validation_split(examples: dict[str, list[Encoded]], n_val: int,
-                     seed: int) -> tuple[dict[str, list[Encoded]], dict[str, list[Encoded]]]:
-    """Hold ``n_val`` examples of each user out (``validation_indices``); returns (train, validation)."""
+_Row = TypeVar("_Row")
+
+
+def validation_split(examples: dict[str, list[_Row]], n_val: int,
+                     seed: int) -> tuple[dict[str, list[_Row]], dict[str, list[_Row]]]:
+    """Hold ``n_val`` examples of each user out (``validation_indices``); returns (train, validation).
+
+    The same rows are held out whatever a row is (encoded examples for PerFit, prompt
+    examples for the LoRA baselines), so every personal method selects on the same rows."""
     train, val = {}, {}
     for user, rows in examples.items():
         held = set(validation_indices(user, len(rows), n_val, seed))
