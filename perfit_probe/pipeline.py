@@ -20,7 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from perfit_probe.config import PipelineConfig, pipeline_config
+from perfit_probe.data.records import VARIANTS
 from perfit_probe.errors import ConfigError
+from perfit_probe.interventions.fit import bank_specs
 
 
 def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", n_layers: int = 30,
@@ -32,8 +34,6 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
     2, 5, ..., 20, interventions at 8 and 14), so the same demo runs on any model. ``task``
     replaces MovieLens (``synthetic`` for a quick check).
     """
-    from perfit_probe.data.records import VARIANTS
-
     cache_sites = sorted({min(n_layers - 1, round(n_layers * f)) for f in (0.07, 0.17, 0.27, 0.37, 0.47, 0.57, 0.67)})
     fit_layers = tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in (0.27, 0.47)}))
     return pipeline_config(dict(
@@ -66,8 +66,6 @@ def check_stage_configs(resolved: dict[str, Any], stages: tuple[str, ...], loade
 
     A ``ConfigError`` (or ``SiteError``) here means nothing has been written yet.
     """
-    from perfit_probe.interventions.fit import bank_specs
-
     for stage in stages:
         validate = getattr(resolved[stage], "validate", None)
         if validate is not None:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from perfit_probe.commands.run import SEEDS, execute, execute_seeds
 from perfit_probe.config import STAGES, Stage, seed_config
+from perfit_probe.models import load_model
 from perfit_probe.pipeline import demo_config
 
 
@@ -29,9 +30,8 @@ def demo(users: int = 24, model: str = "smollm2", device: str = "cpu", task: str
             OUT/seeds_summary.{csv,md,json} with mean, std, min and max across seeds.
         progress: Show progress bars.
     """
+    # deferred: transformers' logging module only matters once a model loads
     from transformers.utils import logging as hf_logging
-
-    from perfit_probe.models import load_model
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: stderr is for errors
     print(f"loading model {model!r}", flush=True)
