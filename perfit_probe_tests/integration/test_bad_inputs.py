@@ -95,7 +95,10 @@ def test_interrupted_fit_force_keeps_the_previous_fit(tmp_path, model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     args = [sys.executable, "-m", "perfit_probe.cli", "fit", "--model", str(model_dir), *FIT,
             "--epochs1", "3000", "--epochs2", "3000", "--force", "--out", str(out)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell running the suite in the background (``make test &``) ignores SIGINT, and an
+    # ignored SIGINT is inherited: the child gets the default disposition back, as a terminal's.
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
