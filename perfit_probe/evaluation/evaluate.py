@@ -164,11 +164,15 @@ def predict(
     if not spec.labels:
         raise ConfigError(f"task {spec.name} has no label set for constrained decoding")
     labels = [continuation(label, loaded.tokenizer, chat) for label in spec.labels]
-    logp = score_labels(loaded, prompts, labels, **common)
-    outputs = [spec.labels[i] for i in logp.argmax(1).tolist()]
+    return label_predictions(spec, score_labels(loaded, prompts, labels, **common))
+
+
+def label_predictions(spec: TaskSpec, logp: torch.Tensor) -> Predictions:
+    """Predictions from label log-probabilities ``[n_prompts, n_labels]``: the most likely label,
+    and for rating tasks the expected rating under the label distribution."""
     values = label_values(spec)
     expected = None if values is None else logp.softmax(1).double().numpy() @ values
-    return Predictions(outputs, logp, expected)
+    return Predictions([spec.labels[i] for i in logp.argmax(1).tolist()], logp, expected)
 
 
 def _metrics_row(spec: TaskSpec, golds: list[str], preds: Predictions, config: EvalConfig) -> dict:
@@ -472,9 +476,7 @@ def _steer_delta_predictions(loaded: LoadedModel, spec: TaskSpec, chosen: list[E
     logp = steered_label_logprobs(loaded, [e.prompt for e in chosen], labels, steering=steering,
                                   slots=[users.index(e.user_id) for e in chosen], scales=1.0,
                                   batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens)
-    values = label_values(spec)
-    expected = None if values is None else logp.softmax(1).double().numpy() @ values
-    return Predictions([spec.labels[i] for i in logp.argmax(1).tolist()], logp, expected)
+    return label_predictions(spec, logp)
 
 
 def _baseline_predictions(method: str, task: TaskData, split: Split, chosen: list[Example],

@@ -76,7 +76,8 @@ from perfit_probe.data.profile_examples import training_queries
 from perfit_probe.data.splits import Split, history_user
 from perfit_probe.errors import ConfigError
 from perfit_probe.data.prompts import continuation
-from perfit_probe.evaluation.evaluate import Predictions, heldout_examples, label_values, predict, resolve_decoding
+from perfit_probe.evaluation.evaluate import (Predictions, heldout_examples, label_predictions, predict,
+                                              resolve_decoding)
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, primary_metric, score_task
 from perfit_probe.evaluation.shared_prefix import PrefixStore, score_label_variants, single_token_labels
 from perfit_probe.evaluation.steer_stats import dose_intervals, random_percentile, summary, swap_tests, verdicts
@@ -168,9 +169,7 @@ class _Runner:
                                     ablate_mode=c.ablate_mode, stage=stage, batch_size=c.batch_size,
                                     rows_per_pass=c.rows_per_pass, max_prompt_tokens=c.max_prompt_tokens,
                                     prefixes=self.prefixes)
-        values = label_values(self.spec)
-        return [Predictions([self.spec.labels[i] for i in lp.argmax(1).tolist()], lp,
-                            None if values is None else lp.softmax(1).double().numpy() @ values) for lp in logp]
+        return [label_predictions(self.spec, lp) for lp in logp]
 
     def reference(self, stage: str = "perfit", *, perfit: PerFit | None = None,
                   user_ids: Sequence[str] | None = None) -> Predictions:
