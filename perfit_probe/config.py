@@ -12,7 +12,8 @@
   ``OptimConfig`` holds what ``FitConfig`` passes on to each stage's ``TrainConfig``.
 - **Stage configs**: ``CacheConfig``, ``AnalysisConfig``, ``FitConfig``, ``EvalConfig`` (with
   ``LoraBaselineConfig`` and ``UncertaintyConfig``), ``SteerConfig``, ``InterpretConfig``; and
-  ``TuneConfig`` (with ``PerFitSpace`` and ``LoraSpace``) of the search the pipeline does not run.
+  ``TuneConfig`` (with ``PerFitSpace`` and ``LoraSpace``) of the search the pipeline does not run;
+  ``CapabilityConfig`` of the capability check (``perfit_probe.evaluation.capability``).
 - **The pipeline**: ``PipelineConfig`` holds ``[model]``, ``[task]``, ``stages`` and every
   stage's resolved config; ``pipeline_config`` builds it from TOML-shaped tables (the
   ``[task]``/``[model]`` values reach every stage that has a field for them, a stage's own
@@ -889,6 +890,66 @@ class TuneConfig:
         out = [layer for s in self.perfit.layer_tuples() or () for layer in s if not -n_layers <= layer < n_layers]
         if out:
             raise ConfigError(f"layer {out[0]} of the search space is outside the model's {n_layers} layers")
+
+
+# ----------------------------------------------------------------------------------------
+# The capability check
+
+Verdict = Literal["learns", "partial", "cannot"]
+"""Verdicts of the capability check (``perfit_probe.evaluation.capability``)."""
+
+
+def demo_fit() -> FitConfig:
+    """The demo's PerFit recipe on SmolLM2 (``perfit_probe.pipeline.demo_config``'s fit options
+    for 30 layers; a test keeps the two equal), without its data sizes."""
+    return FitConfig(layers=(8, 14), positions="l2", collective_rank=8, personal_rank=4, epochs1=2, epochs2=2,
+                     lr1=2e-3, lr2=2e-3, batch_size=8, max_prompt_tokens=160, val_per_user=3,
+                     max_profile_examples=12)
+
+
+@config_class
+class CapabilityConfig:
+    """The capability check: the planted task's size, the PerFit recipe under test, the verdict's thresholds."""
+
+    n_train_users: int = 5
+    """Users whose queries train stage 1 (their constants cover 1..5 when a multiple of 5)."""
+    n_test_users: int = 10
+    """Users who get a personal stage and are evaluated."""
+    n_history: int = 12
+    """Rated movies per user that are not queries: a test user's personal training data."""
+    n_queries: int = 6
+    """Queries per user: stage 1's data (train users), the evaluated queries (test users)."""
+    p_off: float = 0.1
+    """Chance that a rating is one step off the user's constant (``perfit_probe.data.planted``; at most 0.5)."""
+    fit: FitConfig = field(default_factory=demo_fit)
+    """The PerFit recipe under test (default: the demo's); its task, user and held-out options are unused."""
+    margin: float = 0.15
+    """``learns`` needs PerFit's MAE at most the realised noise floor + this."""
+    min_recovered: float = 0.8
+    """``learns`` needs at least this share of the test users' constants recovered."""
+    alpha: float = 0.05
+    """Level of the permutation test of PerFit against stage 1."""
+    batch_size: int = 16
+    """Prompts per forward pass when predicting."""
+    seed: int = 0
+    """Seed of the task and of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        if self.n_train_users < 1 or self.n_test_users < 1 or self.n_history < 1 or self.n_queries < 1:
+            raise ConfigError(f"need n_train_users, n_test_users, n_history and n_queries >= 1 (got "
+                              f"{self.n_train_users}, {self.n_test_users}, {self.n_history}, {self.n_queries})")
+        if not (0 <= self.p_off <= 0.5 and self.margin >= 0 and 0 < self.min_recovered <= 1 and 0 < self.alpha < 1):
+            raise ConfigError(f"p_off={self.p_off} must be in [0, 0.5], margin={self.margin} >= 0, "
+                              f"min_recovered={self.min_recovered} in (0, 1], alpha={self.alpha} in (0, 1)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+
+    def validate(self) -> None:
+        """The fit's checks, and a personal stage that trains on the profile."""
+        if self.fit.personal_data != "profile":
+            raise ConfigError("the capability check trains the personal stage on the profile "
+                              "(fit.personal_data='profile')")
+        self.fit.validate()
 
 
 # ----------------------------------------------------------------------------------------

