@@ -50,3 +50,19 @@ def test_bench_cache_runs_and_every_method_returns_the_same_vectors(tmp_path):
     assert all(r["layers"] == [1, 2] and r["seconds"] > 0 for r in results)
     diffs = [r["max_abs_diff_vs_perfit"] for r in results if r["method"] != "bare-forward"]
     assert diffs and all(d is not None and d < 1e-5 for d in diffs)
+
+
+def test_capability_script_runs_and_writes_its_tables(tmp_path):
+    model = save_tiny_model(tmp_path / "m", "llama")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "analyses" / "capability.py"), "--model", str(model), "--no-demo",
+         "--recipe", "layers=(1, 3);epochs1=1;epochs2=1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "capability.json").read_text())
+    (recipe,) = result["recipes"]
+    assert recipe["changes"] == {"layers": [1, 3], "epochs1": 1, "epochs2": 1}
+    assert recipe["fit"]["layers"] == [1, 3] and recipe["verdict"] in ("learns", "partial", "cannot")
+    assert len(recipe["per_user"]) == 10 and recipe["summary"]["n_queries"] == 60
+    assert "| layers=(1, 3);epochs1=1;epochs2=1 |" in (out / "capability.md").read_text()
