@@ -899,12 +899,24 @@ Verdict = Literal["learns", "partial", "cannot"]
 """Verdicts of the capability check (``perfit_probe.evaluation.capability``)."""
 
 
-def demo_fit() -> FitConfig:
-    """The demo's PerFit recipe on SmolLM2 (``perfit_probe.pipeline.demo_config``'s fit options
-    for 30 layers; a test keeps the two equal), without its data sizes."""
-    return FitConfig(layers=(8, 14), positions="l2", collective_rank=8, personal_rank=4, epochs1=2, epochs2=2,
-                     lr1=2e-3, lr2=2e-3, batch_size=8, max_prompt_tokens=160, val_per_user=3,
-                     max_profile_examples=12)
+DEMO_FIT_RECIPE: dict[str, Any] = {
+    "positions": "l2", "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 2, "batch_size": 8,
+    "max_prompt_tokens": 160, "val_per_user": 3, "max_profile_examples": 12}
+"""The demo's PerFit recipe besides its layers and data sizes (learning rates: ``FitConfig``'s
+defaults); ``perfit_probe.pipeline.demo_config`` and ``demo_fit`` both read it."""
+
+DEMO_FIT_DEPTHS = (0.27, 0.47)
+"""The demo's intervention layers as fractions of the model's depth (layers 8 and 14 of 30)."""
+
+
+def demo_fit_layers(n_layers: int) -> tuple[int, ...]:
+    """The demo's intervention layers for a model of ``n_layers`` layers."""
+    return tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in DEMO_FIT_DEPTHS}))
+
+
+def demo_fit(n_layers: int = 30) -> FitConfig:
+    """The demo's PerFit recipe (``DEMO_FIT_RECIPE`` at ``demo_fit_layers``), without its data sizes."""
+    return FitConfig(layers=demo_fit_layers(n_layers), **DEMO_FIT_RECIPE)
 
 
 @config_class

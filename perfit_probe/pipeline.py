@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from perfit_probe.config import PipelineConfig, pipeline_config
+from perfit_probe.config import DEMO_FIT_RECIPE, PipelineConfig, demo_fit_layers, pipeline_config
 from perfit_probe.data.records import VARIANTS
 from perfit_probe.errors import ConfigError
 from perfit_probe.interventions.fit import bank_specs
@@ -35,7 +35,6 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
     replaces MovieLens (``synthetic`` for a quick check).
     """
     cache_sites = sorted({min(n_layers - 1, round(n_layers * f)) for f in (0.07, 0.17, 0.27, 0.37, 0.47, 0.57, 0.67)})
-    fit_layers = tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in (0.27, 0.47)}))
     return pipeline_config(dict(
         model={"name": model, "dtype": "float32", "device": device},
         task={"name": task, "n_users": n_users, "seed": 0, "k": 4, "retriever": "bm25"},
@@ -47,9 +46,7 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         # Stage 1 on the train users' queries; stage 2 on each test user's 12 latest rated movies
         # other than its 6 held-out queries (OPPU's protocol), 3 of them picking its stage-2
         # epoch (0 = stage 1 alone); 2 stage-2 epochs, as the paper and OPPU's per-user step.
-        fit={"max_queries": 12, "n_heldout": 6, "max_profile_examples": 12, "layers": fit_layers,
-             "positions": "l2", "collective_rank": 8, "personal_rank": 4, "epochs1": 2, "epochs2": 2,
-             "batch_size": 8, "max_prompt_tokens": 160, "val_per_user": 3},
+        fit={"max_queries": 12, "n_heldout": 6, "layers": demo_fit_layers(n_layers), **DEMO_FIT_RECIPE},
         # OPPU's per-user LoRA at its rank 8 on q/v and its 2 epochs; its lr (1e-4 on a 7B model)
         # barely moves a 135M model in a few steps, so the demo gives it the same order of lr as PerFit.
         evaluate={"max_prompt_tokens": 256, "lora": {"lr": 1e-3, "epochs": 2},
