@@ -36,6 +36,8 @@ def execute_seeds(config: PipelineConfig, out: Path, seeds, progress: bool = Tru
         print(f"seed {seed}: {run.path} (report: {run.path / 'report.md'})")
     for suffix in ("md", "csv", "json"):
         print(f"seeds summary ({suffix}): {paths[suffix]}")
+    if "pooled" in paths:
+        print(f"the seeds' test users pooled (intervals, differences, claim 3): {paths['pooled']}")
     return 0
 
 

@@ -20,7 +20,8 @@ Each verdict is computed from a generated file of the run directory, at level ``
   with its 95% bootstrap interval over test users and permutation p; *no detectable difference*
   unless the interval excludes 0 and p < alpha (the interval's ends are then the largest
   differences the run can exclude), and the same against the best trivial baseline, which
-  *beats* PerFit when the difference is decided in its favour.
+  *beats* PerFit when the difference is decided in its favour. Each sentence also gives the true
+  difference the run detects with 80% power (``detectable_difference``: 2.8 standard errors).
 
 ``claim_table(run_dir)`` returns one row per verdict; ``claims_markdown(frame)`` words them.
 """
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, METRICS
+from perfit_probe.evaluation.uncertainty import detectable_difference
 
 CLAIM_COLUMNS = ["claim", "scope", "verdict", "statistic", "value", "reference", "ci_low", "ci_high", "p_value",
            "sentence"]
@@ -170,7 +172,7 @@ def claim3(evaluation: Path, kind: str | None, alpha: float) -> list[dict]:
                          f"(95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}, p = {_p(d['p_value'])}, "
                          f"{int(d['n_users'])} test users; {better} is better): **{verdict}**"
                          + (f" — differences beyond {max(abs(d['ci_low']), abs(d['ci_high'])):.3f} are excluded"
-                            if contains else "") + f"{ratio}.",
+                            if contains else "") + _power(d, alpha) + f"{ratio}.",
                          ci=(float(d["ci_low"]), float(d["ci_high"])), p=float(d["p_value"])))
     d = diffs[(diffs["method"] == "perfit") & (diffs["against"] == "best_baseline") & (diffs["metric"] == metric)]
     if not d.empty:
@@ -182,9 +184,15 @@ def claim3(evaluation: Path, kind: str | None, alpha: float) -> list[dict]:
         rows.append(_row("3", "vs best trivial baseline", verdict, f"{metric}_difference", float(d["estimate"]),
                          f"Trivial baselines first: PerFit minus the best trivial baseline ({d['reference']}) = "
                          f"{d['estimate']:+.3f} {metric} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}, "
-                         f"p = {_p(d['p_value'])}): **{verdict}**.",
+                         f"p = {_p(d['p_value'])}): **{verdict}**{_power(d, alpha)}.",
                          ci=(float(d["ci_low"]), float(d["ci_high"])), p=float(d["p_value"])))
     return rows
+
+
+def _power(row: pd.Series, alpha: float) -> str:
+    """The true difference the run detects with 80% power (``detectable_difference``), as a clause."""
+    mde = detectable_difference(float(row["ci_low"]), float(row["ci_high"]), float(row.get("level", 0.95)), alpha)
+    return f"; a true difference of {mde:.3f} would be detected with 80% power"
 
 
 def _undecided(row: pd.Series, alpha: float) -> bool:

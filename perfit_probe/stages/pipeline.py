@@ -23,10 +23,12 @@ from typing import Callable, Sequence
 from perfit_probe._io import atomic_write_text
 from perfit_probe._repro import seed_everything
 from perfit_probe.config import STAGES, PipelineConfig, seed_config, stage_configs
+from perfit_probe.data.tasks import task_spec
 from perfit_probe.errors import ConfigError
 from perfit_probe.models import LoadedModel, load_model
 from perfit_probe.pipeline import check_stage_configs
 from perfit_probe.stages import analyze, cache, evaluate, fit, interpret, steer
+from perfit_probe.stages.pooled import write_pooled
 from perfit_probe.stages.report import render_report, write_claims
 from perfit_probe.stages.rundir import RunDir
 from perfit_probe.stages.seed_summary import seed_summary, write_seed_summary
@@ -106,7 +108,8 @@ def run_seeds(
     """Run the pipeline once per seed into ``out/seed{s}`` and summarise the runs across seeds.
 
     Returns the run directory of each seed and the paths of ``seeds_summary.csv``/``.md``/``.json``
-    (keys ``csv``, ``md``, ``json``) written into ``out``. The model is loaded once and shared.
+    (keys ``csv``, ``md``, ``json``) written into ``out``, and of ``pooled/results.md`` (key
+    ``pooled``; ``perfit_probe.stages.pooled``) when the seeds evaluated. The model is loaded once and shared.
     """
     say = announce or log.info
     seeds = [int(seed) for seed in seeds]
@@ -131,6 +134,11 @@ def run_seeds(
     summary = seed_summary({seed: run.metrics() for seed, run in runs.items()})
     paths = write_seed_summary(summary, out, {seed: run.path for seed, run in runs.items()})
     say(f"summary of {len(seeds)} seeds: {paths['md']}")
+    pooled = write_pooled({seed: run.path for seed, run in runs.items()}, out, task_spec(config.task.name),
+                          stage_configs(config)["evaluate"])
+    if pooled is not None:
+        paths["pooled"] = pooled / "results.md"
+        say(f"the seeds' test users pooled: {paths['pooled']}")
     return runs, paths
 
 

@@ -61,6 +61,27 @@ def _numbers(run_dir):
     return flatten_metrics(json.loads((run_dir / "metrics.json").read_text()))
 
 
+def _check_pooled(out, runs, printed):
+    """``OUT/pooled/``: every seed's queries together. Oracle: MAE is a mean over queries, so the
+    pooled MAE is the seeds' MAEs weighted by their query counts (from each seed's own results.csv)."""
+    pooled = out / "pooled"
+    assert str(pooled / "results.md") in printed
+    results = pd.read_csv(pooled / "results.csv").set_index("method")
+    seeds = [pd.read_csv(run_dir / "eval" / "results.csv").set_index("method") for run_dir in runs.values()]
+    for method in ("perfit", "lora", "user_median"):
+        n = [t.loc[method, "n_queries"] for t in seeds]
+        assert results.loc[method, "n_queries"] == sum(n)
+        assert results.loc[method, "mae"] == pytest.approx(sum(t.loc[method, "mae"] * k for t, k in zip(seeds, n)) / sum(n))
+    diffs = pd.read_csv(pooled / "differences.csv")
+    mae = diffs[(diffs.metric == "mae") & (diffs.against == "reference")].set_index("method")
+    users = sum(len(pd.read_csv(r / "eval" / "predictions.csv").query("method == 'perfit'").user_id.unique())
+                for r in runs.values())
+    assert mae.loc["lora", "n_users"] <= users and mae.loc["lora", "n_queries"] == results.loc["perfit", "n_queries"]
+    assert mae.loc["lora", "estimate"] == pytest.approx(results.loc["lora", "mae"] - results.loc["perfit", "mae"])
+    assert (diffs["detectable"] > 0).all()
+    assert "Claim 3" in (pooled / "claims.md").read_text()
+
+
 def test_two_seeds_two_runs_and_a_summary_of_their_numbers(tmp_path, capsys):
     model = save_tiny_model(tmp_path / "model", "gpt2")
     out = tmp_path / "seeds"
@@ -94,6 +115,7 @@ def test_two_seeds_two_runs_and_a_summary_of_their_numbers(tmp_path, capsys):
     assert data["seeds"] == [0, 1]
     assert data["metrics"]["evaluate/perfit/mae"]["mean"] == pytest.approx(summary.loc["evaluate/perfit/mae", "mean"])
     assert "| evaluate/perfit/mae |" in (out / "seeds_summary.md").read_text()
+    _check_pooled(out, runs, printed)
     # a single --seed keeps today's layout, and the same seed gives the same numbers
     single = tmp_path / "single"
     assert main([*common, "--seed", "1", "--out", str(single)]) == 0

@@ -19,6 +19,7 @@ from perfit_probe.evaluation.uncertainty import (
     DIFFERENCE_COLUMNS,
     INTERVAL_COLUMNS,
     Scorer,
+    detectable_difference,
     evaluation_uncertainty,
     metric_from_sums,
     query_statistics,
@@ -151,3 +152,15 @@ def test_frames_references_and_best_baseline(tmp_path):
     subset = evaluation_uncertainty(again[again.method != "perfit"], "classification", ("x", "y"), rng,
                                     UncertaintyConfig(n_boot=50, n_perm=50))
     assert set(subset.differences.against) == {"best_baseline"}
+
+
+def test_detectable_difference_is_2_8_standard_errors():
+    """Oracle: hand-computed normal quantiles (1.959964 for 97.5%, 0.841621 for 80%) and a
+    simulation: a true difference of that size is detected (|d| / se > 1.96) about 80% of the time."""
+    se = 0.1
+    width = 2 * 1.959964 * se
+    assert detectable_difference(-width / 2, width / 2) == pytest.approx((1.959964 + 0.841621) * se, rel=1e-5)
+    assert detectable_difference(0.3, 0.3 + width, level=0.95, alpha=0.05, power=0.5) == pytest.approx(1.959964 * se, rel=1e-5)
+    rng = np.random.default_rng(0)
+    draws = rng.normal(detectable_difference(0, width), se, 20000)
+    assert np.mean(np.abs(draws) / se > 1.959964) == pytest.approx(0.8, abs=0.01)
