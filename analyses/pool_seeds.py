@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((args.out / "seeds_summary.json").read_text())
     runs = {int(seed): args.out / Path(path).name for seed, path in summary["runs"].items()}
     config = load_pipeline_config(args.config)
-    written = write_pooled(runs, args.out, task_spec(config.task.name), stage_configs(config)["evaluate"])
+    written = write_pooled(runs, args.out, task_spec(config.task.name), stage_configs(config)["evaluate"],
+                           capability=config.capability)
     if written is None:
         raise SystemExit(f"no eval/predictions.csv in the runs of {args.out}")
     print(written / "results.md")

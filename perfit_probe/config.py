@@ -905,6 +905,11 @@ DEMO_FIT_RECIPE: dict[str, Any] = {
 """The demo's PerFit recipe besides its layers and data sizes (learning rates: ``FitConfig``'s
 defaults); ``perfit_probe.pipeline.demo_config`` and ``demo_fit`` both read it."""
 
+FIT_DATA_FIELDS = frozenset({"task", "task_path", "task_outputs", "n_users", "max_queries", "seed", "model", "dtype",
+                             "device", "n_test_users", "test_fraction", "test_users_by", "n_heldout"})
+"""``FitConfig`` fields that say which model, data and users a fit uses; the others are its recipe
+(what the capability check tests and a run's claims match it by)."""
+
 DEMO_FIT_DEPTHS = (0.27, 0.47)
 """The demo's intervention layers as fractions of the model's depth (layers 8 and 14 of 30)."""
 
@@ -997,6 +1002,9 @@ class PipelineConfig:
     """The causal steering checks (``[steer]``: ``SteerConfig`` fields)."""
     interpret: InterpretConfig = field(default_factory=InterpretConfig)
     """Steering with the measured shifts and read-outs (``[interpret]``: ``InterpretConfig`` fields)."""
+    capability: PathValue | None = None
+    """A capability check's ``capability.json`` (``analyses/capability.py``): the claims quote its
+    verdict for the run's fit recipe when one of its recipes is it (top-level ``capability = PATH``)."""
 
 
 def _shared(stage: str, model: ModelConfig, task: TaskConfig, task_table: Mapping) -> dict:
@@ -1040,7 +1048,10 @@ def pipeline_config(tables: Mapping[str, Any], source: str = "") -> PipelineConf
         _check_keys(cls, own, f"{source}[{stage}]")
         shared = {k: v for k, v in _shared(stage, model, task, tables.get("task", {})).items() if k in names}
         resolved[stage] = validate_table(cls, {**shared, **own}, f"{source}[{stage}]")
-    return PipelineConfig(model=model, task=task, stages=tuple(stages), **resolved)
+    capability = tables.get("capability")
+    if capability is not None and not isinstance(capability, str):
+        raise ConfigError(f"{source}capability must be a path (a string), got {type(capability).__name__}")
+    return PipelineConfig(model=model, task=task, stages=tuple(stages), capability=capability, **resolved)
 
 
 def load_pipeline_config(path: Path | str) -> PipelineConfig:

@@ -13,9 +13,14 @@ from perfit_probe.models import load_model
 from perfit_probe.pipeline import demo_config
 
 
+PUBLISHED_CAPABILITY = Path("figures/capability.json")
+"""The capability check of the demo's recipe, as published in the repository."""
+
+
 def demo(users: int = 24, model: str = "smollm2", device: str = "cpu", task: str = "movielens",
          stages: tuple[Stage, ...] = STAGES, out: Path | None = None, seed: Annotated[int, SEEDS] = 0,
-         seeds: Annotated[tuple[int, ...] | None, SEEDS] = None, progress: bool = True) -> int:
+         seeds: Annotated[tuple[int, ...] | None, SEEDS] = None, capability: Path = PUBLISHED_CAPABILITY,
+         progress: bool = True) -> int:
     """Run the whole pipeline on the embedded model and MovieLens data.
 
     Args:
@@ -28,6 +33,8 @@ def demo(users: int = 24, model: str = "smollm2", device: str = "cpu", task: str
         seed: Seed of the task, the split and every stage.
         seeds: Comma-separated seeds: the whole pipeline once per seed into OUT/seed{s}, then
             OUT/seeds_summary.{csv,md,json} with mean, std, min and max across seeds.
+        capability: A capability check's capability.json whose verdict for the demo's recipe the
+            claims quote (default: the published one, skipped when absent from the working directory).
         progress: Show progress bars.
     """
     # deferred: transformers' logging module only matters once a model loads
@@ -37,7 +44,9 @@ def demo(users: int = 24, model: str = "smollm2", device: str = "cpu", task: str
     print(f"loading model {model!r}", flush=True)
     loaded = load_model(model, device=device)
     config = demo_config(n_users=users, model=model, device=device, n_layers=loaded.n_layers, task=task)
-    config = dataclasses.replace(config, stages=stages)
+    if capability == PUBLISHED_CAPABILITY and not capability.is_file():
+        capability = None  # run outside the repository: no published check to quote
+    config = dataclasses.replace(config, stages=stages, capability=capability)
     out = out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if seeds is not None:
         return execute_seeds(config, out, seeds, progress=progress, loaded=loaded)

@@ -23,16 +23,23 @@ Each verdict is computed from a generated file of the run directory, at level ``
   *beats* PerFit when the difference is decided in its favour. Each sentence also gives the true
   difference the run detects with 80% power (``detectable_difference``: 2.8 standard errors).
 
+- **Capability** (a ``capability.json`` of ``perfit_probe.evaluation.capability``, when given):
+  the verdict of the check whose recipe is the run's fit recipe: whether its personal stage can
+  learn a planted per-user bias at all.
+
 ``claim_table(run_dir)`` returns one row per verdict; ``claims_markdown(frame)`` words them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
+from perfit_probe.config import FIT_DATA_FIELDS
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, METRICS
 from perfit_probe.evaluation.uncertainty import detectable_difference
 
@@ -201,11 +208,49 @@ def _undecided(row: pd.Series, alpha: float) -> bool:
     return bool(row["ci_low"] <= 0 <= row["ci_high"] or not row["p_value"] < alpha)
 
 
-def claim_table(run_dir: Path, *, kind: str | None = None, alpha: float = 0.05) -> pd.DataFrame:
-    """Every verdict the run's files support (empty when the stages have not run)."""
+def _recipe(fit: Mapping) -> dict:
+    """A fit config's recipe (``FIT_DATA_FIELDS`` left out), lists for tuples, as JSON keeps them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fit.items() if k not in FIT_DATA_FIELDS}
+
+
+def claim_capability(path: Path, fit: Mapping) -> list[dict]:
+    """The capability check (``perfit_probe.evaluation.capability``'s ``capability.json`` at ``path``)
+    of the recipe of ``fit`` (a resolved fit config as ``run.json`` stores it): can this recipe's
+    personal stage learn a planted per-user bias? No row when no recipe there is the run's."""
+    wanted = _recipe(fit)
+    for recipe in json.loads(Path(path).read_text(encoding="utf-8"))["recipes"]:
+        if _recipe(recipe["fit"]) != wanted:
+            continue
+        summary, verdict = recipe["summary"], recipe["verdict"]
+        consequence = ("it can, so a loss to a per-user baseline is not the recipe's inability to learn a bias"
+                       if verdict == "learns" else
+                       "so a loss to the per-user median may be this recipe's limit, not the representation's")
+        return [_row("3", "capability", verdict, "perfit_mae_planted", float(summary["mae"]["perfit"]),
+                     f"Capability of this run's fit recipe (recipe `{recipe['recipe']}` of `{Path(path).name}`): "
+                     f"**{verdict}**: {recipe['sentence'].rstrip('.')}; {consequence}.",
+                     reference=float(summary["noise_floor_realised"]), p=float(summary["p_vs_stage1"]))]
+    return []
+
+
+def run_fit_config(run_dir: Path) -> dict | None:
+    """The resolved fit config a pipeline run's ``run.json`` records (None when it has none)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
+    return (config.get("resolved") or {}).get("fit")
+
+
+def claim_table(run_dir: Path, *, kind: str | None = None, alpha: float = 0.05,
+                capability: Path | None = None) -> pd.DataFrame:
+    """Every verdict the run's files support (empty when the stages have not run); with a
+    ``capability.json``, the capability of the run's fit recipe (``claim_capability``)."""
     run_dir = Path(run_dir)
     rows = claim1(run_dir / "analysis", alpha) + claim2(run_dir / "analysis", alpha) + \
         claim3(run_dir / "eval", kind, alpha)
+    fit = run_fit_config(run_dir)
+    if capability is not None and fit is not None:
+        rows += claim_capability(capability, fit)
     return pd.DataFrame.from_records(rows, columns=CLAIM_COLUMNS)
 
 

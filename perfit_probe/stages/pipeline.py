@@ -70,6 +70,8 @@ def run_pipeline(
         raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
     resolved = stage_configs(config)  # validates every section before any work
     check_stage_configs(resolved, config.stages)
+    if config.capability is not None and not Path(config.capability).is_file():
+        raise ConfigError(f"capability file {config.capability} not found (analyses/capability.py writes one)")
     seed = config.task.seed
     seed_everything(seed)
     start = time.perf_counter()
@@ -91,7 +93,7 @@ def run_pipeline(
     run.update_info(command="pipeline", config={"pipeline": config, "resolved": resolved})
     run.add_metrics("pipeline", {"stage_wall_s": timings, "total_wall_s": total,
                                  "peak_rss_gib": peak_rss_gib()})
-    write_claims(run, resolved["fit"].task)
+    write_claims(run, resolved["fit"].task, config.capability)
     atomic_write_text(run.path / "report.md", render_report(run))
     return run
 
@@ -135,7 +137,7 @@ def run_seeds(
     paths = write_seed_summary(summary, out, {seed: run.path for seed, run in runs.items()})
     say(f"summary of {len(seeds)} seeds: {paths['md']}")
     pooled = write_pooled({seed: run.path for seed, run in runs.items()}, out, task_spec(config.task.name),
-                          stage_configs(config)["evaluate"])
+                          stage_configs(config)["evaluate"], capability=config.capability)
     if pooled is not None:
         paths["pooled"] = pooled / "results.md"
         say(f"the seeds' test users pooled: {paths['pooled']}")

@@ -9,7 +9,8 @@ over users, paired differences from PerFit and from the best trivial baseline, u
 permutation p) on the stack. It writes ``results.csv`` (each method's metric on all pooled
 queries), ``uncertainty.csv``, ``differences.csv`` (with ``detectable``: the difference the
 pooled run detects with 80% power at its level), ``results.md`` and the claim-3 verdicts
-``claims.csv``/``claims.md`` (``perfit_probe.stages.claims.claim3``).
+``claims.csv``/``claims.md`` (``perfit_probe.stages.claims.claim3``, and the capability of the
+recipe when a ``capability.json`` is given).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from perfit_probe.evaluation.uncertainty import (
     read_predictions_csv,
     with_intervals,
 )
-from perfit_probe.stages.claims import CLAIM_COLUMNS, claim3, claims_markdown
+from perfit_probe.stages.claims import CLAIM_COLUMNS, claim3, claim_capability, claims_markdown, run_fit_config
 from perfit_probe.stages.markdown import markdown_table
 
 POOLED_DIR = "pooled"
@@ -70,8 +71,10 @@ def _results(intervals: pd.DataFrame, predictions: pd.DataFrame, runs: Mapping[i
 
 
 def write_pooled(runs: Mapping[int, Path], directory: Path, spec: TaskSpec, config: EvalConfig,
-                 alpha: float = 0.05) -> Path | None:
-    """Write ``directory/pooled/`` (see the module docstring); None (nothing written) without predictions."""
+                 alpha: float = 0.05, capability: Path | None = None) -> Path | None:
+    """Write ``directory/pooled/`` (see the module docstring); None (nothing written) without
+    predictions. With a ``capability.json``, the claims add its verdict for the seeds' fit recipe
+    (the first seed's; seeds differ only in data and seed)."""
     predictions = pool_predictions(runs)
     if predictions.empty:
         return None
@@ -86,7 +89,11 @@ def write_pooled(runs: Mapping[int, Path], directory: Path, spec: TaskSpec, conf
     atomic_write_text(out / "results.csv", table.to_csv(index=False))
     atomic_write_text(out / "uncertainty.csv", uncertainty.intervals.to_csv(index=False))
     atomic_write_text(out / "differences.csv", differences.to_csv(index=False))
-    claims = pd.DataFrame.from_records(claim3(out, spec.kind, alpha), columns=CLAIM_COLUMNS)
+    rows = claim3(out, spec.kind, alpha)
+    fit = run_fit_config(next(iter(runs.values())))
+    if capability is not None and fit is not None:
+        rows += claim_capability(capability, fit)
+    claims = pd.DataFrame.from_records(rows, columns=CLAIM_COLUMNS)
     atomic_write_text(out / "claims.csv", claims.to_csv(index=False))
     atomic_write_text(out / "claims.md", claims_markdown(claims))
     atomic_write_text(out / "results.md", _markdown(table, uncertainty, differences, spec, runs))

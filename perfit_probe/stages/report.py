@@ -18,9 +18,10 @@ from perfit_probe.stages.claims import claim_table, claims_markdown
 from perfit_probe.stages.rundir import RunDir
 
 
-def write_claims(run: RunDir, task: str) -> None:
-    """``claims.csv`` and ``claims.md``: the verdicts ``perfit_probe.claims`` computes from the run's files."""
-    frame = claim_table(run.path, kind=task_spec(task).kind)
+def write_claims(run: RunDir, task: str, capability: Path | None = None) -> None:
+    """``claims.csv`` and ``claims.md``: the verdicts ``perfit_probe.stages.claims`` computes from the
+    run's files (and from a capability check's ``capability.json``)."""
+    frame = claim_table(run.path, kind=task_spec(task).kind, capability=capability)
     verdicts = run.path / "steer" / "verdicts.md"
     atomic_write_text(run.path / "claims.csv", frame.to_csv(index=False))
     atomic_write_text(run.path / "claims.md", claims_markdown(frame, verdicts.read_text() if verdicts.is_file() else ""))

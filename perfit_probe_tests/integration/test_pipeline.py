@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,13 @@ def test_example_configs_parse_and_resolve():
 def test_movielens_example_is_the_demo():
     from_file = stage_configs(load_pipeline_config(EXAMPLES / "movielens-smollm2-cpu.toml"))
     assert from_file == stage_configs(demo_config())
+
+
+def test_larger_example_is_the_demos_recipe_at_40_test_users():
+    large = stage_configs(load_pipeline_config(EXAMPLES / "movielens-smollm2-40users-cpu.toml"))
+    demo = stage_configs(demo_config())
+    assert large["fit"] == replace(demo["fit"], n_users=52, n_test_users=40)
+    assert large["evaluate"] == demo["evaluate"]
 
 
 def test_bad_config_files_fail_with_one_line(tmp_path):

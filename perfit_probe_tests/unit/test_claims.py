@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
+import pytest
+
+from perfit_probe.config import pipeline_config
+from perfit_probe.errors import ConfigError
 
 from perfit_probe.stages.claims import claim_table, claims_markdown
 
@@ -66,6 +72,9 @@ def test_claim3_needs_both_the_interval_and_the_permutation_test(tmp_path):
     rows[0] = _diff("oppu", "reference", "perfit", 0.3, 0.1, 0.5, 0.002)
     _write(tmp_path, "eval/differences.csv", rows)
     assert claim_table(tmp_path, kind="rating").set_index("scope").loc["vs oppu", "verdict"] == "PerFit better"
+    # the power clause: 2.8 standard errors, the standard error read off the interval (0.4 / 3.92)
+    assert f"{0.4 / 3.919928 * 2.801585:.3f} would be detected with 80% power" in \
+        claim_table(tmp_path, kind="rating").set_index("scope").loc["vs oppu", "sentence"]
     text = claims_markdown(claim_table(tmp_path, kind="rating"), "- dose: best alpha 1")
     assert text.count("\n- ") >= 3 and "best alpha 1" in text
 
@@ -73,3 +82,44 @@ def test_claim3_needs_both_the_interval_and_the_permutation_test(tmp_path):
 def test_no_files_no_verdicts(tmp_path):
     assert claim_table(tmp_path).empty
     assert "no stage output" in claims_markdown(claim_table(tmp_path))
+
+
+def _capability(tmp_path, fits):
+    recipes = [{"recipe": name, "fit": fit, "verdict": verdict, "sentence": f"{name} sentence.",
+                "summary": {"mae": {"perfit": mae}, "noise_floor_realised": 0.02, "p_vs_stage1": 0.01}}
+               for name, fit, verdict, mae in fits]
+    path = tmp_path / "capability.json"
+    path.write_text(json.dumps({"recipes": recipes}))
+    return path
+
+
+def test_capability_verdict_of_the_runs_own_recipe(tmp_path):
+    """The claims quote the check whose recipe is the run's, matched on the recipe only (not data, seed)."""
+    run_fit = {"layers": [8, 14], "lr2": 0.002, "seed": 3, "n_users": 24}
+    path = _capability(tmp_path, [("fast", {"layers": [8, 14], "lr2": 0.005, "seed": 0, "n_users": 15}, "learns", 0.1),
+                                  ("demo", {"layers": [8, 14], "lr2": 0.002, "seed": 0, "n_users": 15}, "partial", 0.7)])
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"resolved": {"fit": run_fit}}}))
+    row = claim_table(tmp_path, capability=path).set_index("scope").loc["capability"]
+    assert row["verdict"] == "partial" and row["value"] == 0.7 and row["reference"] == 0.02
+    assert "recipe `demo`" in row["sentence"] and "may be this recipe's limit" in row["sentence"]
+    run_fit["lr2"] = 0.01  # no check of this recipe: no verdict
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"resolved": {"fit": run_fit}}}))
+    assert claim_table(tmp_path, capability=path).empty
+
+
+def test_capability_in_a_pipeline_file_is_a_path():
+    assert str(pipeline_config({"capability": "figures/capability.json"}).capability) == "figures/capability.json"
+    with pytest.raises(ConfigError, match="capability must be a path"):
+        pipeline_config({"capability": 3})
+
+
+def test_a_missing_capability_file_fails_before_any_stage(tmp_path):
+    from dataclasses import replace
+
+    from perfit_probe.pipeline import demo_config
+    from perfit_probe.stages.pipeline import run_pipeline
+
+    config = replace(demo_config(n_layers=4), capability=tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="capability file .* not found"):
+        run_pipeline(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

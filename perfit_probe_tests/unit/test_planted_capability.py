@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perfit_probe.config import CapabilityConfig, FitConfig
+from perfit_probe.config import FIT_DATA_FIELDS, CapabilityConfig, FitConfig
 from perfit_probe.data.planted import (
     SCALE, noise_floor, planted_bias_task, planted_constants, planted_ratings, task_noise_floor,
 )
@@ -85,11 +85,9 @@ def test_planted_task_bad_options():
 def test_demo_fit_is_the_demos_recipe():
     from perfit_probe.pipeline import demo_config
 
-    data = {"task", "task_path", "task_outputs", "n_users", "max_queries", "seed", "model", "dtype", "device",
-            "n_test_users", "test_fraction", "test_users_by", "n_heldout"}  # the planted task sets these
     demo = demo_config().fit
     for f in dataclasses.fields(FitConfig):
-        if f.name not in data:
+        if f.name not in FIT_DATA_FIELDS:  # the planted task sets these
             assert getattr(DEMO_FIT, f.name) == getattr(demo, f.name), f.name
     assert CapabilityConfig().fit == DEMO_FIT
 
