@@ -26,6 +26,7 @@ from perfit_probe.config import EvalConfig
 from perfit_probe.data.tasks import TaskSpec
 from perfit_probe.evaluation.metrics import METRICS
 from perfit_probe.evaluation.uncertainty import (
+    Uncertainty,
     describe_uncertainty,
     detectable_difference,
     differences_table,
@@ -100,8 +101,9 @@ def write_pooled(runs: Mapping[int, Path], directory: Path, spec: TaskSpec, conf
     return out
 
 
-def _markdown(table: pd.DataFrame, uncertainty, differences: pd.DataFrame, spec: TaskSpec,
+def _markdown(table: pd.DataFrame, uncertainty: Uncertainty, differences: pd.DataFrame, spec: TaskSpec,
               runs: Mapping[int, Path]) -> str:
+    """``results.md``: pooled metrics with intervals, the paired differences, the detectable differences."""
     metrics = [m for m in METRICS[spec.kind] if m in table.columns]
     seeds = ", ".join(f"{seed} (`{Path(path).name}/`)" for seed, path in runs.items())
     head = [f"# Pooled evaluation on {spec.name}: seeds {seeds}", "",
@@ -109,7 +111,10 @@ def _markdown(table: pd.DataFrame, uncertainty, differences: pd.DataFrame, spec:
             + describe_uncertainty(uncertainty), "",
             markdown_table(with_intervals(table[["method", *metrics, "n_queries"]], uncertainty.intervals)), ""]
     shown = differences[differences.metric.isin(metrics)]
-    detect = shown[["method", "reference", "metric", "detectable"]].round(3)
+    detect = shown.assign(column=shown.metric + " vs " + shown.reference,
+                          detectable=shown.detectable.map(lambda v: f"{v:.3f}"))
+    detect = detect.pivot(index="method", columns="column", values="detectable").fillna("")
+    detect = detect.loc[list(dict.fromkeys(shown.method))].reset_index()
     return "\n".join(head + [
         "## Differences from PerFit and from the best trivial baseline", "",
         markdown_table(differences_table(shown)), "",
