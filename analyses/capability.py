@@ -26,7 +26,8 @@ import torch
 
 from perfit_probe._io import atomic_write_text, write_json
 from perfit_probe._repro import package_versions, seed_everything
-from perfit_probe.config import CapabilityConfig
+from perfit_probe.config import CapabilityConfig, demo_fit_layers
+from perfit_probe.errors import PerfitError
 from perfit_probe.evaluation.capability import CapabilityResult, capability_check, with_fit
 from perfit_probe.models import load_model
 
@@ -92,7 +93,11 @@ def main() -> None:
     recipes = ([] if args.no_demo else [("demo", {})]) + [(recipe, _changes(recipe)) for recipe in args.recipe]
     records = []
     for name, changes in recipes:
-        config = with_fit(CapabilityConfig(seed=args.seed), **changes)
+        try:  # the demo's layers for this model's depth; the model recorded as the claims match it
+            config = with_fit(CapabilityConfig(seed=args.seed), layers=demo_fit_layers(loaded.n_layers),
+                              model=loaded.identity.name, **changes)
+        except (TypeError, ValueError, PerfitError) as exc:
+            parser.error(f"recipe {name!r}: {str(exc).splitlines()[0]}")
         print(f"recipe {name} {changes or ''}: fitting and predicting ...", flush=True)
         t0 = time.perf_counter()
         result = capability_check(loaded, config, progress=True)

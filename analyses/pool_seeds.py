@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((args.out / "seeds_summary.json").read_text())
     runs = {int(seed): args.out / Path(path).name for seed, path in summary["runs"].items()}
     config = load_pipeline_config(args.config)
+    if config.capability is not None and not Path(config.capability).is_file():
+        raise SystemExit(f"capability file {config.capability} not found (analyses/capability.py writes one)")
     written = write_pooled(runs, args.out, task_spec(config.task.name), stage_configs(config)["evaluate"],
                            capability=config.capability)
     if written is None:

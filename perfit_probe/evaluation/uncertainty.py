@@ -261,6 +261,38 @@ def detectable_difference(ci_low: float, ci_high: float, level: float = 0.95, al
     return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
 
 
+def seed_heterogeneity(estimates: Sequence[float], ci_lows: Sequence[float], ci_highs: Sequence[float],
+                       level: float = 0.95) -> dict:
+    """Do runs that differ in seed agree on a difference, and what is it once they may not?
+
+    Each run's standard error is read off its ``level`` interval (``(high - low) / (2 z)``).
+    Returns Cochran's ``q`` with its chi-square p-value (``q_p``, ``k - 1`` degrees of freedom:
+    small means the seeds disagree beyond their own uncertainty), the DerSimonian-Laird
+    between-seed variance ``tau2``, and the random-effects estimate with a ``level`` interval
+    from Student's t with ``k - 1`` degrees of freedom (``re_estimate``, ``re_ci_low``,
+    ``re_ci_high``; wide with 3 seeds, as it should be). NaN with fewer than 2 usable runs.
+    """
+    from scipy.stats import chi2, norm, t  # deferred: scipy.stats is slow to import
+
+    d, low, high = (np.asarray(x, dtype=float) for x in (estimates, ci_lows, ci_highs))
+    se = (high - low) / (2 * norm.ppf((1 + level) / 2))
+    keep = np.isfinite(d) & np.isfinite(se) & (se > 0)
+    d, se = d[keep], se[keep]
+    k = len(d)
+    nan = float("nan")
+    if k < 2:
+        return {"k": k, "q": nan, "q_p": nan, "tau2": nan, "re_estimate": nan, "re_ci_low": nan, "re_ci_high": nan}
+    w = 1 / se**2
+    fixed = float((w * d).sum() / w.sum())
+    q = float((w * (d - fixed) ** 2).sum())
+    tau2 = max(0.0, (q - (k - 1)) / float(w.sum() - (w**2).sum() / w.sum()))
+    w_re = 1 / (se**2 + tau2)
+    estimate = float((w_re * d).sum() / w_re.sum())
+    half = float(t.ppf((1 + level) / 2, k - 1) * np.sqrt(1 / w_re.sum()))
+    return {"k": k, "q": q, "q_p": float(chi2.sf(q, k - 1)), "tau2": tau2, "re_estimate": estimate,
+            "re_ci_low": estimate - half, "re_ci_high": estimate + half}
+
+
 def best_baseline(intervals: pd.DataFrame, kind: str, baselines: Sequence[str] = tuple(BASELINES)) -> str | None:
     """The baseline with the best headline metric in ``intervals`` (None when none ran)."""
     metric = primary_metric(kind)

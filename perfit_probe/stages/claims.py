@@ -32,6 +32,8 @@ Each verdict is computed from a generated file of the run directory, at level ``
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Mapping
@@ -39,7 +41,9 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from perfit_probe.config import FIT_DATA_FIELDS
+from perfit_probe._io import to_jsonable
+from perfit_probe.config import FIT_DATA_FIELDS, FitConfig
+from perfit_probe.errors import ArtifactError
 from perfit_probe.evaluation.metrics import HIGHER_IS_BETTER, METRICS
 from perfit_probe.evaluation.uncertainty import detectable_difference
 
@@ -198,8 +202,9 @@ def claim3(evaluation: Path, kind: str | None, alpha: float) -> list[dict]:
 
 def _power(row: pd.Series, alpha: float) -> str:
     """The true difference the run detects with 80% power (``detectable_difference``), as a clause."""
-    mde = detectable_difference(float(row["ci_low"]), float(row["ci_high"]), float(row.get("level", 0.95)), alpha)
-    return f"; a true difference of {mde:.3f} would be detected with 80% power"
+    level = row.get("level", 0.95)
+    mde = detectable_difference(float(row["ci_low"]), float(row["ci_high"]), float(level), alpha)
+    return f"; a true difference of {mde:.3f} would be detected with 80% power" if np.isfinite(mde) else ""
 
 
 def _undecided(row: pd.Series, alpha: float) -> bool:
@@ -208,18 +213,40 @@ def _undecided(row: pd.Series, alpha: float) -> bool:
     return bool(row["ci_low"] <= 0 <= row["ci_high"] or not row["p_value"] < alpha)
 
 
+@functools.cache
+def _default_recipe() -> dict:
+    return to_jsonable(dataclasses.asdict(FitConfig()))
+
+
 def _recipe(fit: Mapping) -> dict:
-    """A fit config's recipe (``FIT_DATA_FIELDS`` left out), lists for tuples, as JSON keeps them."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in fit.items() if k not in FIT_DATA_FIELDS}
+    """A fit config's recipe: ``FitConfig``'s defaults for options a file predates, then the file's,
+    without ``FIT_DATA_FIELDS`` but with the dtype; JSON's lists for tuples."""
+    merged = {**_default_recipe(), **to_jsonable(dict(fit))}
+    return {k: v for k, v in merged.items() if k not in FIT_DATA_FIELDS or k == "dtype"}
+
+
+def _capability_records(path: Path) -> tuple[str | None, list[dict]]:
+    """The model and the recipes of a ``capability.json``; a one-line ``ArtifactError`` otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        recipes = list(data["recipes"])
+        for recipe in recipes:
+            recipe["fit"], recipe["recipe"], recipe["verdict"]  # noqa: B018 - every recipe has them
+        return data.get("model"), recipes
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: not a capability check's capability.json "
+                            f"(analyses/capability.py writes one): {type(exc).__name__} {exc}") from None
 
 
 def claim_capability(path: Path, fit: Mapping) -> list[dict]:
     """The capability check (``perfit_probe.evaluation.capability``'s ``capability.json`` at ``path``)
-    of the recipe of ``fit`` (a resolved fit config as ``run.json`` stores it): can this recipe's
-    personal stage learn a planted per-user bias? No row when no recipe there is the run's."""
+    of the recipe of ``fit`` (a resolved fit config as ``run.json`` stores it) on the same model:
+    can this recipe's personal stage learn a planted per-user bias? A ``not checked`` row when no
+    recipe there is the run's."""
+    model, recipes = _capability_records(path)
     wanted = _recipe(fit)
-    for recipe in json.loads(Path(path).read_text(encoding="utf-8"))["recipes"]:
-        if _recipe(recipe["fit"]) != wanted:
+    for recipe in recipes:
+        if model != fit.get("model") or _recipe(recipe["fit"]) != wanted:
             continue
         summary, verdict = recipe["summary"], recipe["verdict"]
         consequence = ("it can, so a loss to a per-user baseline is not the recipe's inability to learn a bias"
@@ -229,16 +256,22 @@ def claim_capability(path: Path, fit: Mapping) -> list[dict]:
                      f"Capability of this run's fit recipe (recipe `{recipe['recipe']}` of `{Path(path).name}`): "
                      f"**{verdict}**: {recipe['sentence'].rstrip('.')}; {consequence}.",
                      reference=float(summary["noise_floor_realised"]), p=float(summary["p_vs_stage1"]))]
-    return []
+    names = ", ".join(f"`{r['recipe']}`" for r in recipes) or "none"
+    return [_row("3", "capability", "not checked", "perfit_mae_planted", float("nan"),
+                 f"Capability of this run's fit recipe: **not checked** — `{Path(path).name}` (model `{model}`) "
+                 f"has no check of this recipe on model `{fit.get('model')}` (its recipes: {names}).")]
 
 
 def run_fit_config(run_dir: Path) -> dict | None:
-    """The resolved fit config a pipeline run's ``run.json`` records (None when it has none)."""
+    """The resolved fit config a pipeline run's ``run.json`` records (None when it has none), its
+    ``model`` replaced by the loaded model's identity name where recorded (as ``capability.json``'s)."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         return None
-    config = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
-    return (config.get("resolved") or {}).get("fit")
+    info = json.loads(path.read_text(encoding="utf-8"))
+    fit = ((info.get("config") or {}).get("resolved") or {}).get("fit")
+    name = (info.get("model") or {}).get("name")
+    return None if fit is None else {**fit, "model": name or fit.get("model")}
 
 
 def claim_table(run_dir: Path, *, kind: str | None = None, alpha: float = 0.05,

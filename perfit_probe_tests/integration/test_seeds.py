@@ -80,6 +80,13 @@ def _check_pooled(out, runs, printed):
     assert mae.loc["lora", "estimate"] == pytest.approx(results.loc["lora", "mae"] - results.loc["perfit", "mae"])
     assert (diffs["detectable"] > 0).all()
     assert "Claim 3" in (pooled / "claims.md").read_text()
+    # seed by seed: each seed's own difference (its eval/differences.csv, same reference) is in seeds.csv
+    across = pd.read_csv(pooled / "seeds.csv").set_index(["method", "against", "metric"])
+    for seed, run_dir in runs.items():
+        own = pd.read_csv(run_dir / "eval" / "differences.csv")
+        own = own[(own.against == "reference") & (own.metric == "mae")].set_index("method")
+        assert across.loc[("lora", "reference", "mae"), f"seed{seed}"] == pytest.approx(own.loc["lora", "estimate"])
+    assert across.loc[("lora", "reference", "mae"), "k"] == 2 and "Across seeds" in (pooled / "claims.md").read_text()
 
 
 def test_two_seeds_two_runs_and_a_summary_of_their_numbers(tmp_path, capsys):

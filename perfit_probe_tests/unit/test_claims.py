@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from perfit_probe.config import pipeline_config
-from perfit_probe.errors import ConfigError
+from perfit_probe.config import FitConfig, pipeline_config
+from perfit_probe.errors import ArtifactError, ConfigError
 
 from perfit_probe.stages.claims import claim_table, claims_markdown
 
@@ -89,22 +89,30 @@ def _capability(tmp_path, fits):
                 "summary": {"mae": {"perfit": mae}, "noise_floor_realised": 0.02, "p_vs_stage1": 0.01}}
                for name, fit, verdict, mae in fits]
     path = tmp_path / "capability.json"
-    path.write_text(json.dumps({"recipes": recipes}))
+    path.write_text(json.dumps({"model": "smollm2", "recipes": recipes}))
     return path
 
 
 def test_capability_verdict_of_the_runs_own_recipe(tmp_path):
     """The claims quote the check whose recipe is the run's, matched on the recipe only (not data, seed)."""
-    run_fit = {"layers": [8, 14], "lr2": 0.002, "seed": 3, "n_users": 24}
+    run_fit = {"layers": [8, 14], "lr2": 0.002, "seed": 3, "n_users": 24, "model": "smollm2"}
     path = _capability(tmp_path, [("fast", {"layers": [8, 14], "lr2": 0.005, "seed": 0, "n_users": 15}, "learns", 0.1),
                                   ("demo", {"layers": [8, 14], "lr2": 0.002, "seed": 0, "n_users": 15}, "partial", 0.7)])
     (tmp_path / "run.json").write_text(json.dumps({"config": {"resolved": {"fit": run_fit}}}))
     row = claim_table(tmp_path, capability=path).set_index("scope").loc["capability"]
     assert row["verdict"] == "partial" and row["value"] == 0.7 and row["reference"] == 0.02
     assert "recipe `demo`" in row["sentence"] and "may be this recipe's limit" in row["sentence"]
-    run_fit["lr2"] = 0.01  # no check of this recipe: no verdict
-    (tmp_path / "run.json").write_text(json.dumps({"config": {"resolved": {"fit": run_fit}}}))
-    assert claim_table(tmp_path, capability=path).empty
+    for change in ({"lr2": 0.01}, {"model": "other-model"}, {"personal_rank": 16}):  # not the checked recipe
+        (tmp_path / "run.json").write_text(json.dumps({"config": {"resolved": {"fit": {**run_fit, **change}}}}))
+        row = claim_table(tmp_path, capability=path).set_index("scope").loc["capability"]
+        assert row["verdict"] == "not checked" and "`fast`, `demo`" in row["sentence"], change
+    # an option a file lacks counts as FitConfig's default
+    default_rank = FitConfig().personal_rank
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"resolved": {"fit": {**run_fit, "personal_rank": default_rank}}}}))
+    assert claim_table(tmp_path, capability=path).set_index("scope").loc["capability", "verdict"] == "partial"
+    path.write_text("{}")  # not a capability.json: one line
+    with pytest.raises(ArtifactError, match="not a capability check's capability.json"):
+        claim_table(tmp_path, capability=path)
 
 
 def test_capability_in_a_pipeline_file_is_a_path():

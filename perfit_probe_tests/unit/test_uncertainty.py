@@ -20,6 +20,7 @@ from perfit_probe.evaluation.uncertainty import (
     INTERVAL_COLUMNS,
     Scorer,
     detectable_difference,
+    seed_heterogeneity,
     evaluation_uncertainty,
     metric_from_sums,
     query_statistics,
@@ -164,3 +165,19 @@ def test_detectable_difference_is_2_8_standard_errors():
     rng = np.random.default_rng(0)
     draws = rng.normal(detectable_difference(0, width), se, 20000)
     assert np.mean(np.abs(draws) / se > 1.959964) == pytest.approx(0.8, abs=0.01)
+
+
+def test_seed_heterogeneity_by_hand():
+    """Oracles computed by hand: two runs with standard error 1 (95% interval +-1.959964)."""
+    z = 1.959964
+    agree = seed_heterogeneity([0.0, 1.0], [-z, 1 - z], [z, 1 + z])
+    assert agree["q"] == pytest.approx(0.5) and agree["tau2"] == 0.0  # Q = 0.25 + 0.25 < df = 1
+    assert agree["q_p"] == pytest.approx(stats.chi2.sf(0.5, 1))
+    assert agree["re_estimate"] == pytest.approx(0.5)
+    assert agree["re_ci_high"] - 0.5 == pytest.approx(stats.t.ppf(0.975, 1) * np.sqrt(0.5), rel=1e-5)
+    apart = seed_heterogeneity([0.0, 4.0], [-z, 4 - z], [z, 4 + z])
+    # Q = 4 + 4 = 8; tau2 = (8 - 1) / (2 - 2 / 2) = 7; weights 1/8 each; se = sqrt(1 / (2 / 8)) = 2
+    assert apart["q"] == pytest.approx(8.0) and apart["tau2"] == pytest.approx(7.0, rel=1e-5)
+    assert apart["re_estimate"] == pytest.approx(2.0)
+    assert apart["re_ci_low"] == pytest.approx(2.0 - stats.t.ppf(0.975, 1) * 2.0, rel=1e-5)
+    assert np.isnan(seed_heterogeneity([1.0], [0.0], [2.0])["q"])
