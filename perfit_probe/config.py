@@ -895,7 +895,7 @@ class TuneConfig:
 # ----------------------------------------------------------------------------------------
 # The capability check
 
-Verdict = Literal["learns", "partial", "cannot"]
+Verdict = Literal["learns", "partial", "no gain"]
 """Verdicts of the capability check (``perfit_probe.evaluation.capability``)."""
 
 

@@ -63,6 +63,6 @@ def test_capability_script_runs_and_writes_its_tables(tmp_path):
     result = json.loads((out / "capability.json").read_text())
     (recipe,) = result["recipes"]
     assert recipe["changes"] == {"layers": [1, 3], "epochs1": 1, "epochs2": 1}
-    assert recipe["fit"]["layers"] == [1, 3] and recipe["verdict"] in ("learns", "partial", "cannot")
+    assert recipe["fit"]["layers"] == [1, 3] and recipe["verdict"] in ("learns", "partial", "no gain")
     assert len(recipe["per_user"]) == 10 and recipe["summary"]["n_queries"] == 60
     assert "| layers=(1, 3);epochs1=1;epochs2=1 |" in (out / "capability.md").read_text()
