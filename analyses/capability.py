@@ -94,8 +94,8 @@ def main() -> None:
     records = []
     for name, changes in recipes:
         try:  # the demo's layers for this model's depth; the model recorded as the claims match it
-            config = with_fit(CapabilityConfig(seed=args.seed), layers=demo_fit_layers(loaded.n_layers),
-                              model=loaded.identity.name, **changes)
+            config = with_fit(CapabilityConfig(seed=args.seed), **{
+                "layers": demo_fit_layers(loaded.n_layers), "model": loaded.identity.name, **changes})
         except (TypeError, ValueError, PerfitError) as exc:
             parser.error(f"recipe {name!r}: {str(exc).splitlines()[0]}")
         print(f"recipe {name} {changes or ''}: fitting and predicting ...", flush=True)
