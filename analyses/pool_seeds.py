@@ -16,6 +16,8 @@ from pathlib import Path
 
 from perfit_probe.config import load_pipeline_config, stage_configs
 from perfit_probe.data.tasks import task_spec
+from perfit_probe.errors import PerfitError
+from perfit_probe.pipeline import check_capability
 from perfit_probe.stages.pooled import write_pooled
 
 
@@ -27,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((args.out / "seeds_summary.json").read_text())
     runs = {int(seed): args.out / Path(path).name for seed, path in summary["runs"].items()}
     config = load_pipeline_config(args.config)
-    if config.capability is not None and not Path(config.capability).is_file():
-        raise SystemExit(f"capability file {config.capability} not found (analyses/capability.py writes one)")
+    try:
+        check_capability(config.capability)
+    except PerfitError as exc:
+        raise SystemExit(str(exc)) from None
     written = write_pooled(runs, args.out, task_spec(config.task.name), stage_configs(config)["evaluate"],
                            capability=config.capability)
     if written is None:

@@ -36,10 +36,14 @@ PUBLISHED = (
 activations, weights or subspace bases)."""
 
 
-def copy_run(run_dir: Path, target: Path) -> list[Path]:
-    """Copy the ``PUBLISHED`` files of one run directory into ``target`` (same layout)."""
+SEEDS_PUBLISHED = ("seeds_summary.*", "pooled/*")
+"""What a multi-seed directory adds beside its seeds' runs."""
+
+
+def copy_run(run_dir: Path, target: Path, patterns=PUBLISHED) -> list[Path]:
+    """Copy the files of ``run_dir`` matching ``patterns`` into ``target`` (same layout)."""
     copied = []
-    for pattern in PUBLISHED:
+    for pattern in patterns:
         for src in sorted(run_dir.glob(pattern)):
             dst = target / src.relative_to(run_dir)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -51,19 +55,9 @@ def copy_run(run_dir: Path, target: Path) -> list[Path]:
 def publish_seeds(run_dir: Path, target: Path) -> list[Path]:
     """A multi-seed run (``--seeds``): its summary, its pooled evaluation and each seed's run,
     each seed's figures beside its report (``seed{s}/figures/``)."""
-    copied = []
-    for src in [*sorted(run_dir.glob("seeds_summary.*")), *sorted((run_dir / "pooled").glob("*"))]:
-        dst = target / src.relative_to(run_dir)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-        copied.append(dst)
+    copied = copy_run(run_dir, target, SEEDS_PUBLISHED)
     for seed_dir in sorted(p for p in run_dir.glob("seed*") if p.is_dir()):
-        copied += copy_run(seed_dir, target / seed_dir.name)
-        for png in sorted((seed_dir / "figures").glob("*.png")):
-            dst = target / seed_dir.name / "figures" / png.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(png, dst)
-            copied.append(dst)
+        copied += copy_run(seed_dir, target / seed_dir.name, (*PUBLISHED, "figures/*.png"))
     return copied
 
 

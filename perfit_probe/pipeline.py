@@ -17,6 +17,7 @@ split and every stage).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from perfit_probe.config import DEMO_FIT_RECIPE, PipelineConfig, demo_fit_layers, pipeline_config
@@ -55,6 +56,12 @@ def demo_config(n_users: int = 24, model: str = "smollm2", device: str = "cpu", 
         # (every intervention runs on the edited suffix of shared prompt prefixes).
         steer={},
     ))
+
+
+def check_capability(path: Path | None) -> None:
+    """A configured capability check's file must exist (``ConfigError`` before any work)."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"capability file {path} not found (analyses/capability.py writes one)")
 
 
 def check_stage_configs(resolved: dict[str, Any], stages: tuple[str, ...], loaded=None) -> None:

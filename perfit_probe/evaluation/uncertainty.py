@@ -249,15 +249,22 @@ def paired_difference(a: QueryStats, b: QueryStats, metric: str, users: pd.Index
             "n_queries": len(common), "extreme": extreme}
 
 
+def standard_error_of_interval(low, high, level: float = 0.95):
+    """The standard error a normal ``level`` interval ``[low, high]`` implies: ``(high - low) / (2 z)``."""
+    from scipy.stats import norm  # deferred: scipy.stats is slow to import
+
+    return (high - low) / (2 * norm.ppf((1 + level) / 2))
+
+
 def detectable_difference(ci_low: float, ci_high: float, level: float = 0.95, alpha: float = 0.05,
                           power: float = 0.8) -> float:
     """The smallest true difference a two-sided test at ``alpha`` detects with probability ``power``,
     given a difference's ``level`` interval: ``(z_{1-alpha/2} + z_power) * se``, with the standard
     error read off the interval's width as ``(high - low) / (2 z_{(1+level)/2})`` (the normal
     approximation; for 95% and 80%, 2.80 standard errors, about 0.71 of the interval's width)."""
-    from scipy.stats import norm  # deferred: scipy.stats is slow to import and only this needs it
+    from scipy.stats import norm  # deferred: scipy.stats is slow to import
 
-    se = (ci_high - ci_low) / (2 * norm.ppf((1 + level) / 2))
+    se = standard_error_of_interval(ci_low, ci_high, level)
     return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
 
 
@@ -272,10 +279,10 @@ def seed_heterogeneity(estimates: Sequence[float], ci_lows: Sequence[float], ci_
     from Student's t with ``k - 1`` degrees of freedom (``re_estimate``, ``re_ci_low``,
     ``re_ci_high``; wide with 3 seeds, as it should be). NaN with fewer than 2 usable runs.
     """
-    from scipy.stats import chi2, norm, t  # deferred: scipy.stats is slow to import
+    from scipy.stats import chi2, t  # deferred: scipy.stats is slow to import
 
     d, low, high = (np.asarray(x, dtype=float) for x in (estimates, ci_lows, ci_highs))
-    se = (high - low) / (2 * norm.ppf((1 + level) / 2))
+    se = standard_error_of_interval(low, high, level)
     keep = np.isfinite(d) & np.isfinite(se) & (se > 0)
     d, se = d[keep], se[keep]
     k = len(d)

@@ -154,20 +154,29 @@ def claim2(analysis: Path, alpha: float) -> list[dict]:
     return rows
 
 
+CLAIM3_METHODS = ("oppu", "lora")
+"""The per-user LoRA methods claim 3 sets PerFit against."""
+
+
+def headline_metric(available, kind: str | None = None) -> str | None:
+    """The first of the task kind's metrics (any kind's when None) that ``available`` holds."""
+    available = set(available)
+    return next((m for k, ms in METRICS.items() if kind is None or k == kind for m in ms if m in available), None)
+
+
 def claim3(evaluation: Path, kind: str | None, alpha: float) -> list[dict]:
     """PerFit against OPPU, the per-user LoRA and the best trivial baseline, on the headline metric."""
     diffs, results = _read(evaluation / "differences.csv"), _read(evaluation / "results.csv")
     if diffs is None or results is None:
         return []
-    metric = next((m for k, ms in METRICS.items() if (kind is None or k == kind) for m in ms if m in diffs["metric"].values),
-                  None)
+    metric = headline_metric(diffs["metric"], kind)
     if metric is None:
         return []
     better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
     table = results.set_index("method")
     params = table["params_per_user"] if "params_per_user" in table else pd.Series(dtype=float)
     rows = []
-    for method in ("oppu", "lora"):
+    for method in CLAIM3_METHODS:
         d = diffs[(diffs["method"] == method) & (diffs["against"] == "reference") & (diffs["metric"] == metric)]
         if d.empty:
             continue
@@ -230,8 +239,9 @@ def _capability_records(path: Path) -> tuple[str | None, list[dict]]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         recipes = list(data["recipes"])
-        for recipe in recipes:
-            recipe["fit"], recipe["recipe"], recipe["verdict"]  # noqa: B018 - every recipe has them
+        missing = {key for recipe in recipes for key in ("recipe", "fit", "verdict") if key not in recipe}
+        if missing:
+            raise KeyError(f"a recipe without {sorted(missing)}")
         return data.get("model"), recipes
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"{path}: not a capability check's capability.json "

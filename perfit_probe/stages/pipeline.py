@@ -26,7 +26,7 @@ from perfit_probe.config import STAGES, PipelineConfig, seed_config, stage_confi
 from perfit_probe.data.tasks import task_spec
 from perfit_probe.errors import ConfigError
 from perfit_probe.models import LoadedModel, load_model
-from perfit_probe.pipeline import check_stage_configs
+from perfit_probe.pipeline import check_capability, check_stage_configs
 from perfit_probe.stages import analyze, cache, evaluate, fit, interpret, steer
 from perfit_probe.stages.pooled import write_pooled
 from perfit_probe.stages.report import render_report, write_claims
@@ -70,8 +70,7 @@ def run_pipeline(
         raise ConfigError(f"run directory {out} already exists and is not empty: choose another --out")
     resolved = stage_configs(config)  # validates every section before any work
     check_stage_configs(resolved, config.stages)
-    if config.capability is not None and not Path(config.capability).is_file():
-        raise ConfigError(f"capability file {config.capability} not found (analyses/capability.py writes one)")
+    check_capability(config.capability)
     seed = config.task.seed
     seed_everything(seed)
     start = time.perf_counter()

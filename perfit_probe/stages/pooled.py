@@ -37,7 +37,15 @@ from perfit_probe.evaluation.uncertainty import (
     seed_heterogeneity,
     with_intervals,
 )
-from perfit_probe.stages.claims import CLAIM_COLUMNS, claim3, claim_capability, claims_markdown, run_fit_config
+from perfit_probe.stages.claims import (
+    CLAIM3_METHODS,
+    CLAIM_COLUMNS,
+    claim3,
+    claim_capability,
+    claims_markdown,
+    headline_metric,
+    run_fit_config,
+)
 from perfit_probe.stages.markdown import markdown_table
 
 POOLED_DIR = "pooled"
@@ -101,9 +109,9 @@ def write_pooled(runs: Mapping[int, Path], directory: Path, spec: TaskSpec, conf
         rows += claim_capability(capability, fit)
     claims = pd.DataFrame.from_records(rows, columns=CLAIM_COLUMNS)
     atomic_write_text(out / "claims.csv", claims.to_csv(index=False))
-    atomic_write_text(out / "claims.md", claims_markdown(claims) + _seed_lines(across, spec, config))
-    atomic_write_text(out / "results.md", _markdown(table, uncertainty, differences, spec, runs)
-                      + _seed_lines(across, spec, config))
+    seed_lines = _seed_lines(across, spec, config)
+    atomic_write_text(out / "claims.md", claims_markdown(claims) + seed_lines)
+    atomic_write_text(out / "results.md", _markdown(table, uncertainty, differences, spec, runs) + seed_lines)
     return out
 
 
@@ -131,11 +139,11 @@ def across_seeds(predictions: pd.DataFrame, differences: pd.DataFrame, spec: Tas
 
 def _seed_lines(across: pd.DataFrame, spec: TaskSpec, config: EvalConfig) -> str:
     """The claim-3 comparisons seed by seed, with the heterogeneity test and the random-effects interval."""
-    metric = next((m for m in METRICS[spec.kind] if m in set(across.get("metric", ()))), None)
+    metric = headline_metric(across.get("metric", ()), spec.kind)
     if metric is None:
         return ""
     reference = config.uncertainty.reference
-    wanted = across[(across.metric == metric) & (((across.against == "reference") & across.method.isin(("oppu", "lora")))
+    wanted = across[(across.metric == metric) & (((across.against == "reference") & across.method.isin(CLAIM3_METHODS))
                                                  | ((across.against == "best_baseline") & (across.method == reference)))]
     seeds = [c for c in across.columns if c.startswith("seed")]
     lines = ["", "## Across seeds (the trained models vary too)", "",
